@@ -1,0 +1,150 @@
+"""The public entry point: ``explain(net, x)`` → CLEAR maps and everything that goes with them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import get_backend
+from .reference import REDUCTIONS, ClearmapsError, Network, check_input, check_palette
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """CLEAR maps of a batch.
+
+    Attributes
+    ----------
+    responses : (B, K, H, W) float or None
+        Attentive response r(x|c) of each chosen class (None when ``keep_responses=False``).
+    classes : (B, K) int64
+        The class ids of the K maps of each image (the same row for every image unless top-k was asked).
+    dominant_class : (B, H, W) int64
+        Class id dominating each pixel (Eq. 4).
+    dominant_response : (B, H, W) float
+        Its response (Eq. 5).
+    rgb : (B, H, W, 3) uint8
+        The CLEAR map (Eq. 6).
+    logits, probabilities : (B, N)
+        Global average of z_L, and its softmax.
+    palette : (K,) float64
+        The hue of each of the K positions: classes[b, k] is drawn with hue palette[k].
+    class_names : tuple of str
+        The network's N class names.
+    """
+
+    responses: np.ndarray | None
+    classes: np.ndarray
+    dominant_class: np.ndarray
+    dominant_response: np.ndarray
+    rgb: np.ndarray
+    logits: np.ndarray
+    probabilities: np.ndarray
+    palette: np.ndarray
+    class_names: tuple
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """Predicted class id of each image, (B,)."""
+        return np.asarray(self.logits).argmax(axis=1)
+
+
+_TOP_K = re.compile(r"^top-?(\d+)$", re.IGNORECASE)
+
+
+def resolve_classes(classes, net: Network, logits: np.ndarray) -> np.ndarray:
+    """Turn the user's ``classes`` into class ids (B, K).
+
+    None → all N classes; "topK" / "top-K" → each image's K largest logits, largest first; an int, a name,
+    or a list of ids and/or names → those classes in that order, for every image.
+    """
+    B, N = logits.shape
+    if classes is None:
+        return np.broadcast_to(np.arange(N, dtype=np.int64), (B, N))
+    if isinstance(classes, str) and _TOP_K.match(classes.strip()):
+        k = int(_TOP_K.match(classes.strip()).group(1))
+        if not 1 <= k <= N:
+            raise ClearmapsError(f"classes={classes!r} asks for the top {k}; the network has {N} classes "
+                                 f"(use 1 .. {N}).")
+        # stable sort of -logits: equal logits keep the lower class id first
+        return np.argsort(-np.asarray(logits, dtype=np.float64), axis=1, kind="stable")[:, :k].astype(np.int64)
+    items = [classes] if isinstance(classes, (str, int, np.integer)) else list(np.asarray(classes, dtype=object).ravel()) \
+        if isinstance(classes, np.ndarray) else list(classes)
+    if not items:
+        raise ClearmapsError("classes is empty; give at least one class id or name, None for all, or 'top5'.")
+    ids = []
+    for item in items:
+        if isinstance(item, (bool, np.bool_)):
+            raise ClearmapsError(f"classes holds {item!r}; expected class ids (ints) or names.")
+        if isinstance(item, (int, np.integer)):
+            if not 0 <= int(item) < N:
+                raise ClearmapsError(f"class id {int(item)} is out of range; the network has classes 0 .. {N - 1}.")
+            ids.append(int(item))
+        elif isinstance(item, str):
+            if item not in net.class_names:
+                raise ClearmapsError(f"unknown class name {item!r}; the network's classes are "
+                                     f"{list(net.class_names)}.")
+            ids.append(net.class_names.index(item))
+        else:
+            raise ClearmapsError(f"classes holds {item!r} ({type(item).__name__}); expected class ids or names.")
+    if len(set(ids)) != len(ids):
+        raise ClearmapsError(f"classes {items} name a class twice; each class may appear once.")
+    return np.broadcast_to(np.asarray(ids, dtype=np.int64), (B, len(ids)))
+
+
+def explain(net: Network, x, classes=None, backend: str = "reference", rectify: bool = True,
+            reduce: str = "sum", palette=None, vmax=None, keep_responses: bool = True) -> Explanation:
+    """CLEAR maps of a batch of images.
+
+    Parameters
+    ----------
+    net : Network
+        The classifier (see :func:`clearmaps.from_torch` and :func:`clearmaps.load_checkpoint`).
+    x : float array (B, C, H, W)
+        Images, preprocessed as the network was trained.
+    classes : None, "topK", int, str, or a list of ids and names
+        Which classes get maps (None: all).
+    backend : "reference", "cpu", "cuda" or "auto"
+    rectify : bool
+        Rectify at every ReLU on the way back (the deconvnet; default). False gives Eq. 2 literally.
+    reduce : "sum", "max" or "norm"
+        How R(x|c) is reduced over the input channels to one map per class.
+    palette : (K,) hues in [0, 1], optional
+        One hue per chosen class, in the order of ``classes``; default evenly spaced.
+    vmax : None, a number, "batch" or "pNN"
+        How the dominant response is normalised to brightness (default: each image's maximum).
+    keep_responses : bool
+        False skips storing the (B, K, H, W) maps (fast backends then never materialise them).
+
+    Returns
+    -------
+    Explanation
+    """
+    if not isinstance(net, Network):
+        raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network: convert a torch "
+                             "module with clearmaps.from_torch(module) or load one with clearmaps.load_checkpoint.")
+    if reduce not in REDUCTIONS:
+        raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
+    if not isinstance(rectify, (bool, np.bool_)):
+        raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
+    x = check_input(net, x)
+    impl = get_backend(backend)
+    trace = impl.forward(net, x)
+    ids = resolve_classes(classes, net, np.asarray(trace.logits))
+    hues = check_palette(palette, ids.shape[1])
+    out = impl.clear_from_trace(net, trace, ids, rectify=rectify, reduce=reduce, palette=hues, vmax=vmax,
+                                keep_responses=keep_responses)
+    index = np.asarray(out.dominant_index)
+    return Explanation(
+        responses=None if out.responses is None else np.asarray(out.responses),
+        classes=np.ascontiguousarray(ids),
+        dominant_class=ids[np.arange(ids.shape[0])[:, None, None], index],
+        dominant_response=np.asarray(out.dominant_response),
+        rgb=np.asarray(out.rgb),
+        logits=np.asarray(trace.logits),
+        probabilities=np.asarray(trace.probabilities),
+        palette=hues,
+        class_names=net.class_names,
+    )
