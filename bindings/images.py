@@ -249,9 +249,10 @@ def expand_sources(sources) -> list[Path]:
     for s in sources:
         p = Path(s)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES + ARRAY_SUFFIXES)
+            known = IMAGE_SUFFIXES + ARRAY_SUFFIXES
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in known)
             if not found:
-                raise ClearmapsError(f"folder {str(p)!r} holds no images ({', '.join(IMAGE_SUFFIXES + ARRAY_SUFFIXES)}).")
+                raise ClearmapsError(f"folder {str(p)!r} holds no images ({', '.join(known)}).")
             files += found
         elif p.is_file():
             files.append(p)

