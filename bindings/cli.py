@@ -211,7 +211,7 @@ def _position(classes_row: np.ndarray, class_id_: int | None) -> int | None:
 
 
 def write_outputs(folder: Path, item: Item, e, b: int, true: int | None, scale: int, settings: str,
-                  binary_threshold: float = 0.1) -> dict:
+                  binary_threshold: float = 0.1, invert: bool = False) -> dict:
     """Every output of one image (see FILES), each written atomically; maps.npz last, as the 'done' mark."""
     names = e.class_names
     classes_row = e.classes[b]
@@ -227,7 +227,7 @@ def write_outputs(folder: Path, item: Item, e, b: int, true: int | None, scale: 
     resp = e.responses[b:b + 1]
     heat = heatmap(resp, np.array([pos]))[0]
     binary = binary_map(resp, np.array([pos]), threshold=binary_threshold)[0]
-    image = render.pixels_to_rgb(item.pixels)
+    image = render.pixels_to_rgb(1.0 - item.pixels if invert else item.pixels)  # as the model sees it
     clear = e.rgb[b]
     colours = palette_rgb(e.palette)
     legend = render.legend(colours, [names[c] for c in classes_row],
@@ -303,7 +303,7 @@ def run_explain_items(items: list[Item], trues: list, model: Model, args, out: P
                         vmax=args.vmax)
             for b, (item, true, settings, scale) in enumerate(group):
                 records.append(write_outputs(out / item.name, item, e, b, true, scale, settings,
-                                             options["binary_threshold"]))
+                                             options["binary_threshold"], options["preprocess"].invert))
                 next(bar_iter, None)
     if hasattr(bar, "close"):
         bar.close()
