@@ -1,0 +1,368 @@
+"""Arrays in, arrays out: which framework and device the caller's arrays live in, and how they cross to the
+backends and back without copies.
+
+The backends compute on NumPy arrays (the reference, the Numba CPU kernels) or on CuPy arrays (the CUDA
+kernels). A caller's array crosses once, through DLPack, as a view of the same memory:
+
+    caller's array                 backend sees             results come back as
+    NumPy ndarray                  itself                   NumPy arrays
+    torch tensor on the CPU        np.from_dlpack view      torch.from_dlpack   (shared memory)
+    JAX array on the CPU           np.from_dlpack view      jnp.from_dlpack     (shared when 64-byte aligned)
+    CuPy ndarray                   itself                   CuPy arrays
+    torch tensor on a CUDA GPU     cupy.from_dlpack view    torch.from_dlpack   (on torch's current stream)
+    JAX array on a CUDA GPU        cupy.from_dlpack view    jax.dlpack.from_dlpack
+
+Policy for images that cannot cross as they are (documented in the README, tested in test_interop.py):
+
+- float32 and float64 cross as they are; float16 and bfloat16 are converted once to float32 (exact) in the
+  caller's framework, on its device, with a :class:`CopyWarning`.
+- integer, boolean and complex images are refused: they are not preprocessed as a network expects, and
+  guessing a scale (``/ 255``?) would silently give wrong maps.
+- non-contiguous images (a permuted or sliced tensor, channels_last) are made contiguous once, with a
+  :class:`CopyWarning`: the kernels read NCHW rows.
+- torch tensors that require grad are refused (CLEAR maps are not differentiable here); ``x.detach()``
+  shares the memory and costs nothing. JAX tracers (inside ``jit``/``grad``/``vmap``) are refused.
+- an array on a device the backend cannot use (a CUDA tensor with backend="cpu", a host array with
+  backend="cuda"), or on a device clearmaps has no backend for (MPS, TPU, meta), is refused.
+- ``palette`` and ``classes`` given as arrays must be NumPy arrays, Python sequences, or arrays of the
+  images' framework; another framework's array is refused (mixed frameworks). They are tiny and are read
+  on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import BACKENDS, get_backend
+from .reference import ClearmapsError, check_input
+
+FRAMEWORKS = ("numpy", "torch", "jax", "cupy")
+
+
+class CopyWarning(UserWarning):
+    """An input was copied once (converted to float32 or made contiguous) before crossing to a backend."""
+
+
+# --- which framework an array comes from -------------------------------------------------------------------
+# Detection never imports a framework: an array of a framework that was never imported cannot exist.
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _jax():
+    return sys.modules.get("jax")
+
+
+def _cupy():
+    return sys.modules.get("cupy")
+
+
+def framework_of(a) -> str | None:
+    """"numpy", "torch", "jax" or "cupy" for an array of that framework; None for anything else (lists,
+    scalars, None), which is read as NumPy."""
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    torch = _torch()
+    if torch is not None and isinstance(a, torch.Tensor):
+        return "torch"
+    jax = _jax()
+    if jax is not None and isinstance(a, (jax.Array, jax.core.Tracer)):
+        return "jax"
+    cupy = _cupy()
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return "cupy"
+    return None
+
+
+def array_module(a):
+    """numpy or cupy, whichever the backend array ``a`` belongs to."""
+    cupy = _cupy()
+    return cupy if cupy is not None and isinstance(a, cupy.ndarray) else np
+
+
+def to_numpy(a) -> np.ndarray:
+    """A small backend array (logits, class ids) on the host: the same array if it is NumPy, else a copy."""
+    return a.get() if array_module(a) is not np else np.asarray(a)
+
+
+def _describe(a, framework) -> str:
+    if framework == "torch":
+        return f"a torch {str(a.dtype).replace('torch.', '')} tensor on {a.device}"
+    if framework == "jax":
+        return f"a JAX {a.dtype} array"
+    if framework == "cupy":
+        return f"a CuPy {a.dtype} array on cuda:{a.device.id}"
+    return f"a NumPy {a.dtype} array"
+
+
+# --- the caller ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Caller:
+    """Where the caller's images live: their framework and device. Moves arrays to the backend and back.
+
+    Attributes
+    ----------
+    framework : "numpy", "torch", "jax" or "cupy"
+    on_gpu : bool
+        True when the images are on a CUDA GPU (the backend then computes on CuPy arrays).
+    device : object
+        The framework's own device object (torch.device, jax Device, CuPy device id), used to put results
+        back where the images were.
+    """
+
+    framework: str
+    on_gpu: bool
+    device: object = None
+
+    @property
+    def where(self) -> str:
+        return f"cuda:{self._gpu_index()}" if self.on_gpu else "the host (CPU)"
+
+    def _gpu_index(self) -> int:
+        if self.framework == "torch":
+            return self.device.index if self.device.index is not None else _torch().cuda.current_device()
+        if self.framework == "jax":
+            hardware_id = getattr(self.device, "local_hardware_id", None)
+            return self.device.id if hardware_id is None else hardware_id
+        return int(self.device)
+
+    # -- the images' dtype and layout policy (module docstring) --
+    def conform(self, x, name: str = "x"):
+        """``x`` as the backends take it: float32/float64 and contiguous, converted once (with a
+        :class:`CopyWarning`) when it is half precision or strided. Refuses integer, bool and complex."""
+        if self.framework == "numpy" and not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)  # lists and other array-likes: the historical NumPy path
+            except Exception as exc:
+                raise ClearmapsError(f"{name} could not be read as an array ({exc}); expected a float array "
+                                     "of shape (B, C, H, W).") from None
+        kind, bits = self._dtype_kind_bits(x)
+        what = _describe(x, self.framework)
+        if kind != "f":
+            hint = ("convert it to float and preprocess it as the network was trained (e.g. x.float() / 255 "
+                    "for 8-bit images)" if kind in "iu" else "expected float32 or float64 images")
+            raise ClearmapsError(f"{name} is {what}; expected float32 or float64 images (B, C, H, W): {hint}.")
+        if bits < 32:
+            warnings.warn(f"{name} is {what}; clearmaps computes in float32/float64, so it was converted to "
+                          f"float32 once (an exact copy on {self.where}). Convert it yourself to silence this.",
+                          CopyWarning, stacklevel=3)
+            x = self._to_float32(x)
+        if self.framework == "numpy" and not x.dtype.isnative:
+            warnings.warn(f"{name} has non-native byte order {x.dtype}; converted once to native order.",
+                          CopyWarning, stacklevel=3)
+            x = x.astype(x.dtype.newbyteorder("="))
+        if not self._is_contiguous(x):
+            warnings.warn(f"{name} ({what}, shape {tuple(x.shape)}) is not contiguous (a transposed, sliced or "
+                          f"channels_last array); it was copied once to a contiguous layout on {self.where}. "
+                          "Pass a contiguous array to avoid the copy.", CopyWarning, stacklevel=3)
+            x = self._contiguous(x)
+        return x
+
+    def _dtype_kind_bits(self, x):
+        if self.framework == "torch":
+            dt = x.dtype
+            kind = "c" if dt.is_complex else "f" if dt.is_floating_point else "b" if dt == _torch().bool else "i"
+            return kind, dt.itemsize * 8
+        dt = np.dtype(x.dtype) if self.framework != "jax" else x.dtype
+        if self.framework == "jax" and str(dt) == "bfloat16":  # ml_dtypes' bfloat16 has kind 'V'
+            return "f", 16
+        return dt.kind, dt.itemsize * 8
+
+    def _to_float32(self, x):
+        if self.framework == "torch":
+            return x.float()
+        if self.framework == "jax":
+            return x.astype("float32")
+        return x.astype(np.float32)
+
+    def _is_contiguous(self, x) -> bool:
+        if self.framework == "torch":
+            return x.is_contiguous()
+        if self.framework == "jax":
+            return True  # a JAX array has no user-visible strides; DLPack exports it row-major
+        return bool(x.flags.c_contiguous)
+
+    def _contiguous(self, x):
+        if self.framework == "torch":
+            return x.contiguous()
+        return array_module(x).ascontiguousarray(x)
+
+    # -- crossing --
+    def to_backend(self, a):
+        """A view of the caller's array ``a`` as the backend's array: NumPy on the host, CuPy on a GPU.
+
+        No copy: the view shares ``a``'s memory (DLPack). Call inside :meth:`computing` on a GPU, so that
+        the exchange happens on the caller's stream.
+        """
+        if self.framework in ("numpy", "cupy"):
+            return a
+        if not self.on_gpu:
+            return np.from_dlpack(a)
+        return _cupy().from_dlpack(a)
+
+    def to_caller(self, a):
+        """The backend's array ``a`` (NumPy or CuPy; None passes) as the caller's framework's array, on the
+        caller's device, sharing ``a``'s memory where the framework can (see the module docstring)."""
+        if a is None:
+            return None
+        xp = array_module(a)
+        if self.on_gpu and xp is np:  # a small host result (e.g. the palette) of a GPU computation
+            a = _cupy().asarray(a)
+        elif not self.on_gpu and xp is not np:
+            a = a.get()
+        if self.framework == "numpy":
+            return np.asarray(a)
+        if self.framework == "cupy":
+            return a
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            # torch aborts the process on negative strides, JAX refuses read-only buffers: copy those
+            # (the backends' results are fresh contiguous arrays, so this only touches small odd ones)
+            a = array_module(a).array(a, order="C")
+        if self.framework == "torch":
+            return _torch().from_dlpack(a)
+        import jax
+
+        out = jax.dlpack.from_dlpack(a)
+        return out if self.device is None or out.devices() == {self.device} else jax.device_put(out, self.device)
+
+    @contextlib.contextmanager
+    def computing(self):
+        """Context in which the backend runs: on a GPU, the images' device and the caller's stream (torch's
+        current stream for torch tensors, CuPy's current stream otherwise), so nothing synchronises."""
+        if not self.on_gpu:
+            yield
+            return
+        cupy = _cupy()
+        with cupy.cuda.Device(self._gpu_index()):
+            if self.framework == "torch":
+                torch_stream = _torch().cuda.current_stream(self.device)
+                with cupy.cuda.ExternalStream(torch_stream.cuda_stream, self._gpu_index()):
+                    yield
+            else:
+                yield
+
+
+def caller_of(x, name: str = "x", **others) -> Caller:
+    """Inspect the images ``x`` (and the other array arguments, by name): their framework and device.
+
+    Refuses, each with one :class:`ClearmapsError`: tensors that require grad, JAX tracers, arrays on a
+    device clearmaps cannot compute on, arrays sharded over several devices, and other array arguments
+    from a different framework than ``x`` (NumPy arrays and Python sequences are accepted with any).
+    """
+    framework = framework_of(x) or "numpy"
+    for other, value in others.items():
+        theirs = framework_of(value)
+        if theirs not in (None, "numpy", framework):
+            raise ClearmapsError(f"{name} is {_describe(x, framework)} but {other} is "
+                                 f"{_describe(value, theirs)}: mixed frameworks in one call. Give {other} as "
+                                 f"a list, a NumPy array or a {framework} array.")
+    if framework == "numpy":
+        return Caller("numpy", False)
+    if framework == "torch":
+        _refuse_grad(x, name)
+        if x.device.type not in ("cpu", "cuda"):
+            raise _unsupported_device(name, _describe(x, framework))
+        return Caller("torch", x.device.type == "cuda", x.device)
+    if framework == "jax":
+        import jax
+
+        if isinstance(x, jax.core.Tracer):
+            raise ClearmapsError(f"{name} is a JAX tracer: clearmaps.explain cannot run inside jax.jit, grad "
+                                 "or vmap. Call it on concrete arrays, outside the transformed function.")
+        devices = x.devices()
+        if len(devices) != 1:
+            raise ClearmapsError(f"{name} is a JAX array sharded over {len(devices)} devices; expected an "
+                                 "array on one device (jax.device_put(x, device)).")
+        device = next(iter(devices))
+        if device.platform not in ("cpu", "gpu", "cuda"):
+            raise _unsupported_device(name, f"a JAX array on {device.platform}")
+        return Caller("jax", device.platform != "cpu", device)
+    return Caller("cupy", True, x.device.id)
+
+
+def _refuse_grad(t, name):
+    if t.requires_grad:
+        raise ClearmapsError(f"{name} is a torch tensor that requires grad; CLEAR maps are not "
+                             f"differentiable here. Pass {name}.detach() (it shares the memory, no copy).")
+
+
+def _unsupported_device(name, what):
+    return ClearmapsError(f"{name} is {what}; clearmaps computes on the CPU (NumPy) or on CUDA GPUs (CuPy). "
+                          f"Move it with .cpu() or .cuda().")
+
+
+def small_to_host(a, name: str):
+    """A small array argument (palette, class ids) read on the host: NumPy arrays, sequences and scalars
+    pass unchanged; a torch / JAX / CuPy array is copied to a NumPy array (a few values)."""
+    framework = framework_of(a)
+    if framework == "torch":
+        return a.detach().cpu().numpy()
+    if framework == "jax":
+        if isinstance(a, _jax().core.Tracer):
+            raise ClearmapsError(f"{name} is a JAX tracer; give concrete values.")
+        return np.asarray(a)
+    if framework == "cupy":
+        return a.get()
+    return a
+
+
+def backend_for(name: str, caller: Caller):
+    """The backend module that computes for ``caller``'s images.
+
+    "auto" follows the data: images on a GPU → "cuda"; on the host → "cpu" (the Numba kernels), else the
+    reference. A named backend must compute where the images are: "reference" and "cpu" on the host,
+    "cuda" on a GPU; anything else is one clear error (no silent transfer).
+    """
+    if name not in BACKENDS:
+        return get_backend(name)  # raises the one message listing the backends
+    if name == "auto":
+        if caller.on_gpu:
+            return get_backend("cuda")
+        try:
+            return get_backend("cpu")
+        except ClearmapsError:
+            return get_backend("reference")
+    if caller.on_gpu and name != "cuda":
+        raise ClearmapsError(f"backend={name!r} computes on the host but the images are on {caller.where} "
+                             f"({caller.framework}); use backend='cuda' (or 'auto'), or move them to the host "
+                             "first (.cpu()).")
+    if not caller.on_gpu and name == "cuda":
+        raise ClearmapsError(f"backend='cuda' computes on a GPU but the images are on the host "
+                             f"({caller.framework}); move them to the GPU first (x.cuda(), cupy.asarray(x), "
+                             "jax.device_put(x, jax.devices('gpu')[0])), or use backend='cpu' or 'auto'.")
+    return get_backend(name)
+
+
+def check_images(net, x, name: str = "x"):
+    """:func:`clearmaps.reference.check_input` for a backend array: NumPy arrays go through it as they are;
+    CuPy arrays get the same checks, the finiteness one computed on the device."""
+    if array_module(x) is np:
+        return check_input(net, x, name)
+    # the same messages as check_input, read from metadata; the values are tested on the device
+    c, h, w = net.input_shape
+    hint = f" of shape (B, {c}, H, W)" if h is None else f" of shape (B, {c}, {h}, {w})"
+    shape = tuple(x.shape)
+    if x.ndim != 4:
+        raise ClearmapsError(f"{name} has shape {shape} (rank {x.ndim}); expected rank 4{hint}.")
+    if shape[0] == 0:
+        raise ClearmapsError(f"{name} is an empty batch (shape {shape}); expected at least one image.")
+    if shape[1] != c:
+        raise ClearmapsError(f"{name} has {shape[1]} channels (shape {shape}); the network takes {c}: "
+                             f"expected{hint}.")
+    if h is not None and shape[2:] != (h, w):
+        raise ClearmapsError(f"{name} has size {shape[2]}x{shape[3]}; the network was built for {h}x{w}: "
+                             f"resize the images to {h}x{w}.")
+    net.layer_sizes(shape[2:])
+    cupy = _cupy()
+    if not bool(cupy.isfinite(x).all()):
+        bad = cupy.argwhere(~cupy.isfinite(x))[0].get()
+        raise ClearmapsError(f"{name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
+                             "expected finite values.")
+    return x
