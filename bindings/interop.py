@@ -63,6 +63,17 @@ def _cupy():
     return sys.modules.get("cupy")
 
 
+def _import_cupy():
+    """CuPy, which every GPU path needs (the CUDA backend computes on CuPy arrays)."""
+    try:
+        import cupy
+    except ImportError:
+        raise ClearmapsError("the images are on a GPU, and clearmaps computes on GPU arrays through CuPy, "
+                             "which is not installed: pip install 'clearmaps[cuda]' (or move the images to "
+                             "the host with .cpu()).") from None
+    return cupy
+
+
 def framework_of(a) -> str | None:
     """"numpy", "torch", "jax" or "cupy" for an array of that framework; None for anything else (lists,
     scalars, None), which is read as NumPy."""
@@ -72,7 +83,7 @@ def framework_of(a) -> str | None:
     if torch is not None and isinstance(a, torch.Tensor):
         return "torch"
     jax = _jax()
-    if jax is not None and isinstance(a, (jax.Array, jax.core.Tracer)):
+    if jax is not None and isinstance(a, jax.Array):  # tracers inside jit/grad are jax.Array too
         return "jax"
     cupy = _cupy()
     if cupy is not None and isinstance(a, cupy.ndarray):
@@ -205,26 +216,26 @@ class Caller:
             return a
         if not self.on_gpu:
             return np.from_dlpack(a)
-        return _cupy().from_dlpack(a)
+        return _import_cupy().from_dlpack(a)
 
     def to_caller(self, a):
         """The backend's array ``a`` (NumPy or CuPy; None passes) as the caller's framework's array, on the
         caller's device, sharing ``a``'s memory where the framework can (see the module docstring)."""
         if a is None:
             return None
-        xp = array_module(a)
-        if self.on_gpu and xp is np:  # a small host result (e.g. the palette) of a GPU computation
-            a = _cupy().asarray(a)
-        elif not self.on_gpu and xp is not np:
+        if self.on_gpu and array_module(a) is np:  # a small host result (e.g. the palette) of a GPU computation
+            a = _import_cupy().asarray(a)
+        elif not self.on_gpu and array_module(a) is not np:
             a = a.get()
+        xp = array_module(a)
         if self.framework == "numpy":
             return np.asarray(a)
         if self.framework == "cupy":
             return a
-        if not a.flags.c_contiguous or not a.flags.writeable:
+        if not a.flags.c_contiguous or (xp is np and not a.flags.writeable):
             # torch aborts the process on negative strides, JAX refuses read-only buffers: copy those
             # (the backends' results are fresh contiguous arrays, so this only touches small odd ones)
-            a = array_module(a).array(a, order="C")
+            a = xp.array(a, order="C")
         if self.framework == "torch":
             return _torch().from_dlpack(a)
         import jax
@@ -239,7 +250,7 @@ class Caller:
         if not self.on_gpu:
             yield
             return
-        cupy = _cupy()
+        cupy = _import_cupy()
         with cupy.cuda.Device(self._gpu_index()):
             if self.framework == "torch":
                 torch_stream = _torch().cuda.current_stream(self.device)
@@ -273,7 +284,7 @@ def caller_of(x, name: str = "x", **others) -> Caller:
     if framework == "jax":
         import jax
 
-        if isinstance(x, jax.core.Tracer):
+        if _is_tracer(x):
             raise ClearmapsError(f"{name} is a JAX tracer: clearmaps.explain cannot run inside jax.jit, grad "
                                  "or vmap. Call it on concrete arrays, outside the transformed function.")
         devices = x.devices()
@@ -285,6 +296,10 @@ def caller_of(x, name: str = "x", **others) -> Caller:
             raise _unsupported_device(name, f"a JAX array on {device.platform}")
         return Caller("jax", device.platform != "cpu", device)
     return Caller("cupy", True, x.device.id)
+
+
+def _is_tracer(a) -> bool:
+    return isinstance(a, getattr(_jax().core, "Tracer", ()))
 
 
 def _refuse_grad(t, name):
@@ -305,7 +320,7 @@ def small_to_host(a, name: str):
     if framework == "torch":
         return a.detach().cpu().numpy()
     if framework == "jax":
-        if isinstance(a, _jax().core.Tracer):
+        if _is_tracer(a):
             raise ClearmapsError(f"{name} is a JAX tracer; give concrete values.")
         return np.asarray(a)
     if framework == "cupy":
