@@ -107,9 +107,9 @@ def explain(net: Network, x, classes=None, backend: str = "reference", rectify: 
         The classifier (see :func:`clearmaps.from_torch` and :func:`clearmaps.load_checkpoint`).
     x : float array (B, C, H, W)
         Images, preprocessed as the network was trained: a NumPy array, a torch tensor (CPU or CUDA), a JAX
-        array or a CuPy array. It reaches the backend through DLPack without a copy; float16/bfloat16 and
-        non-contiguous arrays are converted once with a :class:`clearmaps.interop.CopyWarning`; integer
-        images and tensors that require grad are refused (see :mod:`clearmaps.interop`).
+        array or a CuPy array. It reaches the backend through DLPack without a copy; a non-contiguous array is
+        copied once, with a :class:`clearmaps.interop.CopyWarning`; other dtypes (half precision, integers)
+        and tensors that require grad are refused (see :mod:`clearmaps.interop`).
     classes : None, "topK", int, str, or a list (or 1-D array) of ids and names
         Which classes get maps (None: all).
     backend : "reference", "cpu", "cuda" or "auto"

@@ -14,16 +14,22 @@ kernels). A caller's array crosses once, through DLPack, as a view of the same m
 
 Policy for images that cannot cross as they are (documented in the README, tested in test_interop.py):
 
-- float32 and float64 cross as they are; float16 and bfloat16 are converted once to float32 (exact) in the
-  caller's framework, on its device, with a :class:`CopyWarning`.
-- integer, boolean and complex images are refused: they are not preprocessed as a network expects, and
-  guessing a scale (``/ 255``?) would silently give wrong maps.
+- float32 and float64 cross as they are. Every other dtype is refused, with the conversion to write:
+  float16 and bfloat16 (the kernels have no half-precision path; whether a float32 copy is worth it is
+  the caller's call, ``x.float()``), integers (images must be preprocessed as the network was trained; a
+  guessed ``/ 255`` would silently give wrong maps), bool and complex.
 - non-contiguous images (a permuted or sliced tensor, channels_last) are made contiguous once, with a
   :class:`CopyWarning`: the kernels read NCHW rows.
 - torch tensors that require grad are refused (CLEAR maps are not differentiable here); ``x.detach()``
   shares the memory and costs nothing. JAX tracers (inside ``jit``/``grad``/``vmap``) are refused.
-- an array on a device the backend cannot use (a CUDA tensor with backend="cpu", a host array with
-  backend="cuda"), or on a device clearmaps has no backend for (MPS, TPU, meta), is refused.
+- an array on a device the backend cannot use (a CUDA tensor with backend="cpu", a torch/JAX host array
+  with backend="cuda"), or on a device clearmaps has no backend for (MPS, TPU, meta), is refused: nothing
+  is moved between devices behind the caller's back. NumPy arrays (no device of their own) go to any
+  backend; "cuda" copies them to the GPU and back, as the CLI does.
+
+Streams: for torch CUDA tensors the backend runs with torch's current stream as CuPy's current stream, so
+a backend must launch all its work on CuPy's current stream (``cupy.cuda.get_current_stream()``; for
+numba.cuda kernels ``cuda.external_stream(cupy.cuda.get_current_stream().ptr)``), never on a fixed one.
 - ``palette`` and ``classes`` given as arrays must be NumPy arrays, Python sequences, or arrays of the
   images' framework; another framework's array is refused (mixed frameworks). They are tiny and are read
   on the host.
@@ -102,6 +108,10 @@ def to_numpy(a) -> np.ndarray:
     return a.get() if array_module(a) is not np else np.asarray(a)
 
 
+_FRAMEWORK_NAMES = {"numpy": "a NumPy array", "torch": "a torch tensor", "jax": "a JAX array",
+                    "cupy": "a CuPy array"}
+
+
 def _describe(a, framework) -> str:
     if framework == "torch":
         return f"a torch {str(a.dtype).replace('torch.', '')} tensor on {a.device}"
@@ -146,27 +156,36 @@ class Caller:
 
     # -- the images' dtype and layout policy (module docstring) --
     def conform(self, x, name: str = "x"):
-        """``x`` as the backends take it: float32/float64 and contiguous, converted once (with a
-        :class:`CopyWarning`) when it is half precision or strided. Refuses integer, bool and complex."""
+        """``x`` as the backends take it: float32 or float64, and contiguous.
+
+        A strided array is copied once to a contiguous one, with a :class:`CopyWarning`. Any other dtype is
+        refused with the conversion to write: half precision (the kernels have no float16 path, and the
+        user decides whether a float32 copy is worth it), integers (images must be preprocessed as the
+        network was trained: a guessed ``/ 255`` would give wrong maps), bool and complex.
+        """
         if self.framework == "numpy" and not isinstance(x, np.ndarray):
+            if x is None:
+                raise ClearmapsError(f"{name} is missing (got None); expected an array of shape (B, C, H, W).")
             try:
-                x = np.asarray(x)  # lists and other array-likes: the historical NumPy path
+                x = np.asarray(x)  # lists and other array-likes: read as NumPy
             except Exception as exc:
                 raise ClearmapsError(f"{name} could not be read as an array ({exc}); expected a float array "
                                      "of shape (B, C, H, W).") from None
         kind, bits = self._dtype_kind_bits(x)
-        what = _describe(x, self.framework)
+        dtype = str(x.dtype).replace("torch.", "")
+        what = f"{_FRAMEWORK_NAMES[self.framework]} on {self.where}"
+        as_float32 = {"torch": f"{name}.float()", "jax": f"{name}.astype(jnp.float32)",
+                      "cupy": f"{name}.astype(cupy.float32)"}.get(self.framework, f"{name}.astype(np.float32)")
         if kind != "f":
-            hint = ("convert it to float and preprocess it as the network was trained (e.g. x.float() / 255 "
-                    "for 8-bit images)" if kind in "iu" else "expected float32 or float64 images")
-            raise ClearmapsError(f"{name} is {what}; expected float32 or float64 images (B, C, H, W): {hint}.")
+            hint = (f"convert and preprocess it as the network was trained (e.g. {as_float32} / 255 for 8-bit "
+                    "images)" if kind in "iu" else "")
+            raise ClearmapsError(f"{name} is {what} with dtype {dtype}; expected floating point images "
+                                 f"(float32 or float64) of shape (B, C, H, W){': ' + hint if hint else ''}.")
         if bits < 32:
-            warnings.warn(f"{name} is {what}; clearmaps computes in float32/float64, so it was converted to "
-                          f"float32 once (an exact copy on {self.where}). Convert it yourself to silence this.",
-                          CopyWarning, stacklevel=3)
-            x = self._to_float32(x)
+            raise ClearmapsError(f"{name} is {what} with dtype {dtype}; expected float32 or float64 (the "
+                                 f"kernels have no half-precision path): convert it with {as_float32}.")
         if self.framework == "numpy" and not x.dtype.isnative:
-            warnings.warn(f"{name} has non-native byte order {x.dtype}; converted once to native order.",
+            warnings.warn(f"{name} has non-native byte order {x.dtype}; it was converted once to native order.",
                           CopyWarning, stacklevel=3)
             x = x.astype(x.dtype.newbyteorder("="))
         if not self._is_contiguous(x):
@@ -185,13 +204,6 @@ class Caller:
         if self.framework == "jax" and str(dt) == "bfloat16":  # ml_dtypes' bfloat16 has kind 'V'
             return "f", 16
         return dt.kind, dt.itemsize * 8
-
-    def _to_float32(self, x):
-        if self.framework == "torch":
-            return x.float()
-        if self.framework == "jax":
-            return x.astype("float32")
-        return x.astype(np.float32)
 
     def _is_contiguous(self, x) -> bool:
         if self.framework == "torch":
@@ -331,12 +343,17 @@ def small_to_host(a, name: str):
 def backend_for(name: str, caller: Caller):
     """The backend module that computes for ``caller``'s images.
 
-    "auto" follows the data: images on a GPU → "cuda"; on the host → "cpu" (the Numba kernels), else the
-    reference. A named backend must compute where the images are: "reference" and "cpu" on the host,
-    "cuda" on a GPU; anything else is one clear error (no silent transfer).
+    A framework's array is computed on where it lives, and never moved behind the caller's back: GPU
+    arrays need "cuda", torch/JAX arrays on the host need "reference" or "cpu". "auto" follows them (GPU →
+    "cuda"; host → "cpu", else the reference). NumPy arrays have no device to keep: any backend takes them
+    ("cuda" copies them to the GPU and its results back) and "auto" means what it means everywhere in
+    clearmaps (:func:`clearmaps.get_backend`: CUDA if a GPU is usable, else the Numba CPU kernels, else the
+    reference).
     """
     if name not in BACKENDS:
         return get_backend(name)  # raises the one message listing the backends
+    if caller.framework == "numpy":
+        return get_backend(name)
     if name == "auto":
         if caller.on_gpu:
             return get_backend("cuda")
@@ -349,9 +366,10 @@ def backend_for(name: str, caller: Caller):
                              f"({caller.framework}); use backend='cuda' (or 'auto'), or move them to the host "
                              "first (.cpu()).")
     if not caller.on_gpu and name == "cuda":
-        raise ClearmapsError(f"backend='cuda' computes on a GPU but the images are on the host "
-                             f"({caller.framework}); move them to the GPU first (x.cuda(), cupy.asarray(x), "
-                             "jax.device_put(x, jax.devices('gpu')[0])), or use backend='cpu' or 'auto'.")
+        move = "x.cuda()" if caller.framework == "torch" else "jax.device_put(x, jax.devices('gpu')[0])"
+        raise ClearmapsError(f"backend='cuda' computes on a GPU but the images are a {caller.framework} array "
+                             f"on the host; move them to the GPU first ({move}) to get GPU arrays back, or "
+                             "use backend='cpu' or 'auto'.")
     return get_backend(name)
 
 

@@ -138,8 +138,8 @@ def explain(module, x: torch.Tensor, classes=None, backend: str = "auto", rectif
         The classifier; converted with :func:`clearmaps.from_torch` once and cached until its parameters
         change.
     x : torch.Tensor (B, C, H, W)
-        Float images on the CPU or a CUDA GPU; the forward pass runs in ``x.dtype`` (float16/bfloat16 are
-        converted to float32 once, with a warning). Must not require grad (pass ``x.detach()``).
+        Float images on the CPU or a CUDA GPU; float32 or float64: the forward pass runs in ``x.dtype``. Must
+        not require grad (pass ``x.detach()``).
     backend : "auto", "reference", "cpu" or "cuda"
         Which backend back-projects; it must compute where ``x`` is. "auto" (default) follows ``x``: the
         CUDA kernels for a CUDA tensor, the Numba CPU kernels (else the reference) for a CPU tensor.

@@ -183,11 +183,12 @@ def test_torch_explain_refuses_what_it_cannot_take():
         ct.explain(module, integer_images(), reduce="mean")
 
 
-def test_half_precision_torch_images_run_in_float32_with_a_warning():
+def test_half_precision_torch_images_are_refused():
     module, x = integer_module(), integer_images()
-    with pytest.warns(interop.CopyWarning, match="converted to float32"):
-        got = ct.explain(module, x.half(), backend="reference")
-    assert torch.equal(got.rgb, ct.explain(module, x, backend="reference").rgb)
+    with pytest.raises(ClearmapsError, match=r"dtype float16; expected float32 or float64"):
+        ct.explain(module, x.half())
+    with pytest.raises(ClearmapsError, match=r"dtype bfloat16; expected float32 or float64"):
+        torch.ops.clearmaps.clear_map(x.bfloat16(), ct.register(module))
 
 
 # --- the conversion cache --------------------------------------------------------------------------------
