@@ -7,10 +7,14 @@ kernels). A caller's array crosses once, through DLPack, as a view of the same m
     caller's array                 backend sees             results come back as
     NumPy ndarray                  itself                   NumPy arrays
     torch tensor on the CPU        np.from_dlpack view      torch.from_dlpack   (shared memory)
-    JAX array on the CPU           np.from_dlpack view      jnp.from_dlpack     (shared when 64-byte aligned)
+    JAX array on the CPU           np.from_dlpack view      jax.dlpack.from_dlpack (see below)
     CuPy ndarray                   itself                   CuPy arrays
     torch tensor on a CUDA GPU     cupy.from_dlpack view    torch.from_dlpack   (on torch's current stream)
     JAX array on a CUDA GPU        cupy.from_dlpack view    jax.dlpack.from_dlpack
+
+JAX's CPU import shares a buffer only when it is 64-byte aligned (NumPy aligns to 16), else JAX copies it
+once; in JAX's default 32-bit mode, float64 / int64 results (the reference's responses, class ids) arrive
+as float32 / int32, as every JAX array does (``jax.enable_x64`` keeps them, and shares them).
 
 Policy for images that cannot cross as they are (documented in the README, tested in test_interop.py):
 
@@ -294,8 +298,6 @@ def caller_of(x, name: str = "x", **others) -> Caller:
             raise _unsupported_device(name, _describe(x, framework))
         return Caller("torch", x.device.type == "cuda", x.device)
     if framework == "jax":
-        import jax
-
         if _is_tracer(x):
             raise ClearmapsError(f"{name} is a JAX tracer: clearmaps.explain cannot run inside jax.jit, grad "
                                  "or vmap. Call it on concrete arrays, outside the transformed function.")
@@ -367,8 +369,8 @@ def backend_for(name: str, caller: Caller):
                              "first (.cpu()).")
     if not caller.on_gpu and name == "cuda":
         move = "x.cuda()" if caller.framework == "torch" else "jax.device_put(x, jax.devices('gpu')[0])"
-        raise ClearmapsError(f"backend='cuda' computes on a GPU but the images are a {caller.framework} array "
-                             f"on the host; move them to the GPU first ({move}) to get GPU arrays back, or "
+        raise ClearmapsError(f"backend='cuda' computes on a GPU but the images are "
+                             f"{_FRAMEWORK_NAMES[caller.framework]} on the host; move them to the GPU first ({move}) to get GPU arrays back, or "
                              "use backend='cpu' or 'auto'.")
     return get_backend(name)
 

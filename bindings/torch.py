@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import interop
 from .explain import Explanation, check_options, explain_from_trace
-from .reference import ClearmapsError, Conv, MaxPool, Network, ReLU, Trace
+from .reference import ClearmapsError, Conv, Network, ReLU, Trace
 from .torch_io import from_torch
 
 __all__ = ["clear_map", "explain", "network_for", "register", "trace"]

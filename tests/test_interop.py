@@ -307,13 +307,14 @@ def test_jax_tracers_are_refused(jax):
         inside(jax.numpy.asarray(tiny_images()))
 
 
-@pytest.mark.parametrize("framework, move", [("torch", r"x\.cuda\(\)"), ("jax", r"jax\.device_put")])
-def test_torch_and_jax_host_arrays_with_the_cuda_backend_are_refused(framework, move, request):
+@pytest.mark.parametrize("framework, what, move", [("torch", "a torch tensor", r"x\.cuda\(\)"),
+                                                  ("jax", "a JAX array", r"jax\.device_put")])
+def test_torch_and_jax_host_arrays_with_the_cuda_backend_are_refused(framework, what, move, request):
     if framework == "jax":
         request.getfixturevalue("jax")
     x = as_framework(tiny_images(), framework)
-    with pytest.raises(ClearmapsError, match=rf"backend='cuda' computes on a GPU but the images are a {framework} "
-                                             rf"array on the host; move them to the GPU first \({move}"):
+    with pytest.raises(ClearmapsError, match=rf"backend='cuda' computes on a GPU but the images are {what} "
+                                             rf"on the host; move them to the GPU first \({move}"):
         clearmaps.explain(tiny_net(), x, backend="cuda")
 
 

@@ -261,7 +261,7 @@ def test_the_op_passes_opcheck():
 
 
 def test_the_op_under_torch_compile_eager_backend():
-    module, x = integer_module(), integer_images()
+    module = integer_module()
     handle = ct.register(module)
 
     def fn(images):
