@@ -215,6 +215,8 @@ def check_input(net: Network, x, name: str = "x") -> np.ndarray:
     """Validate a batch of images for ``net``: shape (B, C, H, W), float, finite, B ≥ 1, big enough."""
     c, h, w = net.input_shape
     hint = f" of shape (B, {c}, H, W)" if h is None else f" of shape (B, {c}, {h}, {w})"
+    if getattr(x, "ndim", None) == 3:
+        hint += f" (for one image of shape {tuple(x.shape)}, add a batch axis: {name}[None])"
     x = check_array(x, name, 4, shape_hint=hint)
     if x.shape[0] == 0:
         raise ClearmapsError(f"{name} is an empty batch (shape {x.shape}); expected at least one image.")
