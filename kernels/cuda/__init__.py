@@ -9,7 +9,7 @@ float32 on the GPU:
     set_precision("exact" | "tf32"), agreement      the exact default and the fast mode
     set_memory_limit                                cap on the GPU memory a call plans to use
 
-Kernel files: forward.py (columns, max pool with switches), backproject.py (G_L^c z_L, the fused
+Kernel files: forward_kernels.py (columns, max pool with switches), backproject_kernels.py (G_L^c z_L, the fused
 unpool + rectify + transposed-conv gather, the direct transposed conv), epilogue.py (channel reduction +
 argmax + max + HSV), device.py (CuPy or, under ``NUMBA_ENABLE_CUDASIM=1``, NumPy; the GEMM).
 

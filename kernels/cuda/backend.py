@@ -28,10 +28,10 @@ import numpy as np
 
 from ...reference import (REDUCTIONS, Clear, ClearmapsError, Conv, MaxPool, Network, ReLU, Trace,
                           check_classes, check_input, check_palette, resolve_vmax)
-from . import backproject as bk
+from . import backproject_kernels as bk
 from . import device as dv
 from . import epilogue as ek
-from . import forward as fk
+from . import forward_kernels as fk
 from .device import THREADS, ceil_div, launch, xp
 
 # A transposed conv with at most this many output channels (the input layer: grey or RGB) runs as one
@@ -84,6 +84,16 @@ def _budget() -> int:
     limit = _state["memory_limit"]
     free = int(0.8 * dv.free_bytes())
     return free if limit is None else min(limit, free)
+
+
+def _column_bytes() -> int:
+    """Workspace for one block of GEMM columns: COLUMN_BYTES, or a quarter of a small budget."""
+    return min(COLUMN_BYTES, _budget() // 4)
+
+
+def _column_block(rows: int, ncols: int) -> int:
+    """Columns per GEMM block: as many as the workspace holds (at least one)."""
+    return max(1, min(ncols, _column_bytes() // (4 * rows)))
 
 
 # --------------------------------------------------------------------------------------- the network
@@ -166,7 +176,7 @@ def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
     rows = I * kh * kw + 1
     ncols = Bc * oh * ow
     out = xp.empty((O, ncols), dtype=np.float32)
-    block = max(THREADS, min(ncols, COLUMN_BYTES // (4 * rows)))
+    block = _column_block(rows, ncols)
     work = xp.empty(rows * min(block, ncols), dtype=np.float32)
     kernel = fk.forward_columns(*_geometry(layer))
     for j0 in range(0, ncols, block):
@@ -210,7 +220,7 @@ def forward(net: Network, x, *, fast=None) -> CudaTrace:
             switches[i] = xp.empty((B, channels, *sizes[i + 1]), dtype=np.int64)
     z = xp.empty((B, net.num_classes, *sizes[-1]), dtype=np.float32)
     per_image = _forward_bytes_per_image(net, sizes)
-    available = _budget() - COLUMN_BYTES - z.nbytes - sum(s.nbytes for s in switches.values())
+    available = _budget() - _column_bytes() - z.nbytes - sum(s.nbytes for s in switches.values())
     if available < per_image:
         raise ClearmapsError(f"one image of size {sizes[0]} needs about {per_image >> 20} MiB of GPU memory "
                              f"for the forward pass; only {max(available, 0) >> 20} MiB are available: use "
@@ -296,7 +306,7 @@ def _dummy_switches():
 
 @dataclass
 class _Source:
-    """How the next kernel reads the signal (see backproject.py): a dense plane, or a pool's unpooled plane
+    """How the next kernel reads the signal (see backproject_kernels.py): a dense plane, or a pool's unpooled plane
     read through its switches, with the pending rectifications."""
 
     kind: int
@@ -340,7 +350,7 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
     rows = O * kh * kw
     ncols = n * H * W
     out2d = out.reshape(I, ncols)
-    block = max(THREADS, min(ncols, COLUMN_BYTES // (4 * rows)))
+    block = _column_block(rows, ncols)
     work = xp.empty(rows * min(block, ncols), dtype=np.float32)
     kernel = bk.transposed_columns(*geometry, src.kind, src.pool)
     for j0 in range(0, ncols, block):
@@ -432,7 +442,7 @@ def backproject(net: Network, trace, classes=None, rectify: bool = True, *, fast
     C, (H, W) = net.in_channels, sizes[0]
     out = xp.empty((B, K, C, H, W), dtype=np.float32)
     per_signal = _backward_bytes_per_signal(net, sizes) + 4 * C * H * W
-    available = _budget() - COLUMN_BYTES - out.nbytes
+    available = _budget() - _column_bytes() - out.nbytes
     classes_dev = dv.asdevice(classes)
     plan = _plan(net)
     for b0, bc, k0, kc in _chunks(B, K, per_signal, available):
@@ -485,7 +495,7 @@ def clear_from_trace(net: Network, trace, classes, rectify=True, reduce="sum", p
     level = xp.full(B, float(vmax) if fixed else 0.0, dtype=np.float64)
     palette_dev = dv.asdevice(hues, np.float64)
     per_signal = _backward_bytes_per_signal(net, sizes) + 4 * C * H * W
-    available = _budget() - COLUMN_BYTES - (responses.nbytes + best_r.nbytes + best_i.nbytes + rgb.nbytes)
+    available = _budget() - _column_bytes() - (responses.nbytes + best_r.nbytes + best_i.nbytes + rgb.nbytes)
     kernel = ek.epilogue(ek.REDUCE_CODES[reduce], bool(keep_responses), fixed, vmax is None or vmax == "batch")
     classes_dev = dv.asdevice(classes)
     for b0, bc, k0, kc in _chunks(B, K, per_signal, available):

@@ -29,7 +29,9 @@ else:  # pragma: no cover - needs a GPU
 # since a sync per launch would serialise the CPU's launch overhead with the GPU's work).
 CHECK_LAUNCHES = os.environ.get("CLEARMAPS_CUDA_CHECK", "0") == "1"
 
-THREADS = 256  # threads per block of the 1-D launches: 8 warps, enough to hide latency, small enough to fill SMs
+# threads per block of the 1-D launches: 8 warps on a GPU (enough to hide latency, small enough to fill the
+# SMs); one warp under the simulator, where every launched thread is a Python thread, idle or not
+THREADS = 32 if SIMULATED else 256
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -64,7 +66,10 @@ def asdevice(a, dtype=None):
             a = cp.from_dlpack(a) if hasattr(a, "__dlpack__") else cp.asarray(a)
         else:
             a = cp.asarray(np.asarray(a))
-    return xp.ascontiguousarray(a if dtype is None else a.astype(dtype, copy=False))
+    a = xp.ascontiguousarray(a if dtype is None else a.astype(dtype, copy=False))
+    if cp is None and not a.flags.writeable:  # the simulator writes every kernel argument back
+        a = a.copy()
+    return a
 
 
 def tohost(a):

@@ -10,10 +10,10 @@ import numpy as np
 
 from ...reference import REDUCTIONS, ClearmapsError, Conv, MaxPool, check_palette, resolve_vmax
 from ...reference.errors import check_array, check_pair
-from . import backproject as bk
+from . import backproject_kernels as bk
 from . import device as dv
 from . import epilogue as ek
-from . import forward as fk
+from . import forward_kernels as fk
 from .backend import _ConvPlan, _fast, _geometry, _Source, _conv_forward, _transpose_conv, checked
 from .device import THREADS, ceil_div, launch, xp
 
