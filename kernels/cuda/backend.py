@@ -72,6 +72,18 @@ def set_memory_limit(limit_bytes: int | None = None) -> None:
     _state["memory_limit"] = None if limit_bytes is None else int(limit_bytes)
 
 
+# When a list, each step of forward / back-projection appends (label, CUDA event) to it: bench/device_bench.py
+# turns them into a per-layer time breakdown. None (the default) costs nothing.
+TIMELINE = None
+
+
+def _mark(label: str):
+    if TIMELINE is not None and dv.cp is not None:
+        event = dv.cp.cuda.Event()
+        event.record()
+        TIMELINE.append((label, event))
+
+
 def _fast(fast) -> bool:
     if fast is None:
         return _state["precision"] == "tf32"
@@ -226,6 +238,7 @@ def forward(net: Network, x, *, fast=None) -> CudaTrace:
                              f"for the forward pass; only {max(available, 0) >> 20} MiB are available: use "
                              "smaller images or batches, or free GPU memory.")
     bc = max(1, min(B, available // max(per_image, 1)))
+    _mark("forward start")
     for b0 in range(0, B, bc):
         a = xp.ascontiguousarray(x[b0:b0 + bc].transpose(1, 0, 2, 3))
         rect = False  # a ReLU waiting to be applied by whoever reads `a` next
@@ -240,6 +253,7 @@ def forward(net: Network, x, *, fast=None) -> CudaTrace:
                 a, rect = pooled, False
             else:
                 a, rect = _conv_forward(a, layer, plan[i], rect, fast), False
+            _mark(f"forward {i} {type(layer).__name__}")
         if rect:
             a = xp.maximum(a, np.float32(0))
         z[b0:b0 + bc] = a.transpose(1, 0, 2, 3)
@@ -373,6 +387,7 @@ def _backproject_chunk(net, plan, sizes, z, classes, switches, b0, bc, k0, kc, r
     launch(bk.head_signal(*_geometry(head)), ceil_div(signal.size, THREADS), THREADS,
            z, classes, plan[head_i].weight, signal, b0, k0, kc)
     src = _Source(bk.DENSE, signal, (H, W))
+    _mark(f"back {head_i} head")
     for i in range(head_i - 1, -1, -1):
         layer = net.layers[i]
         if isinstance(layer, ReLU):
@@ -384,7 +399,10 @@ def _backproject_chunk(net, plan, sizes, z, classes, switches, b0, bc, k0, kc, r
             src = _Source(bk.UNPOOLED, src.array, tuple(sizes[i]), pre=src.pre, switches=switches[i],
                           pool=_geometry(layer))
         else:
+            how = ("direct" if layer.in_channels <= DIRECT_MAX_CHANNELS else "gemm") + (
+                " from switches" if src.kind == bk.UNPOOLED else "")
             src = _Source(bk.DENSE, _transpose_conv(src, layer, plan[i], sizes[i], b0, kc, fast), tuple(sizes[i]))
+            _mark(f"back {i} Conv {how}")
     if src.kind == bk.UNPOOLED:
         return _materialise(src, b0, kc), False
     return src.array, src.pre
@@ -498,14 +516,17 @@ def clear_from_trace(net: Network, trace, classes, rectify=True, reduce="sum", p
     available = _budget() - _column_bytes() - (responses.nbytes + best_r.nbytes + best_i.nbytes + rgb.nbytes)
     kernel = ek.epilogue(ek.REDUCE_CODES[reduce], bool(keep_responses), fixed, vmax is None or vmax == "batch")
     classes_dev = dv.asdevice(classes)
+    _mark("clear start")
     for b0, bc, k0, kc in _chunks(B, K, per_signal, available):
         R, rect = _backproject_chunk(net, plan, sizes, z, classes_dev, switches, b0, bc, k0, kc, rectify, fast)
         launch(kernel, ceil_div(bc * H * W, THREADS), THREADS, R, responses, best_r, best_i, level_max, level,
                palette_dev, rgb, b0, k0, kc, k0 == 0, k0 + kc == K, rect)
+        _mark("epilogue")
         del R
     if not fixed:
         level = _levels(vmax, best_r, level_max)
         launch(ek.compose_rgb, ceil_div(best_i.size, THREADS), THREADS, best_i, best_r, level, palette_dev, rgb)
+        _mark("compose")
     out = Clear(responses if keep_responses else None, best_i, best_r, rgb)
     if not dv.on_device(trace.z):
         out = Clear(*(dv.tohost(a) for a in out))
