@@ -70,7 +70,7 @@ step equivalence 90 \
 echo
 echo "================ clearmaps on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
 [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
-grep -h -A12 "breakdown" "$OUT/bench.log" 2> /dev/null | head -n 60
+grep -h "breakdown" "$OUT/bench.log" 2> /dev/null  # per-layer steps: bench.log, bench.json
 grep -h "ceilings" "$OUT/bench.log" 2> /dev/null
 tail -n 1 "$OUT/gpu_tests.log" "$OUT/equivalence.log" 2> /dev/null
 note "total $(( $(date +%s) - T0 )) s"

@@ -31,7 +31,7 @@ GPU_CASES = {
     "allcnn-mnist-b1024": CaseSpec("allcnn-mnist-b1024", "allcnn-mnist", 1024, (28, 28), False),
     "vgg16-fcn-b8": CaseSpec("vgg16-fcn-b8", "vgg16-fcn", 8, (224, 224), False),
 }
-DEFAULT_METHODS = "captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-fast"
+DEFAULT_METHODS = "captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-direct,cuda-fast"
 
 
 def gpu_oracle(case, log=print) -> Output:
@@ -107,27 +107,32 @@ def ceilings(log=print) -> dict:
     return out
 
 
-def breakdown(case, fast: bool, log=print) -> list:
+def breakdown(case, fast: bool, limit=None, log=print) -> list:
     """Per-step GPU time of one clearmaps run (CUDA events between the steps), milliseconds."""
     import cupy as cp
 
     from clearmaps.kernels import cuda as kc
     from clearmaps.kernels.cuda import backend
 
+    from .methods_cuda import direct_max
+
     x = cp.asarray(case.x)
-    kc.clear_from_trace(case.net, kc.forward(case.net, x, fast=fast), case.classes, keep_responses=False, fast=fast)
-    cp.cuda.runtime.deviceSynchronize()
-    backend.TIMELINE = []
-    try:
+    with direct_max(limit):
         kc.clear_from_trace(case.net, kc.forward(case.net, x, fast=fast), case.classes, keep_responses=False,
                             fast=fast)
         cp.cuda.runtime.deviceSynchronize()
-        marks = backend.TIMELINE
-    finally:
-        backend.TIMELINE = None
+        backend.TIMELINE = []
+        try:
+            kc.clear_from_trace(case.net, kc.forward(case.net, x, fast=fast), case.classes, keep_responses=False,
+                                fast=fast)
+            cp.cuda.runtime.deviceSynchronize()
+            marks = backend.TIMELINE
+        finally:
+            backend.TIMELINE = None
     steps = [(label, cp.cuda.get_elapsed_time(prev, ev)) for (_, prev), (label, ev) in zip(marks, marks[1:])]
     total = cp.cuda.get_elapsed_time(marks[0][1], marks[-1][1])
-    log(f"  breakdown {'fast' if fast else 'exact'} ({total:.2f} ms between the first and last mark):")
+    log(f"  breakdown {'fast' if fast else 'exact'}{'' if limit is None else f', direct <= {limit}'} "
+        f"({total:.2f} ms between the first and last mark):")
     for label, ms in steps:
         log(f"    {label:<40s} {ms:8.3f} ms")
     return [{"step": label, "ms": ms} for label, ms in steps]
@@ -176,9 +181,9 @@ def main(argv=None):
                 print(f"    peak memory: composite only {fmt_bytes(r.memory.get('composite_only_bytes'))}, "
                       f"all K maps {fmt_bytes(r.memory.get('all_maps_bytes'))}", flush=True)
         steps = {}
-        for fast in (False, True):
-            if any(r.method == ("cuda-fast" if fast else "cuda") and r.median_s for r in results):
-                steps["fast" if fast else "exact"] = breakdown(case, fast)
+        for method, fast, limit in (("cuda", False, None), ("cuda-direct", False, 64), ("cuda-fast", True, None)):
+            if any(r.method == method and r.median_s for r in results):
+                steps[method] = breakdown(case, fast, limit)
         tab = harness.table(case, results)
         tables += [title, "", tab, ""]
         report["cases"].append({"case": case.name, "batch": case.batch, "shape": list(case.x.shape),

@@ -81,7 +81,24 @@ def _torch_method(base_setup, tf32: bool):
 
 
 
-def _clearmaps_setup(fast: bool):
+def direct_max(limit):
+    """Context: transposed convs with at most ``limit`` output channels run as the direct kernel."""
+    import contextlib
+
+    from clearmaps.kernels.cuda import backend
+
+    @contextlib.contextmanager
+    def ctx():
+        before = backend.DIRECT_MAX_CHANNELS
+        backend.DIRECT_MAX_CHANNELS = before if limit is None else limit
+        try:
+            yield
+        finally:
+            backend.DIRECT_MAX_CHANNELS = before
+    return ctx()
+
+
+def _clearmaps_setup(fast: bool, direct_limit=None):
     def setup(case) -> Prepared:
         import cupy as cp
 
@@ -92,8 +109,9 @@ def _clearmaps_setup(fast: bool):
         classes = case.classes
 
         def run(keep=False):
-            trace = kc.forward(net, x, fast=fast)
-            return kc.clear_from_trace(net, trace, classes, keep_responses=keep, fast=fast)
+            with direct_max(direct_limit):
+                trace = kc.forward(net, x, fast=fast)
+                return kc.clear_from_trace(net, trace, classes, keep_responses=keep, fast=fast)
 
         def check():
             out = run(keep=True)
@@ -115,7 +133,8 @@ def _clearmaps_setup(fast: bool):
 
         return Prepared(run, check, sync=cp.cuda.runtime.deviceSynchronize, timer=cuda_event_timer,
                         memory=memory, notes=("TF32 GEMMs" if fast else "fp32 (no TF32)") +
-                        ", keep_responses=False, GPU arrays in and out")
+                        ", keep_responses=False, GPU arrays in and out" +
+                        ("" if direct_limit is None else f", direct kernel up to {direct_limit} channels"))
     return setup
 
 
@@ -138,6 +157,11 @@ register(Method("torch-cuda-tf32", "cuda", _torch_method(torch_setup("cuda"), Tr
                 "plain-torch deconvnet on the GPU with TF32 (cuDNN and matmul)", available=_gpu_available,
                 exact=False, baseline=True))
 register(Method("cuda", "cuda", _clearmaps_setup(False), "clearmaps backend='cuda', exact fp32",
+                available=_clearmaps_cuda_available))
+# the same with every transposed conv of at most 64 output channels done by the direct kernel (no columns
+# in memory): which of the two wins on the 32/64-channel layers is what the GPU run is to tell
+register(Method("cuda-direct", "cuda", _clearmaps_setup(False, 64),
+                "clearmaps backend='cuda', exact fp32, direct kernel for <= 64 output channels",
                 available=_clearmaps_cuda_available))
 register(Method("cuda-fast", "cuda", _clearmaps_setup(True), "clearmaps backend='cuda', TF32 GEMMs (fast mode)",
                 available=_clearmaps_cuda_available, exact=False))
