@@ -96,19 +96,26 @@ def test_vgg16_fcn_against_the_torch_oracle(kc):
     assert_close(cp.asnumpy(R), torch_responses(net, x, classes[0]), RTOL_F32, "R(x|c)")
 
 
-def test_memory_splitting_on_the_gpu(kc):
-    """A limit that holds a few (image, class) signals: the same maps as one pass, on CuPy's allocator."""
+def test_memory_splitting_on_the_gpu(kc, monkeypatch):
+    """A limit that holds fewer (image, class) signals than one image's ten classes: the work is split over
+    images and classes, with the same maps as one pass, on CuPy's allocator."""
     import cupy as cp
+
+    from clearmaps.kernels.cuda import backend
 
     net = _preset("allcnn-mnist", 3)
     x = cp.asarray(np.random.default_rng(3).uniform(size=(6, 1, 28, 28)), dtype=cp.float32)
     trace = kc.forward(net, x)
     whole = kc.clear_from_trace(net, trace, np.tile(np.arange(10), (6, 1)))
-    kc.set_memory_limit(24 << 20)
+    seen = []
+    real_chunks = backend._chunks
+    monkeypatch.setattr(backend, "_chunks", lambda *a: seen.append(real_chunks(*a)) or seen[-1])
+    kc.set_memory_limit(1_600_000)
     try:
         split = kc.clear_from_trace(net, trace, np.tile(np.arange(10), (6, 1)))
     finally:
         kc.set_memory_limit(None)
+    assert len(seen[0]) > 6 and all(kc_ < 10 for _, _, _, kc_ in seen[0]), seen
     assert_close(cp.asnumpy(split.responses), cp.asnumpy(whole.responses), 1e-6, "responses")
     assert_equal(cp.asnumpy(split.dominant_index), cp.asnumpy(whole.dominant_index), "dominant class")
 
@@ -118,7 +125,7 @@ def test_fast_mode_reports_its_agreement(kc):
     x = np.random.default_rng(4).uniform(size=(8, 1, 28, 28)).astype(np.float32)
     report = kc.agreement(net, x)
     assert report["pixels"] == 8 * 28 * 28
-    assert report["decisive_agreement"] >= 0.99 and report["agreement"] >= 0.9, report
+    assert report["decisive_agreement"] >= 0.97 and report["agreement"] >= 0.9, report
 
 
 def test_auto_picks_cuda_and_explain_runs(kc):
