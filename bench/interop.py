@@ -69,6 +69,8 @@ def main():
         "crossing: 64 MB NumPy -> tensor copy": median_time(lambda: torch.tensor(result), 20),
         "forward: reference (NumPy, float64)": median_time(lambda: reference.forward(net, x_np), args.repeats),
         "forward: torch kernels (clearmaps.torch.trace)": median_time(lambda: ct.trace(net, x), args.repeats),
+        **({} if args.backend == "reference" else {f"forward: {args.backend} backend": median_time(
+            lambda: clearmaps.get_backend(args.backend).forward(net, x_np), args.repeats)}),
         f"explain: NumPy images ({args.backend})": median_time(
             lambda: clearmaps.explain(net, x_np, backend=args.backend), args.repeats),
         f"explain: torch images ({args.backend})": median_time(
