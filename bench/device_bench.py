@@ -44,12 +44,13 @@ def gpu_oracle(case, log=print) -> Output:
     from .torch_deconvnet import TorchDeconvnet
 
     model = TorchDeconvnet(case.net64, torch.float64, "cuda")
-    small = np.random.default_rng(1).uniform(size=(1, case.net.in_channels, 32, 32))
+    size = case.net.input_shape[1:] if case.net.input_shape[1] is not None else (32, 32)
+    small = np.random.default_rng(1).uniform(size=(1, case.net.in_channels, *size))
     with torch.inference_mode():
         r_small, _ = model.responses(torch.from_numpy(small).cuda(), torch.from_numpy(case.classes[:1]).cuda())
     want = ref.reduce_channels(ref.backproject(case.net64, ref.forward(case.net64, small), case.classes[:1]))
     err = harness.rel_err(r_small.cpu().numpy(), want)
-    log(f"  GPU float64 torch deconvnet vs NumPy reference on a 32x32 image: relative error {err:.1e}")
+    log(f"  GPU float64 torch deconvnet vs NumPy reference on a {size[0]}x{size[1]} image: relative error {err:.1e}")
     if not err <= 1e-10:
         raise SystemExit(f"the float64 GPU oracle disagrees with the reference ({err:.1e})")
     t0 = time.perf_counter()

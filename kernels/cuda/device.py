@@ -108,10 +108,8 @@ def launch(kernel, grid, block, *args):
 
 def synchronize():
     if cp is not None:
+        # CuPy checks the status: a kernel that faulted raises CUDARuntimeError here
         cp.cuda.runtime.deviceSynchronize()
-        err = cp.cuda.runtime.getLastError()
-        if err != 0:  # pragma: no cover - needs a faulting kernel
-            raise RuntimeError(f"CUDA error {err} after a clearmaps kernel")
 
 
 def free_bytes() -> int:
