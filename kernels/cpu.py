@@ -1,0 +1,538 @@
+"""clearmaps.kernels.cpu: the reference's functions, fast, on the CPU (Numba, float32).
+
+What it computes: the same CLEAR maps as :mod:`clearmaps.reference` (Eqs. 1–6; DESIGN.md), in float32,
+with the same switches (first maximum in row-major window order) and the same colour bytes.
+
+How it runs
+-----------
+- forward: images go channel-last (B, H, W, C); each conv is a Numba im2col into a bounded block of rows
+  and one BLAS GEMM per block (NumPy's ``matmul``); max pooling records switches in a Numba kernel.
+- back-projection: every (image, class) signal runs the whole plan of :func:`_plan` inside one Numba
+  call, the pairs spread over ``numba.get_num_threads()`` workers, each with two ping-pong planes.
+  Transposed convolutions are scatters that skip zero inputs (after a rectification about half are zero);
+  unpool + rectify + transposed conv is one fused scatter from the switches (a quarter of the unpooled
+  plane at most is non-zero, and it is never built) — :func:`unpool_conv_transpose2d` exposes it.
+- dominant class and composite: with ``keep_responses=False`` the pairs run in chunks and each chunk's
+  channel-reduced maps update a running max / argmax, so the (B, K, H, W) maps never exist
+  (:func:`attentive_dominant`); the colour pass is a Numba kernel doing colorsys's float64 arithmetic.
+
+Every buffer is a NumPy array allocated here in Python (the kernels allocate nothing). Input checks are
+the reference's (``check_array``, ``check_pair``, ``check_input``, ``check_classes``, ``check_palette``).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numba
+import numpy as np
+
+from clearmaps.reference import REDUCTIONS, Clear, ClearmapsError, Conv, MaxPool, Network, ReLU, Trace
+from clearmaps.reference import check_classes, check_input, check_palette, resolve_vmax, softmax
+from clearmaps.reference.errors import check_array, check_pair
+
+from . import _cpu_kernels as K
+
+__all__ = [
+    "attentive_dominant", "backproject", "clear_from_trace", "compose", "conv2d", "conv_transpose2d",
+    "dominant", "forward", "is_available", "max_pool_with_switches", "reduce_channels", "unpool",
+    "unpool_conv_transpose2d",
+]
+
+_IM2COL_FLOATS = 1 << 21       # an im2col block holds at most this many floats (8 MiB)
+_CHUNK_BYTES = 8 << 20         # keep_responses=False: a chunk's reduced maps take at most this
+_GATHER_BELOW = 8             # transposed convs to fewer channels than this use the gather form
+_REDUCE = {"sum": K.REDUCE_SUM, "max": K.REDUCE_MAX, "norm": K.REDUCE_NORM}
+
+
+def is_available() -> bool:
+    return True
+
+
+def why_unavailable() -> str:
+    return ""
+
+
+def _out_size(n, k, s, p):
+    return (n + 2 * p - k) // s + 1
+
+
+# ------------------------------------------------------------------------------------------------ weights
+class _Prepared:
+    """A network's weights in the layouts the kernels read, made once per Network object."""
+
+    def __init__(self, net: Network):
+        self.gemm = {}      # conv i → (kh*kw*I, O) float32 GEMM matrix and (O,) bias
+        self.offset = {}    # conv i → offset of its (O, kh, kw, I) weights in ``flat`` (the scatter layout)
+        self.gather = {}    # conv i with few input channels → offset of its (I, kh, kw, O) weights
+        parts, total = [], 0
+        for i, layer in enumerate(net.layers):
+            if isinstance(layer, Conv):
+                w = np.asarray(layer.weight, dtype=np.float32)
+                o = w.shape[0]
+                self.gemm[i] = (np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, o)),
+                                np.asarray(layer.bias, dtype=np.float32))
+                parts.append(np.ascontiguousarray(w.transpose(0, 2, 3, 1)).ravel())
+                self.offset[i] = total
+                total += parts[-1].size
+                if w.shape[1] < _GATHER_BELOW:
+                    parts.append(np.ascontiguousarray(w.transpose(1, 2, 3, 0)).ravel())
+                    self.gather[i] = total
+                    total += parts[-1].size
+        self.flat = np.concatenate(parts)
+
+
+_PREPARED: "weakref.WeakKeyDictionary[Network, _Prepared]" = weakref.WeakKeyDictionary()
+
+
+def _prepared(net: Network) -> _Prepared:
+    p = _PREPARED.get(net)
+    if p is None:
+        p = _PREPARED[net] = _Prepared(net)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def _conv_nhwc(a, layer: Conv, wmat, bias):
+    """Conv of channel-last a (B, H, W, C): im2col in row blocks, one GEMM per block."""
+    B, H, W, C = a.shape
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
+    oh, ow = _out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)
+    rows = B * oh * ow
+    out = np.empty((rows, wmat.shape[1]), dtype=np.float32)
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        np.matmul(a.reshape(rows, C), wmat, out=out)
+    else:
+        depth = kh * kw * C
+        block = max(1, min(rows, _IM2COL_FLOATS // depth))
+        cols = np.empty((block, depth), dtype=np.float32)
+        for r0 in range(0, rows, block):
+            r1 = min(rows, r0 + block)
+            K._im2col_nhwc(a, r0, r1, kh, kw, sh, sw, ph, pw, oh, ow, cols)
+            np.matmul(cols[:r1 - r0], wmat, out=out[r0:r1])
+    out += bias
+    return out.reshape(B, oh, ow, -1)
+
+
+def _pool_nhwc(a, layer: MaxPool):
+    B, H, W, C = a.shape
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
+    oh, ow = _out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)
+    out = np.empty((B, oh, ow, C), dtype=np.float32)
+    switches = np.empty((B, oh, ow, C), dtype=np.int64)
+    K._max_pool_nhwc(a, kh, kw, sh, sw, ph, pw, out, switches)
+    return out, switches
+
+
+def forward(net: Network, x) -> Trace:
+    """Run ``net`` on ``x`` (B, C, H, W) in float32, recording switches and layer sizes.
+
+    Returns a :class:`clearmaps.reference.Trace` like the reference's: ``z`` (B, N, h, w), ``logits`` and
+    ``probabilities`` float32; switches int64 (B, C, oh, ow) with the reference's tie rule.
+    """
+    if not isinstance(net, Network):
+        raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
+    x = check_input(net, x)
+    prep = _prepared(net)
+    a = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
+    sizes, switches = [], {}
+    for i, layer in enumerate(net.layers):
+        sizes.append(tuple(int(s) for s in a.shape[1:3]))
+        if isinstance(layer, Conv):
+            a = _conv_nhwc(a, layer, *prep.gemm[i])
+        elif isinstance(layer, ReLU):
+            np.maximum(a, 0, out=a)
+        else:
+            a, sw = _pool_nhwc(a, layer)
+            switches[i] = np.ascontiguousarray(sw.transpose(0, 3, 1, 2))
+    sizes.append(tuple(int(s) for s in a.shape[1:3]))
+    z = np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+    logits = z.mean(axis=(2, 3), dtype=np.float64)
+    return Trace(tuple(sizes), switches, z, logits.astype(np.float32), softmax(logits).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------ back-projection
+class _Plan:
+    """The back-projection of one network for one input size, as rows of int64 fields (see _cpu_kernels)."""
+
+    def __init__(self, net: Network, sizes, rectify: bool):
+        prep = _prepared(net)
+        channels = [net.in_channels]  # channels[i] = channels of layer i's input
+        for layer in net.layers:
+            channels.append(layer.out_channels if isinstance(layer, Conv) else channels[-1])
+        self.max_plane = max(int(np.prod(s)) * c for s, c in zip(sizes, channels))
+        self.pools = {}  # pool layer → (offset in the switch array, per-image count)
+        rows = []
+
+        def row(kind, **f):
+            r = np.zeros(K.NFIELDS, dtype=np.int64)
+            r[K.F_KIND] = kind
+            for name, value in f.items():
+                r[getattr(K, "F_" + name.upper())] = value
+            rows.append(r)
+
+        def conv_fields(i):
+            layer = net.layers[i]
+            (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
+            return dict(woff=prep.offset[i], woff_gather=prep.gather.get(i, -1), i=layer.in_channels, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw,
+                        out_h=sizes[i][0], out_w=sizes[i][1])
+
+        def pool_fields(j):
+            c = channels[j]
+            count = int(np.prod(sizes[j + 1])) * c
+            if j not in self.pools:
+                self.pools[j] = (sum(n for _, n in self.pools.values()), count)
+            return dict(swoff=self.pools[j][0], swcount=count, in_h=sizes[j + 1][0], in_w=sizes[j + 1][1],
+                        uh=sizes[j][0], uw=sizes[j][1])
+
+        hi = net.head_index
+        row(K.HEAD, o=net.num_classes, in_h=sizes[hi + 1][0], in_w=sizes[hi + 1][1], **conv_fields(hi))
+        pool, rect = None, False  # pool: the MaxPool whose unpooling is pending; rect: a pending rectify
+        for i in range(hi - 1, -1, -1):
+            layer = net.layers[i]
+            if isinstance(layer, ReLU):
+                if not rectify:
+                    continue
+                if pool is not None and _overlapping(net.layers[pool]):
+                    # windows that share a switch add before the ReLU: build the unpooled plane first
+                    row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
+                    pool, rect = None, False
+                rect = True
+            elif isinstance(layer, MaxPool):
+                if pool is not None:
+                    row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
+                    pool, rect = None, False
+                if rect:
+                    row(K.RECTIFY, size=int(np.prod(sizes[i + 1])) * channels[i + 1])
+                    rect = False
+                pool = i
+            else:
+                f = conv_fields(i)
+                if i in prep.gather:  # few output channels: gather form, from a built unpooled plane
+                    if pool is not None:
+                        row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
+                        pool, rect = None, False
+                    row(K.CONV_T_GATHER, o=layer.out_channels, rect=rect, in_h=sizes[i + 1][0],
+                        in_w=sizes[i + 1][1], **f)
+                elif pool is not None:
+                    row(K.CONV_T_POOLED, o=layer.out_channels, rect=rect, **{**pool_fields(pool), **f})
+                else:
+                    row(K.CONV_T, o=layer.out_channels, rect=rect, in_h=sizes[i + 1][0], in_w=sizes[i + 1][1], **f)
+                pool, rect = None, False
+        if pool is not None:
+            row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
+        elif rect:
+            row(K.RECTIFY, size=int(np.prod(sizes[0])) * channels[0])
+        self.steps = np.stack(rows)
+        self.weights = prep.flat
+
+
+def _overlapping(pool: MaxPool) -> bool:
+    return pool.stride[0] < pool.kernel[0] or pool.stride[1] < pool.kernel[1]
+
+
+def _check_trace(net: Network, trace) -> None:
+    if not isinstance(net, Network):
+        raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
+    if not isinstance(trace, Trace):
+        raise ClearmapsError(f"trace is a {type(trace).__name__}; expected the Trace that forward(net, x) returns.")
+    z = np.asarray(trace.z)
+    hi = net.head_index
+    if len(trace.sizes) != len(net.layers) + 1 or z.ndim != 4 or z.shape[1] != net.num_classes \
+            or tuple(z.shape[2:]) != tuple(trace.sizes[-1]) \
+            or set(trace.switches) != {i for i, layer in enumerate(net.layers) if isinstance(layer, MaxPool)}:
+        raise ClearmapsError("trace does not belong to this network (layer sizes, z or switches differ); "
+                             "compute it with forward(net, x) for the same net.")
+    if tuple(trace.sizes) != tuple(tuple(s) for s in net.layer_sizes(trace.sizes[0])) or hi < 0:
+        raise ClearmapsError("trace.sizes do not follow from the network for its input size; use forward(net, x).")
+
+
+def _switch_array(plan: _Plan, trace: Trace, batch: int) -> np.ndarray:
+    """Every pool's switches, channel-last int32 per image, one after another (see _Plan.pools)."""
+    total = sum(count for _, count in plan.pools.values())
+    out = np.empty(batch * total, dtype=np.int32)
+    for j, (offset, count) in plan.pools.items():
+        sw = np.asarray(trace.switches[j])
+        out[batch * offset:batch * (offset + count)] = sw.transpose(0, 2, 3, 1).ravel()
+    return out
+
+
+class _Job:
+    """One back-projection job: plan, switches, z and the (image, class) pairs, ready for the kernel."""
+
+    def __init__(self, net: Network, trace: Trace, classes, rectify: bool):
+        _check_trace(net, trace)
+        if not isinstance(rectify, (bool, np.bool_)):
+            raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
+        z = np.asarray(trace.z)
+        B = z.shape[0]
+        self.classes = check_classes(classes, B, net.num_classes)
+        self.B, self.K = self.classes.shape
+        self.plan = _Plan(net, trace.sizes, bool(rectify))
+        # the plan's switch offsets are per-image counts; scale them to the batch layout
+        steps = self.plan.steps.copy()
+        for r in steps:
+            if r[K.F_KIND] in (K.CONV_T_POOLED, K.UNPOOL):
+                r[K.F_SWOFF] *= B
+        self.steps = steps
+        self.switches = _switch_array(self.plan, trace, B)
+        self.z = np.ascontiguousarray(z, dtype=np.float32).reshape(B * z.shape[1], -1)
+        self.H, self.W = trace.sizes[0]
+        self.C = net.in_channels
+        self.pairs = np.stack([np.repeat(np.arange(self.B, dtype=np.int64), self.K),
+                               self.classes.reshape(-1)], axis=1)
+        self.nworkers = max(1, min(numba.get_num_threads(), len(self.pairs)))
+        self.scratch = np.empty((self.nworkers, 2, self.plan.max_plane), dtype=np.float32)
+
+    def run(self, lo, hi, reduce_code, out):
+        """out[:hi-lo] ← the maps of pairs lo..hi-1."""
+        K._backproject_pairs(self.steps, self.plan.weights, self.switches, self.z, self.pairs[lo:hi],
+                             self.H, self.W, self.C, reduce_code, self.scratch, out)
+
+
+def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) -> np.ndarray:
+    """R(x|c) for each chosen class (Eq. 3): float32 (B, K, C, H, W); the reference's signature."""
+    job = _Job(net, trace, classes, rectify)
+    out = np.empty((job.B * job.K, job.C * job.H * job.W), dtype=np.float32)
+    job.run(0, len(job.pairs), K.REDUCE_NONE, out)
+    return out.reshape(job.B, job.K, job.C, job.H, job.W)
+
+
+def attentive_dominant(net: Network, trace: Trace, classes=None, rectify: bool = True, reduce: str = "sum",
+                       keep_responses: bool = True):
+    """Fused channel reduction + Eqs. 4–5: (responses (B, K, H, W) or None, dominant index (B, H, W) int64
+    into the K classes, dominant response (B, H, W) float32).
+
+    With ``keep_responses=False`` the (image, class) pairs run in chunks whose channel-reduced maps update a
+    running max / argmax (first class wins ties) and are then overwritten: memory stays at one chunk.
+    """
+    if reduce not in REDUCTIONS:
+        raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
+    job = _Job(net, trace, classes, rectify)
+    P, n = len(job.pairs), job.H * job.W
+    image, position = job.pairs[:, 0].copy(), np.tile(np.arange(job.K, dtype=np.int64), job.B)
+    best = np.empty((job.B, n), dtype=np.float32)
+    index = np.empty((job.B, n), dtype=np.int64)
+    code = _REDUCE[reduce]
+    if keep_responses:
+        maps = np.empty((P, n), dtype=np.float32)
+        job.run(0, P, code, maps)
+        K._merge_dominant(maps, image, position, best, index)
+        responses = maps.reshape(job.B, job.K, job.H, job.W)
+    else:
+        chunk = max(job.nworkers, min(P, 8 * job.nworkers, _CHUNK_BYTES // (4 * n)))
+        chunk -= chunk % job.nworkers if chunk > job.nworkers else 0
+        maps = np.empty((chunk, n), dtype=np.float32)
+        for lo in range(0, P, chunk):
+            hi = min(P, lo + chunk)
+            job.run(lo, hi, code, maps)
+            K._merge_dominant(maps[:hi - lo], image[lo:hi], position[lo:hi], best, index)
+        responses = None
+    return responses, index.reshape(job.B, job.H, job.W), best.reshape(job.B, job.H, job.W)
+
+
+def clear_from_trace(net: Network, trace: Trace, classes, rectify=True, reduce="sum", palette=None, vmax=None,
+                     keep_responses=True) -> Clear:
+    """Everything after the forward pass, fused: responses (if kept), dominant class and response, RGB.
+
+    Same signature and results as :func:`clearmaps.reference.clear_from_trace` (float32 responses).
+    """
+    if reduce not in REDUCTIONS:
+        raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
+    _check_trace(net, trace)
+    B = np.asarray(trace.z).shape[0]
+    k = check_classes(classes, B, net.num_classes).shape[1]
+    hues = check_palette(palette, k)
+    resolve_vmax(np.zeros((1, 1, 1)), vmax)  # refuse a bad vmax before the work, not after
+    responses, index, response = attentive_dominant(net, trace, classes, rectify, reduce, keep_responses)
+    return Clear(responses, index, response, _compose(index, response, hues, vmax))
+
+
+# ------------------------------------------------------------------------------------ dominant and colour
+def reduce_channels(R, reduce: str = "sum") -> np.ndarray:
+    """r(x|c): R (..., C, H, W) reduced over C by "sum" (default), "max" or "norm" (L2); float32."""
+    if reduce not in REDUCTIONS:
+        raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
+    R = check_array(R, "R", shape_hint=" of shape (..., C, H, W)")
+    if R.ndim < 3:
+        raise ClearmapsError(f"R has shape {R.shape}; expected at least (C, H, W).")
+    R = R.astype(np.float32, copy=False)
+    if reduce == "sum":
+        return R.sum(axis=-3)
+    if reduce == "max":
+        return R.max(axis=-3)
+    return np.sqrt((R * R).sum(axis=-3))
+
+
+def dominant(responses):
+    """Eqs. 4–5: per pixel, the position k of the largest response (first on ties) and that response.
+    responses (B, K, H, W) → (index int64 (B, H, W), response float32 (B, H, W))."""
+    r = check_array(responses, "responses", 4, shape_hint=" of shape (B, K, H, W)")
+    if r.shape[1] == 0:
+        raise ClearmapsError("responses has no classes (K = 0); expected at least one map.")
+    B, Kc, H, W = r.shape
+    maps = np.ascontiguousarray(r, dtype=np.float32).reshape(B * Kc, H * W)
+    best = np.empty((B, H * W), dtype=np.float32)
+    index = np.empty((B, H * W), dtype=np.int64)
+    K._merge_dominant(maps, np.repeat(np.arange(B, dtype=np.int64), Kc), np.tile(np.arange(Kc, dtype=np.int64), B),
+                      best, index)
+    return index.reshape(B, H, W), best.reshape(B, H, W)
+
+
+def _compose(index, response, hues, vmax):
+    B = response.shape[0]
+    level = resolve_vmax(response, vmax)
+    rgb = np.empty((B, response[0].size, 3), dtype=np.uint8)
+    K._compose_rgb(np.ascontiguousarray(index, dtype=np.int64).reshape(B, -1),
+                   np.ascontiguousarray(response, dtype=np.float64).reshape(B, -1),
+                   np.ascontiguousarray(hues, dtype=np.float64), level.astype(np.float64), rgb)
+    return rgb.reshape(*response.shape, 3)
+
+
+def compose(class_index, response, palette=None, vmax=None, *, num_classes=None) -> np.ndarray:
+    """The CLEAR map (Eq. 6): uint8 RGB (B, H, W, 3), byte for byte the reference's
+    (:func:`clearmaps.reference.compose`; V is computed in float64 from the given D)."""
+    index = check_array(class_index, "class_index", 3, kinds="iu", finite=False, shape_hint=" of shape (B, H, W)")
+    d = check_array(response, "response", 3, shape_hint=" of shape (B, H, W)")
+    if index.shape != d.shape:
+        raise ClearmapsError(f"class_index {index.shape} and response {d.shape} must have the same shape.")
+    hues = check_palette(palette, num_classes)
+    if index.size and (index.min() < 0 or index.max() >= hues.size):
+        raise ClearmapsError(f"class_index holds {int(index.max()) if index.max() >= hues.size else int(index.min())}"
+                             f"; the palette has {hues.size} entries (0 .. {hues.size - 1}).")
+    return _compose(index, d, hues, vmax)
+
+
+# ------------------------------------------------------------------------------------------------ the ops
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """Cross-correlation as torch's ``conv2d`` in float32: x (B, I, H, W), weight (O, I, kh, kw),
+    bias (O,) or None → (B, O, oh, ow)."""
+    x = check_array(x, "x", 4, shape_hint=" of shape (B, C, H, W)")
+    weight = check_array(weight, "weight", 4, shape_hint=" of shape (out, in, kh, kw)")
+    (sh, sw), (ph, pw) = check_pair(stride, "stride", 1), check_pair(padding, "padding", 0)
+    if weight.shape[1] != x.shape[1]:
+        raise ClearmapsError(f"x has {x.shape[1]} channels but weight {weight.shape} takes {weight.shape[1]}.")
+    O, _, kh, kw = weight.shape
+    H, W = x.shape[2:]
+    if _out_size(H, kh, sh, ph) < 1 or _out_size(W, kw, sw, pw) < 1:
+        raise ClearmapsError(f"input of size {H}x{W} is smaller than the {kh}x{kw} kernel with padding {padding}.")
+    b = np.zeros(O, np.float32) if bias is None else check_array(bias, "bias", 1)
+    if b.shape != (O,):
+        raise ClearmapsError(f"bias has shape {b.shape}; expected ({O},) to match weight {weight.shape}.")
+    layer = Conv(weight, b, (sh, sw), (ph, pw))
+    w = np.asarray(weight, dtype=np.float32)
+    wmat = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, O))
+    a = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
+    out = _conv_nhwc(a, layer, wmat, np.asarray(b, dtype=np.float32))
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
+    """The transpose of :func:`conv2d` with the same weight, stride and padding (the paper's G_l), float32:
+    y (B, O, oh, ow), weight (O, I, kh, kw) → (B, I, H, W), (H, W) = ``output_size`` (default the smallest)."""
+    y = check_array(y, "y", 4, shape_hint=" of shape (B, O, oh, ow)")
+    weight = check_array(weight, "weight", 4, shape_hint=" of shape (out, in, kh, kw)")
+    (sh, sw), (ph, pw) = check_pair(stride, "stride", 1), check_pair(padding, "padding", 0)
+    B, O, oh, ow = y.shape
+    if weight.shape[0] != O:
+        raise ClearmapsError(f"y has {O} channels but weight {weight.shape} has {weight.shape[0]} kernels.")
+    _, I, kh, kw = weight.shape
+    H, W = _transpose_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
+    out = np.empty((B, H, W, I), dtype=np.float32)
+    K._conv_t_batch(np.ascontiguousarray(y.transpose(0, 2, 3, 1), dtype=np.float32),
+                    np.ascontiguousarray(np.asarray(weight, np.float32).transpose(0, 2, 3, 1)).ravel(),
+                    kh, kw, sh, sw, ph, pw, I, out)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def _transpose_size(output_size, in_size, kernel, stride, padding):
+    (oh, ow), (kh, kw), (sh, sw), (ph, pw) = in_size, kernel, stride, padding
+    if output_size is None:
+        output_size = ((oh - 1) * sh - 2 * ph + kh, (ow - 1) * sw - 2 * pw + kw)
+    H, W = check_pair(output_size, "output_size", 1)
+    if (_out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)) != (oh, ow):
+        raise ClearmapsError(f"output_size {(H, W)} does not fit: a conv with kernel {(kh, kw)}, stride "
+                             f"{(sh, sw)}, padding {(ph, pw)} maps it to "
+                             f"{(_out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw))}, not {(oh, ow)}.")
+    return H, W
+
+
+def max_pool_with_switches(x, kernel, stride=None, padding=0):
+    """Max pooling (-inf padding) with switches, float32: (pooled (B, C, oh, ow), switches int64) — flat
+    index row*W + col into the input plane of each window's first maximum in row-major order."""
+    x = check_array(x, "x", 4, shape_hint=" of shape (B, C, H, W)")
+    kh, kw = check_pair(kernel, "kernel", 1)
+    sh, sw = (kh, kw) if stride is None else check_pair(stride, "stride", 1)
+    ph, pw = check_pair(padding, "padding", 0)
+    if ph > kh // 2 or pw > kw // 2:
+        raise ClearmapsError(f"padding {(ph, pw)} is more than half the kernel {(kh, kw)}.")
+    H, W = x.shape[2:]
+    if _out_size(H, kh, sh, ph) < 1 or _out_size(W, kw, sw, pw) < 1:
+        raise ClearmapsError(f"input of size {H}x{W} is smaller than the pool's {kh}x{kw} window.")
+    a = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
+    out, sw_ = _pool_nhwc(a, MaxPool((kh, kw), (sh, sw), (ph, pw)))
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2)), np.ascontiguousarray(sw_.transpose(0, 3, 1, 2))
+
+
+def unpool(y, switches, input_size):
+    """Switch unpooling (U_l), float32: a zero plane of ``input_size`` with each value of ``y`` added at its
+    switch. y and switches (B, C, oh, ow) → (B, C, H, W)."""
+    y = check_array(y, "y", 4, shape_hint=" of shape (B, C, oh, ow)")
+    switches = check_array(switches, "switches", 4, kinds="iu")
+    H, W = check_pair(input_size, "input_size", 1)
+    if switches.shape != y.shape:
+        raise ClearmapsError(f"switches have shape {switches.shape} but y has shape {y.shape}; they must match.")
+    if switches.size and (switches.min() < 0 or switches.max() >= H * W):
+        raise ClearmapsError(f"switches range over [{switches.min()}, {switches.max()}], outside a "
+                             f"{H}x{W} plane (0 .. {H * W - 1}).")
+    B, C = y.shape[:2]
+    out = np.empty((B, C, H * W), dtype=np.float32)
+    K._unpool_nchw(np.ascontiguousarray(y, dtype=np.float32).reshape(B, C, -1),
+                   np.ascontiguousarray(switches, dtype=np.int64).reshape(B, C, -1), out)
+    return out.reshape(B, C, H, W)
+
+
+def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0, output_size=None,
+                            rectify=True):
+    """Fused ``conv_transpose2d(max(unpool(y, switches, input_size), 0), weight, ...)`` (no max when
+    ``rectify`` is False), float32 (B, I, H, W).
+
+    Each pooled value is scattered from its switch straight through the transposed conv: the unpooled
+    plane (``input_size``, the conv's output size) is never built. Exact when no two windows share a
+    switch or without rectification; when windows do share switches the sums must precede the ReLU, so
+    the plane is then built first.
+    """
+    y = check_array(y, "y", 4, shape_hint=" of shape (B, C, oh, ow)")
+    switches = check_array(switches, "switches", 4, kinds="iu")
+    weight = check_array(weight, "weight", 4, shape_hint=" of shape (out, in, kh, kw)")
+    Hu, Wu = check_pair(input_size, "input_size", 1)
+    (sh, sw), (ph, pw) = check_pair(stride, "stride", 1), check_pair(padding, "padding", 0)
+    if switches.shape != y.shape:
+        raise ClearmapsError(f"switches have shape {switches.shape} but y has shape {y.shape}; they must match.")
+    if switches.size and (switches.min() < 0 or switches.max() >= Hu * Wu):
+        raise ClearmapsError(f"switches range over [{switches.min()}, {switches.max()}], outside a "
+                             f"{Hu}x{Wu} plane (0 .. {Hu * Wu - 1}).")
+    B, O, h, w = y.shape
+    if weight.shape[0] != O:
+        raise ClearmapsError(f"y has {O} channels but weight {weight.shape} has {weight.shape[0]} kernels.")
+    _, I, kh, kw = weight.shape
+    H, W = _transpose_size(output_size, (Hu, Wu), (kh, kw), (sh, sw), (ph, pw))
+    shared = bool(rectify) and switches.size and any(
+        np.unique(s).size != s.size for s in np.asarray(switches).reshape(B * O, -1))
+    if shared:
+        return conv_transpose2d(np.maximum(unpool(y, switches, (Hu, Wu)), 0), weight, (sh, sw), (ph, pw), (H, W))
+    steps = np.zeros((1, K.NFIELDS), dtype=np.int64)
+    f = steps[0]
+    f[K.F_KIND], f[K.F_RECT], f[K.F_O], f[K.F_I] = K.CONV_T_POOLED, int(bool(rectify)), O, I
+    f[K.F_KH], f[K.F_KW], f[K.F_SH], f[K.F_SW], f[K.F_PH], f[K.F_PW] = kh, kw, sh, sw, ph, pw
+    f[K.F_IN_H], f[K.F_IN_W], f[K.F_OUT_H], f[K.F_OUT_W] = h, w, H, W
+    f[K.F_SWCOUNT], f[K.F_UH], f[K.F_UW] = h * w * O, Hu, Wu
+    # run each image as a "pair" whose plan is this one step, starting from y in its first plane
+    plane = max(h * w * O, H * W * I)
+    scratch = np.empty((B, 2, plane), dtype=np.float32)
+    scratch[:, 0, :h * w * O] = np.asarray(y, np.float32).transpose(0, 2, 3, 1).reshape(B, -1)
+    out = np.empty((B, I * H * W), dtype=np.float32)
+    K._fused_batch(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(0, 2, 3, 1)).ravel(),
+                   np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
+                   np.zeros((1, 1), np.float32), H, W, I, scratch, out)
+    return out.reshape(B, I, H, W)
