@@ -321,6 +321,7 @@ def _vmax(text):
 
 def cmd_explain(args) -> int:
     t0 = time.perf_counter()
+    backend = backend_name(args.backend)  # an unusable backend is refused before any work
     model = load_model(args)
     net = model.net
     classes = parse_classes(args, net)
@@ -348,7 +349,7 @@ def cmd_explain(args) -> int:
             raise ClearmapsError(f"{item.source} has label {item.label}; the network has classes "
                                  f"0 .. {net.num_classes - 1}.")
     trues = [true_all if true_all is not None else item.label for item in items]
-    say(f"backend: {backend_name(args.backend)}; classes: "
+    say(f"backend: {backend}; classes: "
         f"{'all ' + str(net.num_classes) if classes is None else classes}; rectify={args.rectify}, "
         f"reduce={args.reduce}, vmax={args.vmax or 'per image max'}")
     if not 0 <= args.binary_threshold < 1:
@@ -404,6 +405,7 @@ def figure3(rows: list, colours, names, scale: int, source: str) -> "render.Imag
 
 def cmd_demo(args) -> int:
     t0 = time.perf_counter()
+    backend = backend_name(args.backend)  # an unusable backend is refused before any work
     model = load_model(args)
     net = model.net
     out = prepare_out(args.out)
@@ -428,7 +430,7 @@ def cmd_demo(args) -> int:
     chosen = [p for p in picks if p[2] is not None]
     items = [Item(f"digit{d}-{kind}-heldout{int(pool_index[i]):04d}", f"built-in held-out #{int(pool_index[i])}",
                   images[i][None].astype(np.float64) / 255.0, int(labels[i])) for d, kind, i in chosen]
-    say(f"backend: {backend_name(args.backend)}; explaining {len(items)} examples (a correctly classified and, "
+    say(f"backend: {backend}; explaining {len(items)} examples (a correctly classified and, "
         "where one exists, a misclassified example of each digit)")
     pre = Preprocess()
     options = {"preprocess": pre, "rectify": args.rectify, "reduce": args.reduce, "vmax": None,
@@ -448,7 +450,7 @@ def cmd_demo(args) -> int:
                                    "heatmap": heatmap(resp, np.array([d]))[0]}
         if (p == d) != (kind == "correct"):
             say(f"warning: held-out #{int(pool_index[i])} is {'correct' if p == d else 'misclassified'} with the "
-                f"{backend_name(args.backend)} backend but was picked as {kind} by the float32 torch pass.")
+                f"{backend} backend but was picked as {kind} by the float32 torch pass.")
     rows = [(d, examples.get((d, "correct")), examples.get((d, "misclassified"))) for d in range(10)]
     colours = palette_rgb(palette)
     fig = figure3(rows, colours, net.class_names, args.scale or 4, source)
@@ -529,6 +531,7 @@ def table1(net: Network, pixels: np.ndarray, labels: np.ndarray, taus, backgroun
 
 def cmd_evaluate(args) -> int:
     t0 = time.perf_counter()
+    backend = backend_name(args.backend)  # an unusable backend is refused before any work
     model = load_model(args)
     net = model.net
     args._model_builtin = model.builtin
@@ -548,7 +551,7 @@ def cmd_evaluate(args) -> int:
     say(f"model: {model.description}")
     say(f"data: {source}, {len(labels)} images")
     say(pre.describe(net.input_shape[0], net.input_shape[1:]))
-    say(f"backend: {backend_name(args.backend)}; strong features: r(x|true) > tau * max r(x|true), tau = "
+    say(f"backend: {backend}; strong features: r(x|true) > tau * max r(x|true), tau = "
         f"{', '.join(str(t) for t in args.tau)}; fill = {args.background} (pixel units)")
     rows = table1(net, pixels, labels, args.tau, args.background, pre, args.backend, args.batch_size, args.quiet)
     header = ["tau", "n", "full", "only_strong", "without_strong", "strong_pixels_pct", "strong_on_bright_pct"]
@@ -560,7 +563,7 @@ def cmd_evaluate(args) -> int:
     render.save_text(out / "table1.csv", buf.getvalue())
     report = {"protocol": "Kumar, Wong & Taylor 2017, Section 4.3 / Table 1", "data": source,
               "model": model.description,
-              "backend": backend_name(args.backend), "background": args.background, "rows": rows,
+              "backend": backend, "background": args.background, "rows": rows,
               "bright_pixels_pct": 100 * float(np.mean(pixels.max(axis=1) > 0.5)),
               "paper_mnist_row": PAPER_TABLE1_MNIST,
               "note": "the paper's row is on the full MNIST test set with its own network and an unstated tau; "
