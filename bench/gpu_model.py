@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 
 from clearmaps.reference import Conv, MaxPool, ReLU
 

@@ -134,7 +134,7 @@ def main(argv=None):
     tools = _tools()
     _fake_device(cc)
     failed = 0
-    print(f"| kernel | registers | stack B | spill B | loop bodies (instructions, LDG, STG, FFMA) |\n|---|---|---|---|---|")
+    print("| kernel | registers | stack B | spill B | loop bodies (instructions, LDG, STG, FFMA) |\n|---|---|---|---|---|")
     for name, kernel, sig in kernels():
         if args.only not in name:
             continue
