@@ -102,9 +102,9 @@ def test_more_pool_sources(monkeypatch, direct):
         return Conv(rng.integers(-2, 3, (o, i, k, k)).astype(float), rng.integers(-1, 2, o).astype(float), s, p)
 
     net = Network([MaxPool(2, 2, 1), conv(2, 5), ReLU(), MaxPool(2, 3), MaxPool(2), conv(5, 3, 1, 1, 0)])
-    x = rng.integers(0, 3, size=(2, 2, 21, 20)).astype(np.float64)
+    x = rng.integers(0, 3, size=(1, 2, 21, 20)).astype(np.float64)
     assert net.layer_sizes((21, 20)) == [(21, 20), (11, 11), (11, 11), (11, 11), (4, 4), (2, 2), (2, 2)]
-    check_against_reference(net, x, np.array([[0, 2, 1], [1, 0, 2]]), integer=True)
+    check_against_reference(net, x, np.array([[0, 2, 1]]), integer=True)
 
 
 def test_a_foreign_trace_with_bad_switches_is_refused():
