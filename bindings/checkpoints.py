@@ -63,8 +63,11 @@ def _allcnn_mnist_layers() -> list:
                            "padding": 1})
             layers.append({"type": "relu", "name": f"features.{i + 1}"})
             i += 2
-    # ALL-CNN's 1x1 class conv, linear into global average pooling and the softmax (as in the paper)
+    # ALL-CNN-C's 1x1 class conv with its ReLU, then global average pooling into the softmax. The ReLU keeps
+    # z_L >= 0: a class the network rules out has z_L = 0 there and back-projects nothing, instead of a
+    # strongly negative map that rectification would turn into a strong response
     layers += [{"type": "conv", "name": "head", "in": 128, "out": 10, "kernel": 1},
+               {"type": "relu", "name": "head_relu"},
                {"type": "gap", "name": "pool"}]
     return layers
 

@@ -8,13 +8,12 @@ What it does, seeded end to end:
   * trains with Adam and a one-cycle learning rate, augmenting with random shifts of up to 2 pixels,
     for a fixed number of epochs; the recipe was chosen with ``--validate 500`` (500 of the 4,000
     training digits as a validation set), never on the held-out 1,000,
-  * adds ``--negative-penalty`` × mean(relu(−z_L)) to the loss. The preset's head conv feeds global average
-    pooling linearly (no ReLU), so without it z_L is negative on about half its positions, and the
-    deconvnet's rectification turns a strongly negative class map into a strong *positive* attentive
-    response: classes the network rules out then dominate the CLEAR map. The penalty keeps z_L >= 0 (as
-    ALL-CNN-C's ReLU after its class conv does) without changing the architecture; on the validation split
-    it left accuracy unchanged (97.8% both ways, 30 epochs) and raised the true class's share of the CLEAR
-    map's dominant response from 0.14 to 0.21,
+  * the preset ends, as ALL-CNN-C does, with a ReLU after its 1x1 class conv, so z_L >= 0: a class the
+    network rules out has z_L = 0 and back-projects nothing. (An earlier model without that ReLU had z_L
+    negative on half its positions, and the deconvnet's rectification turned those strongly negative maps
+    into strong responses: classes 8 and 4 dominated every CLEAR map. On the validation split, with
+    ``--validate 500``, the ReLU head scored 98.4% against 97.8%, and the true class's share of the CLEAR
+    map's dominant response rose from 0.14 to 0.30.)
   * measures the held-out accuracy once, with torch and again with clearmaps' NumPy reference after a
     round trip through the saved checkpoint (the two must agree),
   * writes bindings/data/allcnn-mnist.safetensors (clearmaps.save_checkpoint: the architecture travels in
@@ -79,7 +78,7 @@ def class_maps(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def dominance(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Share of the CLEAR map's total dominant response D that lies on pixels the true class dominates."""
     net = clearmaps.from_torch(module.eval(), class_names=[str(i) for i in range(10)], input_shape=(1, 28, 28))
-    e = clearmaps.explain(net, x.numpy(), backend="reference", keep_responses=False)
+    e = clearmaps.explain(net, np.ascontiguousarray(x.numpy()), backend="reference", keep_responses=False)
     d = np.maximum(e.dominant_response, 0)
     return float((d * (e.dominant_class == y.numpy()[:, None, None])).sum() / d.sum())
 
@@ -98,10 +97,6 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--max-shift", type=int, default=2, help="augmentation: random shift in pixels")
-    p.add_argument("--negative-penalty", type=float, default=1.0, metavar="LAMBDA",
-                   help="add LAMBDA * mean(relu(-z_L)) to the loss: keeps the class maps z_L non-negative, so "
-                        "each class's attentive response is evidence for it rather than the echo of a strongly "
-                        "negative map (see the module docstring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=ROOT / "bindings" / "data")
@@ -150,8 +145,6 @@ def main(argv=None) -> int:
             z = class_maps(module, xb)
             logits = z.mean(dim=(2, 3))  # what the module's global average pooling gives
             loss = loss_fn(logits, y_train[b])
-            if args.negative_penalty:
-                loss = loss + args.negative_penalty * torch.relu(-z).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -195,7 +188,6 @@ def main(argv=None) -> int:
             "train": int(len(train_idx)), "held_out": int(len(held_idx)), "seed": args.seed,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "weight_decay": args.weight_decay, "max_shift": args.max_shift,
-            "negative_penalty": args.negative_penalty,
             "held_out_share_of_negative_z_L": round(float((z < 0).float().mean()), 4),
             "held_out_clear_true_class_dominance": round(dominance(module, x_held[::10], y_held[::10]), 3),
             "preprocessing": "grayscale, 28x28, pixel / 255 in [0, 1], no mean/std",

@@ -62,18 +62,20 @@ def test_exact_gemm_is_float32_even_when_cupy_is_told_tf32(kc):
 
 
 def test_allcnn_mnist_against_the_reference(kc):
-    """The allcnn-mnist preset, batch 4, all ten classes: the float64 NumPy reference's responses to 1e-5,
-    dominant classes on decisive pixels, composite within a byte."""
+    """The built-in allcnn-mnist model on four held-out digits, all ten classes: the float64 NumPy
+    reference's responses to 1e-5, dominant classes on decisive pixels, composite within a byte."""
+    from clearmaps import builtin
     from clearmaps import reference as ref
 
-    net = _preset("allcnn-mnist")
-    x = np.random.default_rng(1).uniform(size=(4, 1, 28, 28))
+    net = builtin.load_model()
+    images, _ = builtin.heldout()
+    x = builtin.to_input(images[::250])
     classes = np.tile(np.arange(10), (4, 1))
     got = kc.clear_from_trace(net, kc.forward(net, x), classes)
     want = ref.clear_from_trace(net, ref.forward(net, x), classes)
     assert_close(got.responses, want.responses, RTOL_F32, "responses")
     mask = decisive(want.responses)
-    assert mask.mean() > 0.9
+    assert mask.mean() > 0.5  # the comparison is not vacuous: most pixels have a clear dominant class
     assert_equal(got.dominant_index[mask], want.dominant_index[mask], "dominant class")
     assert np.abs(got.rgb.astype(int) - want.rgb)[mask].max() <= 1
 
