@@ -289,7 +289,8 @@ def _write_result(res, H, W, C, reduce, out, p):
 def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, out):
     """out[p] = R(x_b | c) (reduced over channels unless reduce == REDUCE_NONE) for each pair p = (b, c).
 
-    z is z_L as (B*N, h*w); the HEAD step's F_O field holds N."""
+    z is z_L as (B*N, h*w); the HEAD step's F_O field holds N. A plan without a HEAD step starts from
+    whatever the caller put in scratch[w, 0] (then worker w must handle exactly pair w)."""
     nworkers = scratch.shape[0]
     P = pairs.shape[0]
     for wk in prange(nworkers):
@@ -362,12 +363,3 @@ def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out):
     for n in prange(N):
         _scatter_conv_t(y2[n], 0, h, w, O, False, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W)
 
-
-@njit(cache=True, parallel=True)
-def _fused_batch(steps, wt, sws, z, H, W, C, scratch, out):
-    """out[b] = the plan ``steps`` (no HEAD step) applied to scratch[b, 0], unreduced (C, H, W)."""
-    for b in prange(scratch.shape[0]):
-        buf0 = scratch[b, 0]
-        buf1 = scratch[b, 1]
-        cur = _run_pair(steps, wt, sws, z, b, 0, buf0, buf1)
-        _write_result(buf0 if cur == 0 else buf1, H, W, C, REDUCE_NONE, out, b)

@@ -527,12 +527,13 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     f[K.F_KH], f[K.F_KW], f[K.F_SH], f[K.F_SW], f[K.F_PH], f[K.F_PW] = kh, kw, sh, sw, ph, pw
     f[K.F_IN_H], f[K.F_IN_W], f[K.F_OUT_H], f[K.F_OUT_W] = h, w, H, W
     f[K.F_SWCOUNT], f[K.F_UH], f[K.F_UW] = h * w * O, Hu, Wu
-    # run each image as a "pair" whose plan is this one step, starting from y in its first plane
+    # each image is a "pair" with its own worker and scratch, whose plan is this one step starting from y
     plane = max(h * w * O, H * W * I)
     scratch = np.empty((B, 2, plane), dtype=np.float32)
     scratch[:, 0, :h * w * O] = np.asarray(y, np.float32).transpose(0, 2, 3, 1).reshape(B, -1)
     out = np.empty((B, I * H * W), dtype=np.float32)
-    K._fused_batch(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(0, 2, 3, 1)).ravel(),
-                   np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
-                   np.zeros((1, 1), np.float32), H, W, I, scratch, out)
+    pairs = np.stack([np.arange(B, dtype=np.int64), np.zeros(B, dtype=np.int64)], axis=1)
+    K._backproject_pairs(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(0, 2, 3, 1)).ravel(),
+                         np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
+                         np.zeros((1, 1), np.float32), pairs, H, W, I, K.REDUCE_NONE, scratch, out)
     return out.reshape(B, I, H, W)
