@@ -39,12 +39,12 @@ NFIELDS = 21
 REDUCE_NONE, REDUCE_SUM, REDUCE_MAX, REDUCE_NORM = 0, 1, 2, 3
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _im2col_nhwc(x, r0, r1, kh, kw, sh, sw, ph, pw, oh, ow, cols):
     """cols[r - r0, (ky*kw + kx)*C + c] = x[b, oy*sh - ph + ky, ox*sw - pw + kx, c] (0 outside), for the
     output pixels r = (b*oh + oy)*ow + ox in [r0, r1)."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
-    for r in prange(r0, r1):
+    for r in range(r0, r1):  # serial: it alternates with BLAS GEMMs, and two thread pools spinning fight
         b = r // (oh * ow)
         oy = (r // ow) % oh
         ox = r % ow
@@ -107,69 +107,99 @@ _FM = {"contract"}
 
 
 @njit(cache=True, fastmath=_FM)
-def _scatter_conv_t(src, soff, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
-    """dst[(H, W, I)] = conv_transpose(src[(h, w, O)] at soff) with wt[woff:] laid out (O, kh, kw, I).
-
-    Scatter form: each non-zero input value v at (y, x, o) adds v * weight[o, :, ky, kx] to output pixel
-    (y*sh - ph + ky, x*sw - pw + kx). After a ReLU most inputs are zero, and they cost one comparison.
-    ``rect`` rectifies the input on the fly (the deconvnet's ReLU rule). Rows are taken as 1-D views so
-    the length-I multiply-add vectorises (plain flat indexing does not: Numba's negative-index check
-    stays in the loop)."""
-    wt2 = wt[woff:woff + O * kh * kw * I].reshape(O * kh * kw, I)
-    dst2 = dst[:H * W * I].reshape(H * W, I)
-    dst2[:, :] = 0.0
-    for y in range(h):
-        for x in range(w):
-            sbase = soff + (y * w + x) * O
-            for o in range(O):
-                v = src[sbase + o]
-                if v == 0.0 or (rect and v < 0.0):
-                    continue
-                for ky in range(kh):
-                    oy = y * sh - ph + ky
-                    if oy < 0 or oy >= H:
-                        continue
-                    for kx in range(kw):
-                        ox = x * sw - pw + kx
-                        if ox < 0 or ox >= W:
-                            continue
-                        wr = wt2[(o * kh + ky) * kw + kx]
-                        dr = dst2[oy * W + ox]
-                        for i in range(I):
-                            dr[i] += v * wr[i]
+def _scatter_group(nzv, nzo, lo, hi, uy, ux, wt2, O, kh, kw, sh, sw, ph, pw, I, dst2, H, W):
+    """Scatter the non-zero inputs nzv[lo:hi] (channels nzo[lo:hi]), all at input pixel (uy, ux), through
+    every tap: output row (uy*sh - ph + ky, ux*sw - pw + kx) += Σ_t v_t · weight row (ky, kx, o_t).
+    Four inputs per pass over the output row: one load and store of it per four multiply-adds."""
+    n_i = np.uint64(I)  # an unsigned index: Numba then adds no negative-index check and the loop vectorises
+    for ky in range(kh):
+        oy = uy * sh - ph + ky
+        if oy < 0 or oy >= H:
+            continue
+        for kx in range(kw):
+            ox = ux * sw - pw + kx
+            if ox < 0 or ox >= W:
+                continue
+            dr = dst2[oy * W + ox]
+            tap = (ky * kw + kx) * O
+            t = lo
+            while t + 3 < hi:
+                va, vb, vc, vd = nzv[t], nzv[t + 1], nzv[t + 2], nzv[t + 3]
+                wa, wb = wt2[tap + nzo[t]], wt2[tap + nzo[t + 1]]
+                wc, wd = wt2[tap + nzo[t + 2]], wt2[tap + nzo[t + 3]]
+                for i in range(n_i):
+                    dr[i] += va * wa[i] + vb * wb[i] + vc * wc[i] + vd * wd[i]
+                t += 4
+            while t < hi:
+                va = nzv[t]
+                wa = wt2[tap + nzo[t]]
+                for i in range(n_i):
+                    dr[i] += va * wa[i]
+                t += 1
 
 
 @njit(cache=True, fastmath=_FM)
-def _scatter_unpool_conv_t(src, h, w, O, rect, sws, swoff, Wu, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
-    """Unpool + rectify + transposed conv in one pass: each pooled value v at (y, x, o) sits, in the
-    unpooled plane (of width Wu), at its switch; the transposed conv scatters it from there. Exact when
-    no two windows share a switch, or when ``rect`` is off (both steps are then linear); the planner
-    materialises the unpooled plane for overlapping pools followed by a rectification."""
-    wt2 = wt[woff:woff + O * kh * kw * I].reshape(O * kh * kw, I)
+def _scatter_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, nzv, nzo):
+    """dst[(H, W, I)] = conv_transpose(src[(h, w, O)]) with wt[woff:] laid out (kh, kw, O, I).
+
+    Scatter form: each non-zero input value v at (y, x, o) adds v * weight[o, :, ky, kx] to output pixel
+    (y*sh - ph + ky, x*sw - pw + kx). After a ReLU about half the inputs are zero: each pixel's non-zero
+    channels are gathered first (nzv, nzo) and only they are multiplied. ``rect`` rectifies on the fly."""
+    wt2 = wt[woff:woff + kh * kw * O * I].reshape(kh * kw * O, I)
     dst2 = dst[:H * W * I].reshape(H * W, I)
     dst2[:, :] = 0.0
     for y in range(h):
         for x in range(w):
             sbase = (y * w + x) * O
+            n = 0
             for o in range(O):
                 v = src[sbase + o]
                 if v == 0.0 or (rect and v < 0.0):
                     continue
-                pos = sws[swoff + sbase + o]
+                nzv[n] = v
+                nzo[n] = o
+                n += 1
+            if n:
+                _scatter_group(nzv, nzo, 0, n, y, x, wt2, O, kh, kw, sh, sw, ph, pw, I, dst2, H, W)
+
+
+@njit(cache=True, fastmath=_FM)
+def _scatter_unpool_conv_t(src, h, w, O, rect, sws, swoff, Wu, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W,
+                           nzv, nzo, nzp):
+    """Unpool + rectify + transposed conv in one pass: each pooled value v at (y, x, o) sits, in the
+    unpooled plane (of width Wu), at its switch; the transposed conv scatters it from there, so the
+    unpooled plane is never built. A window's non-zero channels are grouped by switch (at most one group
+    per window position) and each group goes through the taps together. Exact when no two windows share
+    a switch, or when ``rect`` is off (both steps are then linear); the planner materialises the unpooled
+    plane for overlapping pools followed by a rectification."""
+    wt2 = wt[woff:woff + kh * kw * O * I].reshape(kh * kw * O, I)
+    dst2 = dst[:H * W * I].reshape(H * W, I)
+    dst2[:, :] = 0.0
+    for y in range(h):
+        for x in range(w):
+            sbase = (y * w + x) * O
+            n = 0
+            for o in range(O):
+                v = src[sbase + o]
+                if v == 0.0 or (rect and v < 0.0):
+                    continue
+                nzv[n] = v
+                nzo[n] = o
+                nzp[n] = sws[swoff + sbase + o]
+                n += 1
+            lo = 0
+            while lo < n:  # partition: the entries at nzp[lo]'s switch move to lo .. hi-1
+                pos = nzp[lo]
+                hi = lo + 1
+                for t in range(lo + 1, n):
+                    if nzp[t] == pos:
+                        nzv[hi], nzv[t] = nzv[t], nzv[hi]
+                        nzo[hi], nzo[t] = nzo[t], nzo[hi]
+                        nzp[hi], nzp[t] = nzp[t], nzp[hi]
+                        hi += 1
                 uy = pos // Wu
-                ux = pos - uy * Wu
-                for ky in range(kh):
-                    oy = uy * sh - ph + ky
-                    if oy < 0 or oy >= H:
-                        continue
-                    for kx in range(kw):
-                        ox = ux * sw - pw + kx
-                        if ox < 0 or ox >= W:
-                            continue
-                        wr = wt2[(o * kh + ky) * kw + kx]
-                        dr = dst2[oy * W + ox]
-                        for i in range(I):
-                            dr[i] += v * wr[i]
+                _scatter_group(nzv, nzo, lo, hi, uy, pos - uy * Wu, wt2, O, kh, kw, sh, sw, ph, pw, I, dst2, H, W)
+                lo = hi
 
 
 @njit(cache=True, fastmath={"contract", "reassoc"})
@@ -217,7 +247,7 @@ def _unpool_plane(src, h, w, C, rect, sws, swoff, Hu, Wu, dst):
 
 
 @njit(cache=True)
-def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1):
+def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, nzv, nzo, nzp):
     """The back-projection of one (image b, class cls) signal; returns which buffer holds the result."""
     cur = 0
     for s in range(steps.shape[0]):
@@ -228,9 +258,9 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1):
         if kind == HEAD:
             # G_L^c z_L: z_L[b, c] as a one-channel plane through kernel c of the head
             kk = st[F_KH] * st[F_KW] * st[F_I]
-            _scatter_conv_t(z[b * st[F_O] + cls], 0, st[F_IN_H], st[F_IN_W], 1, False, wt, st[F_WOFF] + cls * kk,
+            _scatter_conv_t(z[b * st[F_O] + cls], st[F_IN_H], st[F_IN_W], 1, False, wt, st[F_WOFF] + cls * kk,
                             st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
-                            buf0, st[F_OUT_H], st[F_OUT_W])
+                            buf0, st[F_OUT_H], st[F_OUT_W], nzv, nzo)
             cur = 0
             continue
         if kind == RECTIFY:
@@ -239,9 +269,9 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1):
                     src[j] = 0.0
             continue
         if kind == CONV_T:
-            _scatter_conv_t(src, 0, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF],
+            _scatter_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF],
                             st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
-                            dst, st[F_OUT_H], st[F_OUT_W])
+                            dst, st[F_OUT_H], st[F_OUT_W], nzv, nzo)
         elif kind == CONV_T_GATHER:
             _gather_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF_GATHER],
                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
@@ -250,7 +280,7 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1):
             _scatter_unpool_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws,
                                    st[F_SWOFF] + b * st[F_SWCOUNT], st[F_UW], wt, st[F_WOFF], st[F_KH],
                                    st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst,
-                                   st[F_OUT_H], st[F_OUT_W])
+                                   st[F_OUT_H], st[F_OUT_W], nzv, nzo, nzp)
         else:  # UNPOOL
             _unpool_plane(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws,
                           st[F_SWOFF] + b * st[F_SWCOUNT], st[F_UH], st[F_UW], dst)
@@ -286,7 +316,7 @@ def _write_result(res, H, W, C, reduce, out, p):
 
 
 @njit(cache=True, parallel=True)
-def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, out):
+def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, nzf, nzi, out):
     """out[p] = R(x_b | c) (reduced over channels unless reduce == REDUCE_NONE) for each pair p = (b, c).
 
     z is z_L as (B*N, h*w); the HEAD step's F_O field holds N. A plan without a HEAD step starts from
@@ -297,7 +327,8 @@ def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, out):
         buf0 = scratch[wk, 0]
         buf1 = scratch[wk, 1]
         for p in range(wk, P, nworkers):
-            cur = _run_pair(steps, wt, sws, z, pairs[p, 0], pairs[p, 1], buf0, buf1)
+            cur = _run_pair(steps, wt, sws, z, pairs[p, 0], pairs[p, 1], buf0, buf1, nzf[wk], nzi[wk, 0],
+                            nzi[wk, 1])
             _write_result(buf0 if cur == 0 else buf1, H, W, C, reduce, out, p)
 
 
@@ -354,12 +385,13 @@ def _compose_rgb(index, response, hues, level, rgb):
 
 
 @njit(cache=True, parallel=True)
-def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out):
-    """Transposed conv of a batch: y (N, h, w, O) channel-last, wt (O, kh, kw, I) flat, out (N, H, W, I)."""
+def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out, nzf, nzi):
+    """Transposed conv of a batch: y (N, h, w, O) channel-last, wt (kh, kw, O, I) flat, out (N, H, W, I);
+    nzf (N, O) / nzi (N, O) are the non-zero lists of each image's task."""
     N, h, w, O = y.shape
     H, W = out.shape[1], out.shape[2]
     y2 = y.reshape(N, h * w * O)
     out2 = out.reshape(N, H * W * I)
     for n in prange(N):
-        _scatter_conv_t(y2[n], 0, h, w, O, False, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W)
+        _scatter_conv_t(y2[n], h, w, O, False, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W, nzf[n], nzi[n])
 

@@ -39,7 +39,7 @@ __all__ = [
     "unpool_conv_transpose2d",
 ]
 
-_IM2COL_FLOATS = 1 << 21       # an im2col block holds at most this many floats (8 MiB)
+_IM2COL_FLOATS = 1 << 23       # an im2col block holds at most this many floats (32 MiB)
 _CHUNK_BYTES = 8 << 20         # keep_responses=False: a chunk's reduced maps take at most this
 _GATHER_BELOW = 8             # transposed convs to fewer channels than this use the gather form
 _REDUCE = {"sum": K.REDUCE_SUM, "max": K.REDUCE_MAX, "norm": K.REDUCE_NORM}
@@ -63,7 +63,8 @@ class _Prepared:
 
     def __init__(self, net: Network):
         self.gemm = {}      # conv i → (kh*kw*I, O) float32 GEMM matrix and (O,) bias
-        self.offset = {}    # conv i → offset of its (O, kh, kw, I) weights in ``flat`` (the scatter layout)
+        self.offset = {}    # conv i → offset of its scatter-layout weights in ``flat``: (kh, kw, O, I), and
+                            # for the head (N, kh, kw, I): kernel c's block is a (kh, kw, 1, I) layer
         self.gather = {}    # conv i with few input channels → offset of its (I, kh, kw, O) weights
         parts, total = [], 0
         for i, layer in enumerate(net.layers):
@@ -72,7 +73,8 @@ class _Prepared:
                 o = w.shape[0]
                 self.gemm[i] = (np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, o)),
                                 np.asarray(layer.bias, dtype=np.float32))
-                parts.append(np.ascontiguousarray(w.transpose(0, 2, 3, 1)).ravel())
+                layout = (0, 2, 3, 1) if i == net.head_index else (2, 3, 0, 1)
+                parts.append(np.ascontiguousarray(w.transpose(*layout)).ravel())
                 self.offset[i] = total
                 total += parts[-1].size
                 if w.shape[1] < _GATHER_BELOW:
@@ -161,6 +163,7 @@ class _Plan:
         for layer in net.layers:
             channels.append(layer.out_channels if isinstance(layer, Conv) else channels[-1])
         self.max_plane = max(int(np.prod(s)) * c for s, c in zip(sizes, channels))
+        self.max_channels = max(channels)
         self.pools = {}  # pool layer → (offset in the switch array, per-image count)
         rows = []
 
@@ -283,11 +286,13 @@ class _Job:
                                self.classes.reshape(-1)], axis=1)
         self.nworkers = max(1, min(numba.get_num_threads(), len(self.pairs)))
         self.scratch = np.empty((self.nworkers, 2, self.plan.max_plane), dtype=np.float32)
+        self.nzf = np.empty((self.nworkers, self.plan.max_channels), dtype=np.float32)
+        self.nzi = np.empty((self.nworkers, 2, self.plan.max_channels), dtype=np.int64)
 
     def run(self, lo, hi, reduce_code, out):
         """out[:hi-lo] ← the maps of pairs lo..hi-1."""
         K._backproject_pairs(self.steps, self.plan.weights, self.switches, self.z, self.pairs[lo:hi],
-                             self.H, self.W, self.C, reduce_code, self.scratch, out)
+                             self.H, self.W, self.C, reduce_code, self.scratch, self.nzf, self.nzi, out)
 
 
 def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) -> np.ndarray:
@@ -440,8 +445,8 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     H, W = _transpose_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
     out = np.empty((B, H, W, I), dtype=np.float32)
     K._conv_t_batch(np.ascontiguousarray(y.transpose(0, 2, 3, 1), dtype=np.float32),
-                    np.ascontiguousarray(np.asarray(weight, np.float32).transpose(0, 2, 3, 1)).ravel(),
-                    kh, kw, sh, sw, ph, pw, I, out)
+                    np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
+                    kh, kw, sh, sw, ph, pw, I, out, np.empty((B, O), np.float32), np.empty((B, O), np.int64))
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
@@ -533,7 +538,8 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     scratch[:, 0, :h * w * O] = np.asarray(y, np.float32).transpose(0, 2, 3, 1).reshape(B, -1)
     out = np.empty((B, I * H * W), dtype=np.float32)
     pairs = np.stack([np.arange(B, dtype=np.int64), np.zeros(B, dtype=np.int64)], axis=1)
-    K._backproject_pairs(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(0, 2, 3, 1)).ravel(),
+    K._backproject_pairs(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
                          np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
-                         np.zeros((1, 1), np.float32), pairs, H, W, I, K.REDUCE_NONE, scratch, out)
+                         np.zeros((1, 1), np.float32), pairs, H, W, I, K.REDUCE_NONE, scratch,
+                         np.empty((B, O), np.float32), np.empty((B, 2, O), np.int64), out)
     return out.reshape(B, I, H, W)
