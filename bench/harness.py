@@ -10,6 +10,7 @@ A **method** is registered once (in ``bench/methods_cpu.py``, ``bench/methods_cu
     sync()           optional: wait for the device, called after each run() under the wall-clock timer
     timer(fn, n)     optional: a custom timer returning n times in seconds (e.g. :func:`cuda_event_timer`)
     memory()         optional: peak memory figures (bytes) of a composite-only run and of an all-K-maps run
+    extra()          optional: other figures for the JSON and the log (e.g. cold compile time)
 
 The first run() is timed apart ("first call": Numba compilation, cuDNN autotuning, lazy init), then
 ``warmup`` more runs, then ``repeats`` timed runs of which the median is reported.
@@ -46,6 +47,7 @@ class Prepared:
     sync: Callable[[], None] | None = None
     timer: Callable[[Callable[[], Any], int], list] | None = None
     memory: Callable[[], dict] | None = None
+    extra: Callable[[], dict] | None = None
     notes: str = ""
 
 
@@ -122,6 +124,7 @@ class Result:
     median_s: float | None = None
     check: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
     notes: str = ""
 
     def per_image_ms(self, batch):
@@ -184,6 +187,8 @@ def run_method(method: Method, case, oracle: Output, repeats: int, warmup: int, 
         res.median_s = statistics.median(res.times_s)
         if prepared.memory:
             res.memory = prepared.memory()
+        if prepared.extra:
+            res.extra = prepared.extra()
     except Exception as exc:  # one broken method must not hide the others' results
         res.status, res.why = "error", f"{type(exc).__name__}: {exc}"
         log(traceback.format_exc())

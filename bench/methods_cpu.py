@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import tracemalloc
 
 import numpy as np
@@ -58,7 +59,28 @@ def _setup_cpu(case) -> Prepared:
         out["all_maps_array_bytes"] = int(4 * case.num_maps * case.x.shape[0] * np.prod(case.x.shape[2:]))
         return out
 
-    return Prepared(run, check, memory=memory, notes="float32, keep_responses=False")
+    def extra():
+        return {"numba_compile_cold_s": cold_compile_seconds(case.spec.arch, case.x.shape[1:])}
+
+    return Prepared(run, check, memory=memory, extra=extra, notes="float32, keep_responses=False")
+
+
+def cold_compile_seconds(arch, shape) -> float:
+    """Seconds of a first explain(backend="cpu") call on one image in a fresh process with an empty Numba
+    cache: the compile time a new install (or CI) pays once; cache=True then loads it in well under that."""
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import time, numpy as np, clearmaps, clearmaps.kernels.cpu\n"
+            f"net = clearmaps.from_torch(clearmaps.build_module({arch!r}), input_shape={tuple(shape)!r}, check=False)\n"
+            f"x = np.zeros((1,) + {tuple(shape)!r}, np.float32)\n"
+            "t0 = time.perf_counter(); clearmaps.explain(net, x, backend='cpu', keep_responses=False)\n"
+            "print(time.perf_counter() - t0)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 register(Method("cpu", "cpu", _setup_cpu, "clearmaps backend='cpu' (Numba, float32)", available=_cpu_available))

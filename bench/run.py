@@ -127,6 +127,8 @@ def main(argv=None):
                       f"({r.per_image_ms(case.batch):.3f} ms/image); check {r.check}")
             else:
                 print(f"    {r.status}: {r.why}; check {r.check}")
+            if r.extra:
+                print(f"    {r.extra}")
             if r.memory:
                 print(f"    peak memory: composite only {fmt_bytes(r.memory.get('composite_only_bytes'))}, "
                       f"all K maps {fmt_bytes(r.memory.get('all_maps_bytes'))} ({r.memory.get('how')})")

@@ -7,12 +7,18 @@ _im2col_nhwc        the patches of a convolution, one row per output pixel (the 
 _max_pool_nhwc      max pooling with switches: flat index row*W+col into the input plane of each window's
                     first maximum in row-major window order (strict '>': torch's tie rule)
 _unpool_nchw        switch unpooling, values *added* at the switches
-_conv_t_batch       transposed convolution of a batch, as a scatter that skips zero inputs
+_csr_dense          a plane's non-zero (rectified) entries as compressed sparse rows, pixel by pixel
+_csr_pooled         the same for an UNPOOLED plane, built through the switches: each pooled value goes to its
+                    switch's row, so the mostly-zero unpooled plane is never built
+_gather_csr_conv_t  transposed convolution of sparse rows: each output pixel sums value × weight row over the
+                    non-zero inputs that reach it (zeros cost nothing); _csr_pooled + this = the fused
+                    unpool + rectify + transposed conv
+_few_channels_conv_t  the transposed conv into 1–7 channels (the image's), as dot products over the inputs
+_conv_t_batch       transposed convolution of a batch (the public conv_transpose2d)
 _backproject_pairs  the whole back-projection of a set of (image, class) signals: for every pair, the head's
                     kernel c transposes z_L[b, c], then the planned steps run (rectify, unpool, transposed
-                    conv; unpool + rectify + transposed conv FUSED: each pooled value is scattered from its
-                    switch straight into the transposed conv's output, so the mostly-zero unpooled plane is
-                    never built nor convolved), and the result is written channel-reduced or whole
+                    conv, fused unpool + rectify + transposed conv), and the result is written
+                    channel-reduced or whole
 _merge_dominant     running argmax / max over classes of a chunk of channel-reduced maps
 _compose_rgb        Eq. 6: hue of the dominant class, V = normalised D, HSV → RGB bytes (float64, the same
                     operations in the same order as ``colorsys``/``clearmaps.reference.hsv_to_rgb``)
@@ -32,9 +38,9 @@ import numpy as np
 from numba import njit, prange
 
 # the steps of the back-projection plan (one row of int64 fields each; see cpu._plan)
-HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_GATHER = 0, 1, 2, 3, 4, 5
+HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_FEW = range(6)
 (F_KIND, F_RECT, F_WOFF, F_O, F_I, F_KH, F_KW, F_SH, F_SW, F_PH, F_PW, F_IN_H, F_IN_W, F_OUT_H, F_OUT_W,
- F_SWOFF, F_SWCOUNT, F_UH, F_UW, F_SIZE, F_WOFF_GATHER) = range(21)
+ F_SWOFF, F_SWCOUNT, F_UH, F_UW, F_SIZE, F_WOFF_FEW) = range(21)
 NFIELDS = 21
 REDUCE_NONE, REDUCE_SUM, REDUCE_MAX, REDUCE_NORM = 0, 1, 2, 3
 
@@ -106,107 +112,11 @@ def _unpool_nchw(y, switches, out):
 _FM = {"contract"}
 
 
-@njit(cache=True, fastmath=_FM)
-def _scatter_group(nzv, nzo, lo, hi, uy, ux, wt2, O, kh, kw, sh, sw, ph, pw, I, dst2, H, W):
-    """Scatter the non-zero inputs nzv[lo:hi] (channels nzo[lo:hi]), all at input pixel (uy, ux), through
-    every tap: output row (uy*sh - ph + ky, ux*sw - pw + kx) += Σ_t v_t · weight row (ky, kx, o_t).
-    Four inputs per pass over the output row: one load and store of it per four multiply-adds."""
-    n_i = np.uint64(I)  # an unsigned index: Numba then adds no negative-index check and the loop vectorises
-    for ky in range(kh):
-        oy = uy * sh - ph + ky
-        if oy < 0 or oy >= H:
-            continue
-        for kx in range(kw):
-            ox = ux * sw - pw + kx
-            if ox < 0 or ox >= W:
-                continue
-            dr = dst2[oy * W + ox]
-            tap = (ky * kw + kx) * O
-            t = lo
-            while t + 3 < hi:
-                va, vb, vc, vd = nzv[t], nzv[t + 1], nzv[t + 2], nzv[t + 3]
-                wa, wb = wt2[tap + nzo[t]], wt2[tap + nzo[t + 1]]
-                wc, wd = wt2[tap + nzo[t + 2]], wt2[tap + nzo[t + 3]]
-                for i in range(n_i):
-                    dr[i] += va * wa[i] + vb * wb[i] + vc * wc[i] + vd * wd[i]
-                t += 4
-            while t < hi:
-                va = nzv[t]
-                wa = wt2[tap + nzo[t]]
-                for i in range(n_i):
-                    dr[i] += va * wa[i]
-                t += 1
-
-
-@njit(cache=True, fastmath=_FM)
-def _scatter_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, nzv, nzo):
-    """dst[(H, W, I)] = conv_transpose(src[(h, w, O)]) with wt[woff:] laid out (kh, kw, O, I).
-
-    Scatter form: each non-zero input value v at (y, x, o) adds v * weight[o, :, ky, kx] to output pixel
-    (y*sh - ph + ky, x*sw - pw + kx). After a ReLU about half the inputs are zero: each pixel's non-zero
-    channels are gathered first (nzv, nzo) and only they are multiplied. ``rect`` rectifies on the fly."""
-    wt2 = wt[woff:woff + kh * kw * O * I].reshape(kh * kw * O, I)
-    dst2 = dst[:H * W * I].reshape(H * W, I)
-    dst2[:, :] = 0.0
-    for y in range(h):
-        for x in range(w):
-            sbase = (y * w + x) * O
-            n = 0
-            for o in range(O):
-                v = src[sbase + o]
-                if v == 0.0 or (rect and v < 0.0):
-                    continue
-                nzv[n] = v
-                nzo[n] = o
-                n += 1
-            if n:
-                _scatter_group(nzv, nzo, 0, n, y, x, wt2, O, kh, kw, sh, sw, ph, pw, I, dst2, H, W)
-
-
-@njit(cache=True, fastmath=_FM)
-def _scatter_unpool_conv_t(src, h, w, O, rect, sws, swoff, Wu, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W,
-                           nzv, nzo, nzp):
-    """Unpool + rectify + transposed conv in one pass: each pooled value v at (y, x, o) sits, in the
-    unpooled plane (of width Wu), at its switch; the transposed conv scatters it from there, so the
-    unpooled plane is never built. A window's non-zero channels are grouped by switch (at most one group
-    per window position) and each group goes through the taps together. Exact when no two windows share
-    a switch, or when ``rect`` is off (both steps are then linear); the planner materialises the unpooled
-    plane for overlapping pools followed by a rectification."""
-    wt2 = wt[woff:woff + kh * kw * O * I].reshape(kh * kw * O, I)
-    dst2 = dst[:H * W * I].reshape(H * W, I)
-    dst2[:, :] = 0.0
-    for y in range(h):
-        for x in range(w):
-            sbase = (y * w + x) * O
-            n = 0
-            for o in range(O):
-                v = src[sbase + o]
-                if v == 0.0 or (rect and v < 0.0):
-                    continue
-                nzv[n] = v
-                nzo[n] = o
-                nzp[n] = sws[swoff + sbase + o]
-                n += 1
-            lo = 0
-            while lo < n:  # partition: the entries at nzp[lo]'s switch move to lo .. hi-1
-                pos = nzp[lo]
-                hi = lo + 1
-                for t in range(lo + 1, n):
-                    if nzp[t] == pos:
-                        nzv[hi], nzv[t] = nzv[t], nzv[hi]
-                        nzo[hi], nzo[t] = nzo[t], nzo[hi]
-                        nzp[hi], nzp[t] = nzp[t], nzp[hi]
-                        hi += 1
-                uy = pos // Wu
-                _scatter_group(nzv, nzo, lo, hi, uy, pos - uy * Wu, wt2, O, kh, kw, sh, sw, ph, pw, I, dst2, H, W)
-                lo = hi
-
-
 @njit(cache=True, fastmath={"contract", "reassoc"})
-def _gather_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
-    """The same transposed conv in gather form, for few output channels (the first layer: 1–3 image
-    channels), where a length-I scatter row cannot vectorise: each output value is a dot product over the
-    O input channels, contiguous in src and in wt[woff:] laid out (I, kh, kw, O). 'reassoc' lets LLVM
+def _few_channels_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
+    """The transposed conv for few output channels (the first layer: 1–3 image channels), where a length-I
+    output row is too short to vectorise: each output value is a dot product over the O input channels,
+    contiguous in the dense src (h, w, O) and in wt[woff:] laid out (I, kh, kw, O). 'reassoc' lets LLVM
     vectorise those sums."""
     wt2 = wt[woff:woff + I * kh * kw * O].reshape(I * kh * kw, O)
     src2 = src[:h * w * O].reshape(h * w, O)
@@ -247,8 +157,103 @@ def _unpool_plane(src, h, w, C, rect, sws, swoff, Hu, Wu, dst):
 
 
 @njit(cache=True)
-def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, nzv, nzo, nzp):
-    """The back-projection of one (image b, class cls) signal; returns which buffer holds the result."""
+def _csr_dense(src, h, w, O, rect, vals, chans, start):
+    """The non-zero (rectified when ``rect``) entries of a dense (h, w, O) plane, pixel by pixel: pixel p's
+    values are vals[start[p]:start[p+1]], their channels chans[...] (compressed sparse rows)."""
+    n = 0
+    for p in range(h * w):
+        start[p] = n
+        base = p * O
+        for o in range(O):
+            v = src[base + o]
+            if v == 0.0 or (rect and v < 0.0):
+                continue
+            vals[n] = v
+            chans[n] = o
+            n += 1
+    start[h * w] = n
+
+
+@njit(cache=True)
+def _csr_pooled(src, h, w, O, rect, sws, swoff, Hu, Wu, vals, chans, start, cursor):
+    """The unpooled plane (Hu, Wu, O) in compressed sparse rows, built through the switches: each non-zero
+    pooled value goes to its switch's row. The dense unpooled plane (mostly zeros) is never built."""
+    npix = Hu * Wu
+    for p in range(npix + 1):
+        start[p] = 0
+    for t in range(h * w * O):
+        v = src[t]
+        if v == 0.0 or (rect and v < 0.0):
+            continue
+        start[sws[swoff + t] + 1] += 1
+    for p in range(npix):
+        start[p + 1] += start[p]
+        cursor[p] = start[p]
+    for t in range(h * w * O):
+        v = src[t]
+        if v == 0.0 or (rect and v < 0.0):
+            continue
+        p = sws[swoff + t]
+        k = cursor[p]
+        vals[k] = v
+        chans[k] = t % O
+        cursor[p] = k + 1
+
+
+@njit(cache=True, fastmath=_FM)
+def _gather_csr_conv_t(vals, chans, start, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, lv, lw):
+    """dst[(H, W, I)] = conv_transpose of the sparse input (vals, chans, start) of size (h, w, O), with
+    wt[woff:] laid out (kh, kw, O, I). Gather form: output pixel (oy, ox) lists every non-zero input that
+    reaches it through some tap, (value, weight row offset) in lv / lw, then sums value × row over that
+    list eight at a time, so its output row is loaded and stored once per eight multiply-adds.
+
+    Indexing is flat with unsigned offsets: no negative-index checks, so the row loop vectorises, and no
+    row views, whose reference counting (atomic, on arrays shared by all workers) would serialise threads."""
+    n_i = np.uint64(I)
+    for oy in range(H):
+        for ox in range(W):
+            n = 0
+            for ky in range(kh):
+                ty = oy + ph - ky
+                if ty < 0 or ty % sh != 0 or ty // sh >= h:
+                    continue
+                for kx in range(kw):
+                    tx = ox + pw - kx
+                    if tx < 0 or tx % sw != 0 or tx // sw >= w:
+                        continue
+                    p = (ty // sh) * w + tx // sw
+                    tap = (ky * kw + kx) * O
+                    for k in range(start[p], start[p + 1]):
+                        lv[n] = vals[k]
+                        lw[n] = woff + (tap + chans[k]) * I
+                        n += 1
+            d = np.uint64((oy * W + ox) * I)
+            for i in range(n_i):
+                dst[d + i] = 0.0
+            t = 0
+            while t + 7 < n:
+                va, vb, vc, vd = lv[t], lv[t + 1], lv[t + 2], lv[t + 3]
+                ve, vf, vg, vh = lv[t + 4], lv[t + 5], lv[t + 6], lv[t + 7]
+                a, b, c, e = np.uint64(lw[t]), np.uint64(lw[t + 1]), np.uint64(lw[t + 2]), np.uint64(lw[t + 3])
+                f, g, q, r = np.uint64(lw[t + 4]), np.uint64(lw[t + 5]), np.uint64(lw[t + 6]), np.uint64(lw[t + 7])
+                for i in range(n_i):
+                    dst[d + i] += (va * wt[a + i] + vb * wt[b + i] + vc * wt[c + i] + vd * wt[e + i]
+                                   + ve * wt[f + i] + vf * wt[g + i] + vg * wt[q + i] + vh * wt[r + i])
+                t += 8
+            while t < n:
+                va = lv[t]
+                a = np.uint64(lw[t])
+                for i in range(n_i):
+                    dst[d + i] += va * wt[a + i]
+                t += 1
+
+
+@njit(cache=True)
+def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
+    """The back-projection of one (image b, class cls) signal; returns which buffer holds the result.
+    wsf (2, L) float32 and wsi (4, L) int64 are the worker's sparse-row and list buffers."""
+    vals, lv = wsf[0], wsf[1]
+    chans, start, cursor, lw = wsi[0], wsi[1], wsi[2], wsi[3]
     cur = 0
     for s in range(steps.shape[0]):
         st = steps[s]
@@ -258,9 +263,10 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, nzv, nzo, nzp):
         if kind == HEAD:
             # G_L^c z_L: z_L[b, c] as a one-channel plane through kernel c of the head
             kk = st[F_KH] * st[F_KW] * st[F_I]
-            _scatter_conv_t(z[b * st[F_O] + cls], st[F_IN_H], st[F_IN_W], 1, False, wt, st[F_WOFF] + cls * kk,
-                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
-                            buf0, st[F_OUT_H], st[F_OUT_W], nzv, nzo)
+            _csr_dense(z[b * st[F_O] + cls], st[F_IN_H], st[F_IN_W], 1, False, vals, chans, start)
+            _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 1, wt, st[F_WOFF] + cls * kk, st[F_KH],
+                               st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
+                               st[F_OUT_W], lv, lw)
             cur = 0
             continue
         if kind == RECTIFY:
@@ -269,18 +275,20 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, nzv, nzo, nzp):
                     src[j] = 0.0
             continue
         if kind == CONV_T:
-            _scatter_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF],
-                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
-                            dst, st[F_OUT_H], st[F_OUT_W], nzv, nzo)
-        elif kind == CONV_T_GATHER:
-            _gather_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF_GATHER],
+            _csr_dense(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, vals, chans, start)
+            _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], st[F_O], wt, st[F_WOFF], st[F_KH],
+                               st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
+                               st[F_OUT_W], lv, lw)
+        elif kind == CONV_T_FEW:
+            _few_channels_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF_FEW],
                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
                            dst, st[F_OUT_H], st[F_OUT_W])
         elif kind == CONV_T_POOLED:
-            _scatter_unpool_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws,
-                                   st[F_SWOFF] + b * st[F_SWCOUNT], st[F_UW], wt, st[F_WOFF], st[F_KH],
-                                   st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst,
-                                   st[F_OUT_H], st[F_OUT_W], nzv, nzo, nzp)
+            _csr_pooled(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws, st[F_SWOFF] + b * st[F_SWCOUNT],
+                        st[F_UH], st[F_UW], vals, chans, start, cursor)
+            _gather_csr_conv_t(vals, chans, start, st[F_UH], st[F_UW], st[F_O], wt, st[F_WOFF], st[F_KH],
+                               st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
+                               st[F_OUT_W], lv, lw)
         else:  # UNPOOL
             _unpool_plane(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws,
                           st[F_SWOFF] + b * st[F_SWCOUNT], st[F_UH], st[F_UW], dst)
@@ -316,7 +324,7 @@ def _write_result(res, H, W, C, reduce, out, p):
 
 
 @njit(cache=True, parallel=True)
-def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, nzf, nzi, out):
+def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, wsf, wsi, out):
     """out[p] = R(x_b | c) (reduced over channels unless reduce == REDUCE_NONE) for each pair p = (b, c).
 
     z is z_L as (B*N, h*w); the HEAD step's F_O field holds N. A plan without a HEAD step starts from
@@ -327,8 +335,7 @@ def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, nzf, 
         buf0 = scratch[wk, 0]
         buf1 = scratch[wk, 1]
         for p in range(wk, P, nworkers):
-            cur = _run_pair(steps, wt, sws, z, pairs[p, 0], pairs[p, 1], buf0, buf1, nzf[wk], nzi[wk, 0],
-                            nzi[wk, 1])
+            cur = _run_pair(steps, wt, sws, z, pairs[p, 0], pairs[p, 1], buf0, buf1, wsf[wk], wsi[wk])
             _write_result(buf0 if cur == 0 else buf1, H, W, C, reduce, out, p)
 
 
@@ -385,13 +392,14 @@ def _compose_rgb(index, response, hues, level, rgb):
 
 
 @njit(cache=True, parallel=True)
-def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out, nzf, nzi):
+def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out, wsf, wsi):
     """Transposed conv of a batch: y (N, h, w, O) channel-last, wt (kh, kw, O, I) flat, out (N, H, W, I);
-    nzf (N, O) / nzi (N, O) are the non-zero lists of each image's task."""
+    wsf (N, 2, L) / wsi (N, 4, L) are each image's sparse-row buffers."""
     N, h, w, O = y.shape
     H, W = out.shape[1], out.shape[2]
     y2 = y.reshape(N, h * w * O)
     out2 = out.reshape(N, H * W * I)
     for n in prange(N):
-        _scatter_conv_t(y2[n], h, w, O, False, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W, nzf[n], nzi[n])
-
+        _csr_dense(y2[n], h, w, O, False, wsf[n, 0], wsi[n, 0], wsi[n, 1])
+        _gather_csr_conv_t(wsf[n, 0], wsi[n, 0], wsi[n, 1], h, w, O, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W,
+                           wsf[n, 1], wsi[n, 3])

@@ -9,9 +9,11 @@ How it runs
   and one BLAS GEMM per block (NumPy's ``matmul``); max pooling records switches in a Numba kernel.
 - back-projection: every (image, class) signal runs the whole plan of :func:`_plan` inside one Numba
   call, the pairs spread over ``numba.get_num_threads()`` workers, each with two ping-pong planes.
-  Transposed convolutions are scatters that skip zero inputs (after a rectification about half are zero);
-  unpool + rectify + transposed conv is one fused scatter from the switches (a quarter of the unpooled
-  plane at most is non-zero, and it is never built) — :func:`unpool_conv_transpose2d` exposes it.
+  A transposed conv first lists its input's non-zero entries as compressed sparse rows (after a
+  rectification about half are zero), then each output pixel sums value × weight row over the entries
+  that reach it. Unpool + rectify + transposed conv is fused: the sparse rows of the UNPOOLED plane are
+  built straight from the pooled values and their switches (a quarter of that plane at most is non-zero,
+  and it is never built densely) — :func:`unpool_conv_transpose2d` exposes it.
 - dominant class and composite: with ``keep_responses=False`` the pairs run in chunks and each chunk's
   channel-reduced maps update a running max / argmax, so the (B, K, H, W) maps never exist
   (:func:`attentive_dominant`); the colour pass is a Numba kernel doing colorsys's float64 arithmetic.
@@ -41,7 +43,7 @@ __all__ = [
 
 _IM2COL_FLOATS = 1 << 23       # an im2col block holds at most this many floats (32 MiB)
 _CHUNK_BYTES = 8 << 20         # keep_responses=False: a chunk's reduced maps take at most this
-_GATHER_BELOW = 8             # transposed convs to fewer channels than this use the gather form
+_FEW_CHANNELS = 8             # transposed convs to fewer channels than this take dot products instead
 _REDUCE = {"sum": K.REDUCE_SUM, "max": K.REDUCE_MAX, "norm": K.REDUCE_NORM}
 
 
@@ -63,9 +65,9 @@ class _Prepared:
 
     def __init__(self, net: Network):
         self.gemm = {}      # conv i → (kh*kw*I, O) float32 GEMM matrix and (O,) bias
-        self.offset = {}    # conv i → offset of its scatter-layout weights in ``flat``: (kh, kw, O, I), and
+        self.offset = {}    # conv i → offset of its weights in ``flat``, laid out (kh, kw, O, I), and
                             # for the head (N, kh, kw, I): kernel c's block is a (kh, kw, 1, I) layer
-        self.gather = {}    # conv i with few input channels → offset of its (I, kh, kw, O) weights
+        self.few = {}       # conv i with few input channels → offset of its (I, kh, kw, O) weights
         parts, total = [], 0
         for i, layer in enumerate(net.layers):
             if isinstance(layer, Conv):
@@ -77,9 +79,9 @@ class _Prepared:
                 parts.append(np.ascontiguousarray(w.transpose(*layout)).ravel())
                 self.offset[i] = total
                 total += parts[-1].size
-                if w.shape[1] < _GATHER_BELOW:
+                if w.shape[1] < _FEW_CHANNELS:
                     parts.append(np.ascontiguousarray(w.transpose(1, 2, 3, 0)).ravel())
-                    self.gather[i] = total
+                    self.few[i] = total
                     total += parts[-1].size
         self.flat = np.concatenate(parts)
 
@@ -164,6 +166,11 @@ class _Plan:
             channels.append(layer.out_channels if isinstance(layer, Conv) else channels[-1])
         self.max_plane = max(int(np.prod(s)) * c for s, c in zip(sizes, channels))
         self.max_channels = max(channels)
+        convs = [layer for layer in net.layers if isinstance(layer, Conv)]
+        # a worker's sparse-row buffers hold a plane's entries, a plane's row starts, or one output
+        # pixel's list of (value, weight row) over all taps
+        self.work = max(self.max_plane, max(int(np.prod(s)) for s in sizes) + 1,
+                        max(c.kernel[0] * c.kernel[1] * c.out_channels for c in convs))
         self.pools = {}  # pool layer → (offset in the switch array, per-image count)
         rows = []
 
@@ -177,7 +184,8 @@ class _Plan:
         def conv_fields(i):
             layer = net.layers[i]
             (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
-            return dict(woff=prep.offset[i], woff_gather=prep.gather.get(i, -1), i=layer.in_channels, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw,
+            return dict(woff=prep.offset[i], woff_few=prep.few.get(i, -1), i=layer.in_channels, kh=kh, kw=kw, sh=sh, sw=sw,
+                        ph=ph, pw=pw,
                         out_h=sizes[i][0], out_w=sizes[i][1])
 
         def pool_fields(j):
@@ -211,11 +219,11 @@ class _Plan:
                 pool = i
             else:
                 f = conv_fields(i)
-                if i in prep.gather:  # few output channels: gather form, from a built unpooled plane
+                if i in prep.few:  # few output channels: dot products, from a built unpooled plane
                     if pool is not None:
                         row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
                         pool, rect = None, False
-                    row(K.CONV_T_GATHER, o=layer.out_channels, rect=rect, in_h=sizes[i + 1][0],
+                    row(K.CONV_T_FEW, o=layer.out_channels, rect=rect, in_h=sizes[i + 1][0],
                         in_w=sizes[i + 1][1], **f)
                 elif pool is not None:
                     row(K.CONV_T_POOLED, o=layer.out_channels, rect=rect, **{**pool_fields(pool), **f})
@@ -286,13 +294,13 @@ class _Job:
                                self.classes.reshape(-1)], axis=1)
         self.nworkers = max(1, min(numba.get_num_threads(), len(self.pairs)))
         self.scratch = np.empty((self.nworkers, 2, self.plan.max_plane), dtype=np.float32)
-        self.nzf = np.empty((self.nworkers, self.plan.max_channels), dtype=np.float32)
-        self.nzi = np.empty((self.nworkers, 2, self.plan.max_channels), dtype=np.int64)
+        self.wsf = np.empty((self.nworkers, 2, self.plan.work), dtype=np.float32)
+        self.wsi = np.empty((self.nworkers, 4, self.plan.work), dtype=np.int64)
 
     def run(self, lo, hi, reduce_code, out):
         """out[:hi-lo] ← the maps of pairs lo..hi-1."""
         K._backproject_pairs(self.steps, self.plan.weights, self.switches, self.z, self.pairs[lo:hi],
-                             self.H, self.W, self.C, reduce_code, self.scratch, self.nzf, self.nzi, out)
+                             self.H, self.W, self.C, reduce_code, self.scratch, self.wsf, self.wsi, out)
 
 
 def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) -> np.ndarray:
@@ -444,9 +452,11 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     _, I, kh, kw = weight.shape
     H, W = _transpose_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
     out = np.empty((B, H, W, I), dtype=np.float32)
+    work = max(oh * ow * O + 1, kh * kw * O)
     K._conv_t_batch(np.ascontiguousarray(y.transpose(0, 2, 3, 1), dtype=np.float32),
                     np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
-                    kh, kw, sh, sw, ph, pw, I, out, np.empty((B, O), np.float32), np.empty((B, O), np.int64))
+                    kh, kw, sh, sw, ph, pw, I, out, np.empty((B, 2, work), np.float32),
+                    np.empty((B, 4, work), np.int64))
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
@@ -502,8 +512,8 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     """Fused ``conv_transpose2d(max(unpool(y, switches, input_size), 0), weight, ...)`` (no max when
     ``rectify`` is False), float32 (B, I, H, W).
 
-    Each pooled value is scattered from its switch straight through the transposed conv: the unpooled
-    plane (``input_size``, the conv's output size) is never built. Exact when no two windows share a
+    The unpooled plane (``input_size``, the conv's output size) is never built: its non-zero entries are
+    listed straight from the pooled values and their switches, and the transposed conv reads that list. Exact when no two windows share a
     switch or without rectification; when windows do share switches the sums must precede the ReLU, so
     the plane is then built first.
     """
@@ -533,7 +543,8 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     f[K.F_IN_H], f[K.F_IN_W], f[K.F_OUT_H], f[K.F_OUT_W] = h, w, H, W
     f[K.F_SWCOUNT], f[K.F_UH], f[K.F_UW] = h * w * O, Hu, Wu
     # each image is a "pair" with its own worker and scratch, whose plan is this one step starting from y
-    plane = max(h * w * O, H * W * I)
+    plane = max(h * w * O, H * W * I, Hu * Wu * O)
+    work = max(plane, Hu * Wu + 1, kh * kw * O)
     scratch = np.empty((B, 2, plane), dtype=np.float32)
     scratch[:, 0, :h * w * O] = np.asarray(y, np.float32).transpose(0, 2, 3, 1).reshape(B, -1)
     out = np.empty((B, I * H * W), dtype=np.float32)
@@ -541,5 +552,5 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     K._backproject_pairs(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
                          np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
                          np.zeros((1, 1), np.float32), pairs, H, W, I, K.REDUCE_NONE, scratch,
-                         np.empty((B, O), np.float32), np.empty((B, 2, O), np.int64), out)
+                         np.empty((B, 2, work), np.float32), np.empty((B, 4, work), np.int64), out)
     return out.reshape(B, I, H, W)
