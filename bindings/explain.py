@@ -7,13 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import get_backend
-from .reference import REDUCTIONS, ClearmapsError, Network, check_input, check_palette
+from . import interop
+from .reference import REDUCTIONS, ClearmapsError, Network, check_palette
 
 
 @dataclass(frozen=True, eq=False)
 class Explanation:
     """CLEAR maps of a batch.
+
+    Every array is of the images' framework (NumPy, torch, JAX or CuPy) and on their device.
 
     Attributes
     ----------
@@ -46,9 +48,10 @@ class Explanation:
     class_names: tuple
 
     @property
-    def predicted(self) -> np.ndarray:
-        """Predicted class id of each image, (B,)."""
-        return np.asarray(self.logits).argmax(axis=1)
+    def predicted(self):
+        """Predicted class id of each image, (B,), in the logits' framework."""
+        logits = self.logits if hasattr(self.logits, "argmax") else np.asarray(self.logits)
+        return logits.argmax(axis=1)
 
 
 _TOP_K = re.compile(r"^top-?(\d+)$", re.IGNORECASE)
@@ -96,17 +99,21 @@ def resolve_classes(classes, net: Network, logits: np.ndarray) -> np.ndarray:
 
 def explain(net: Network, x, classes=None, backend: str = "reference", rectify: bool = True,
             reduce: str = "sum", palette=None, vmax=None, keep_responses: bool = True) -> Explanation:
-    """CLEAR maps of a batch of images.
+    """CLEAR maps of a batch of images, returned in the images' framework and on their device.
 
     Parameters
     ----------
     net : Network
         The classifier (see :func:`clearmaps.from_torch` and :func:`clearmaps.load_checkpoint`).
     x : float array (B, C, H, W)
-        Images, preprocessed as the network was trained.
-    classes : None, "topK", int, str, or a list of ids and names
+        Images, preprocessed as the network was trained: a NumPy array, a torch tensor (CPU or CUDA), a JAX
+        array or a CuPy array. It reaches the backend through DLPack without a copy; a non-contiguous array is
+        copied once, with a :class:`clearmaps.interop.CopyWarning`; other dtypes (half precision, integers)
+        and tensors that require grad are refused (see :mod:`clearmaps.interop`).
+    classes : None, "topK", int, str, or a list (or 1-D array) of ids and names
         Which classes get maps (None: all).
     backend : "reference", "cpu", "cuda" or "auto"
+        "reference" and "cpu" compute on the host, "cuda" on the GPU holding ``x``; "auto" follows ``x``.
     rectify : bool
         Rectify at every ReLU on the way back (the deconvnet; default). False gives Eq. 2 literally.
     reduce : "sum", "max" or "norm"
@@ -121,30 +128,53 @@ def explain(net: Network, x, classes=None, backend: str = "reference", rectify: 
     Returns
     -------
     Explanation
+        Its arrays are of ``x``'s framework, on ``x``'s device (NumPy for lists), sharing the memory the
+        backend wrote; float arrays have the backend's dtype (the reference: float64; cpu, cuda: float32).
     """
     if not isinstance(net, Network):
         raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network: convert a torch "
                              "module with clearmaps.from_torch(module) or load one with clearmaps.load_checkpoint.")
+    check_options(reduce, rectify)
+    caller = interop.caller_of(x, "x", classes=classes, palette=palette)
+    impl = interop.backend_for(backend, caller)
+    x = caller.conform(x)
+    with caller.computing():
+        images = interop.check_images(net, caller.to_backend(x))  # a view of x: NumPy on the host, CuPy on a GPU
+        trace = impl.forward(net, images)
+        return explain_from_trace(net, trace, impl, caller, classes=classes, rectify=rectify, reduce=reduce,
+                                  palette=palette, vmax=vmax, keep_responses=keep_responses)
+
+
+def check_options(reduce, rectify):
+    """Refuse a ``reduce`` or ``rectify`` that :func:`explain` does not know."""
     if reduce not in REDUCTIONS:
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
     if not isinstance(rectify, (bool, np.bool_)):
         raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
-    x = check_input(net, x)
-    impl = get_backend(backend)
-    trace = impl.forward(net, x)
-    ids = resolve_classes(classes, net, np.asarray(trace.logits))
-    hues = check_palette(palette, ids.shape[1])
+
+
+def explain_from_trace(net: Network, trace, impl, caller, classes=None, rectify=True, reduce="sum",
+                       palette=None, vmax=None, keep_responses=True) -> Explanation:
+    """Everything of :func:`explain` after the forward pass (shared with :func:`clearmaps.torch.explain`,
+    whose forward pass torch runs): resolve the classes, run the backend's ``clear_from_trace``, and hand
+    the results back in ``caller``'s framework."""
+    # class names, top-k and the palette are decided on the host: a few values
+    ids = resolve_classes(interop.small_to_host(classes, "classes"), net, interop.to_numpy(trace.logits))
+    hues = check_palette(interop.small_to_host(palette, "palette"), ids.shape[1])
     out = impl.clear_from_trace(net, trace, ids, rectify=rectify, reduce=reduce, palette=hues, vmax=vmax,
                                 keep_responses=keep_responses)
-    index = np.asarray(out.dominant_index)
+    index = out.dominant_index
+    xp = interop.array_module(index)
+    class_ids = xp.asarray(np.ascontiguousarray(ids))
+    to_caller = caller.to_caller
     return Explanation(
-        responses=None if out.responses is None else np.asarray(out.responses),
-        classes=np.ascontiguousarray(ids),
-        dominant_class=ids[np.arange(ids.shape[0])[:, None, None], index],
-        dominant_response=np.asarray(out.dominant_response),
-        rgb=np.asarray(out.rgb),
-        logits=np.asarray(trace.logits),
-        probabilities=np.asarray(trace.probabilities),
-        palette=hues,
+        responses=to_caller(out.responses),
+        classes=to_caller(class_ids),
+        dominant_class=to_caller(class_ids[xp.arange(ids.shape[0])[:, None, None], index]),
+        dominant_response=to_caller(out.dominant_response),
+        rgb=to_caller(out.rgb),
+        logits=to_caller(trace.logits),
+        probabilities=to_caller(trace.probabilities),
+        palette=to_caller(hues),
         class_names=net.class_names,
     )

@@ -1,0 +1,167 @@
+"""The CUDA methods: clearmaps ``cuda`` (exact fp32 and TF32 fast mode), plain torch on the GPU (fp32 with
+TF32 off, and TF32), and Captum's Deconvolution on the GPU. All are timed with CUDA events on the default
+stream (where CuPy, Numba and torch all launch), after a warm-up.
+
+TF32 is switched OFF for every torch method but ``torch-cuda-tf32`` (torch allows it in cuDNN
+convolutions by default, which would make an "fp32" baseline a TF32 one), and back to off after it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from .harness import Method, Output, Prepared, cuda_event_timer, register
+from .methods_cpu import captum_setup, torch_setup
+
+
+def _gpu_available():
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+def _clearmaps_cuda_available():
+    why = _gpu_available()
+    if why:
+        return why
+    from clearmaps.kernels import cuda
+
+    return cuda.why_unavailable()
+
+
+def _set_tf32(on: bool):
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def _torch_peak(run):
+    """Peak bytes torch's allocator held during one run()."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+def _torch_method(base_setup, tf32: bool):
+    def setup(case) -> Prepared:
+        _set_tf32(tf32)
+        try:
+            prepared = base_setup(case)
+        finally:
+            _set_tf32(False)
+
+        def wrap(fn):
+            def inner():
+                _set_tf32(tf32)
+                try:
+                    return fn()
+                finally:
+                    _set_tf32(False)
+            return inner
+
+        run, check = wrap(prepared.run), wrap(prepared.check)
+        return Prepared(run, check, sync=prepared.sync, timer=cuda_event_timer,
+                        memory=lambda: {"composite_only_bytes": _torch_peak(run), "all_maps_bytes": None,
+                                        "how": "torch.cuda.max_memory_allocated during one run"},
+                        notes=prepared.notes + (", TF32" if tf32 else ", TF32 off"))
+    return setup
+
+
+
+
+def direct_max(limit):
+    """Context: transposed convs with at most ``limit`` output channels run as the direct kernel."""
+    import contextlib
+
+    from clearmaps.kernels.cuda import backend
+
+    @contextlib.contextmanager
+    def ctx():
+        before = backend.DIRECT_MAX_CHANNELS
+        backend.DIRECT_MAX_CHANNELS = before if limit is None else limit
+        try:
+            yield
+        finally:
+            backend.DIRECT_MAX_CHANNELS = before
+    return ctx()
+
+
+def _clearmaps_setup(fast: bool, direct_limit=None):
+    def setup(case) -> Prepared:
+        import cupy as cp
+
+        from clearmaps.kernels import cuda as kc
+
+        net = case.net
+        x = cp.asarray(case.x)            # the images start on the GPU, as for the torch methods
+        classes = case.classes
+
+        def run(keep=False):
+            with direct_max(direct_limit):
+                trace = kc.forward(net, x, fast=fast)
+                return kc.clear_from_trace(net, trace, classes, keep_responses=keep, fast=fast)
+
+        def check():
+            out = run(keep=True)
+            return Output(cp.asnumpy(out.dominant_index), cp.asnumpy(out.dominant_response).astype(np.float64),
+                          cp.asnumpy(out.rgb), cp.asnumpy(out.responses).astype(np.float64))
+
+        def memory():
+            pool = cp.get_default_memory_pool()
+            out = {"how": "CuPy memory pool bytes held after one run from an empty pool (the pool never "
+                          "returns blocks during a run, so this is its peak, weights included)"}
+            for key, keep in (("composite_only_bytes", False), ("all_maps_bytes", True)):
+                cp.cuda.runtime.deviceSynchronize()
+                pool.free_all_blocks()
+                kc.backend._PLANS.clear()  # weights re-uploaded: counted, as torch's are
+                run(keep)
+                cp.cuda.runtime.deviceSynchronize()
+                out[key] = int(pool.total_bytes())
+            return out
+
+        return Prepared(run, check, sync=cp.cuda.runtime.deviceSynchronize, timer=cuda_event_timer,
+                        memory=memory, notes=("TF32 GEMMs" if fast else "fp32 (no TF32)") +
+                        ", keep_responses=False, GPU arrays in and out" +
+                        ("" if direct_limit is None else f", direct kernel up to {direct_limit} channels"))
+    return setup
+
+
+def _captum_available():
+    why = _gpu_available()
+    if why:
+        return why
+    if importlib.util.find_spec("captum") is None:
+        return "captum is not installed (pip install -e '.[bench]')"
+    return None
+
+
+register(Method("captum-cuda", "cuda", _torch_method(captum_setup("cuda"), False),
+                "Captum Deconvolution on the GPU, looping over classes (float32, TF32 off)",
+                available=_captum_available, baseline=True))
+register(Method("torch-cuda", "cuda", _torch_method(torch_setup("cuda"), False),
+                "plain-torch deconvnet on the GPU (cuDNN float32, TF32 off)", available=_gpu_available,
+                baseline=True))
+register(Method("torch-cuda-tf32", "cuda", _torch_method(torch_setup("cuda"), True),
+                "plain-torch deconvnet on the GPU with TF32 (cuDNN and matmul)", available=_gpu_available,
+                exact=False, baseline=True))
+register(Method("cuda", "cuda", _clearmaps_setup(False), "clearmaps backend='cuda', exact fp32",
+                available=_clearmaps_cuda_available))
+# the same with every transposed conv of at most 64 output channels done by the direct kernel (no columns
+# in memory): which of the two wins on the 32/64-channel layers is what the GPU run is to tell
+register(Method("cuda-direct", "cuda", _clearmaps_setup(False, 64),
+                "clearmaps backend='cuda', exact fp32, direct kernel for <= 64 output channels",
+                available=_clearmaps_cuda_available))
+register(Method("cuda-fast", "cuda", _clearmaps_setup(True), "clearmaps backend='cuda', TF32 GEMMs (fast mode)",
+                available=_clearmaps_cuda_available, exact=False))

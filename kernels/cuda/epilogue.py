@@ -1,0 +1,146 @@
+"""The fused epilogue: channel reduction + dominant class (argmax over classes) + its response + HSV.
+
+``epilogue`` reads the back-projected signals R (C, n, H, W) of a chunk (n = images x classes) once:
+per pixel it reduces each class's C channels to r(x|c) (Eq. 3's pixel map, "sum", "max" or "norm"),
+keeps the running maximum over the classes with the FIRST class winning ties (Eqs. 4-5), and writes only
+the dominant class and response; the K maps r(x|c) are written only when asked for (``keep``). When the
+classes of an image are split over several chunks, the running maximum is carried in best_r / best_i
+(later chunks hold later classes, so a strict '>' still keeps the first on ties).
+
+When V's normaliser is known before the pass (a fixed ``vmax``) the same kernel also converts to RGB
+(Eq. 6) in float64, so nothing but the composite and D, C(x) leaves it. With a per-image normaliser (the
+default: each image's max of D), the kernel folds each pixel's D into a per-image maximum with an atomic
+max, and ``compose_rgb`` finishes in a second, small pass over (B, H, W).
+
+Launch: grid ceil(bc*H*W / THREADS), one thread per pixel of an image of the chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda
+
+SUM, MAX, NORM = 0, 1, 2
+REDUCE_CODES = {"sum": SUM, "max": MAX, "norm": NORM}
+
+
+@cuda.jit(device=True)
+def _hsv_pixel(rgb, b, y, x, hue, d, level):
+    # colorsys.hsv_to_rgb with S = 1 and the reference's float64 arithmetic, then round half up
+    v = 0.0
+    if level > 0.0:
+        dd = np.float64(d)
+        if dd < 0.0:
+            dd = 0.0
+        if dd > level:
+            dd = level
+        v = dd / level
+    h6 = hue * 6.0
+    i = math.floor(h6)
+    f = h6 - i
+    p = v * 0.0
+    q = v * (1.0 - f)
+    t = v * (1.0 - (1.0 - f))
+    sector = int(i) % 6
+    if sector == 0:
+        r, g, bl = v, t, p
+    elif sector == 1:
+        r, g, bl = q, v, p
+    elif sector == 2:
+        r, g, bl = p, v, t
+    elif sector == 3:
+        r, g, bl = p, q, v
+    elif sector == 4:
+        r, g, bl = t, p, v
+    else:
+        r, g, bl = v, p, q
+    rgb[b, y, x, 0] = np.uint8(math.floor(min(max(r, 0.0), 1.0) * 255.0 + 0.5))
+    rgb[b, y, x, 1] = np.uint8(math.floor(min(max(g, 0.0), 1.0) * 255.0 + 0.5))
+    rgb[b, y, x, 2] = np.uint8(math.floor(min(max(bl, 0.0), 1.0) * 255.0 + 0.5))
+
+
+@lru_cache(maxsize=None)
+def epilogue(reduce: int, keep: bool, hsv: bool, track_level: bool):
+    """Kernel over the pixels of a chunk's images. Arguments:
+    R (C, n, H, W) float32 signals, pair t = (b - b0)*kc + (k - k0); responses (B, K, H, W) or a dummy;
+    best_r (B, H, W) float32, best_i (B, H, W) int64; level_max (B,) float32 (atomic max of D, starts at 0);
+    level (B,) float64 and palette (K,) float64 (used when ``hsv``); rgb (B, H, W, 3) uint8;
+    b0, k0, kc ints; first, final, rect flags."""
+
+    @cuda.jit
+    def kernel(R, responses, best_r, best_i, level_max, level, palette, rgb, b0, k0, kc, first, final, rect):
+        idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        C = R.shape[0]
+        H = R.shape[2]
+        W = R.shape[3]
+        bc = R.shape[1] // kc
+        if idx >= bc * H * W:
+            return
+        x = idx % W
+        r_ = idx // W
+        y = r_ % H
+        bl = r_ // H
+        b = b0 + bl
+        zero = np.float32(0.0)
+        if first:
+            best = np.float32(-math.inf)
+            arg = 0
+        else:
+            best = best_r[b, y, x]
+            arg = best_i[b, y, x]
+        for kl in range(kc):
+            t = bl * kc + kl
+            if reduce == MAX:
+                acc = np.float32(-math.inf)
+            else:
+                acc = zero
+            for c in range(C):
+                val = R[c, t, y, x]
+                if rect and val < zero:
+                    val = zero
+                if reduce == SUM:
+                    acc += val
+                elif reduce == MAX:
+                    if val > acc:
+                        acc = val
+                else:
+                    acc += val * val
+            if reduce == NORM:
+                acc = np.float32(math.sqrt(acc))
+            if keep:
+                responses[b, k0 + kl, y, x] = acc
+            if acc > best:
+                best = acc
+                arg = k0 + kl
+        best_r[b, y, x] = best
+        best_i[b, y, x] = arg
+        if final:
+            if track_level:
+                cuda.atomic.max(level_max, b, best)
+            if hsv:
+                _hsv_pixel(rgb, b, y, x, palette[arg], best, level[b])
+
+    names = {SUM: "sum", MAX: "max", NORM: "norm"}
+    kernel.__name__ = (f"epilogue_{names[reduce]}{'_keep' if keep else ''}{'_hsv' if hsv else ''}"
+                       f"{'_level' if track_level else ''}")
+    return kernel
+
+
+@cuda.jit
+def compose_rgb(best_i, best_r, level, palette, rgb):
+    """rgb[b, y, x] = HSV(palette[best_i], 1, clip(best_r, 0, level[b]) / level[b]) as bytes; one thread
+    per pixel of (B, H, W)."""
+    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    B = best_i.shape[0]
+    H = best_i.shape[1]
+    W = best_i.shape[2]
+    if idx >= B * H * W:
+        return
+    x = idx % W
+    r = idx // W
+    y = r % H
+    b = r // H
+    _hsv_pixel(rgb, b, y, x, palette[best_i[b, y, x]], best_r[b, y, x], level[b])

@@ -1,0 +1,241 @@
+"""The CUDA backend against the float64 reference: the pipeline, every single operator, memory splitting,
+options, negative controls and errors. Shapes are tiny: under the simulator every GPU thread is a Python
+thread. The same file runs on a real GPU (bench/device.sh) where the arrays are CuPy arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import clearmaps
+from clearmaps import ClearmapsError
+from clearmaps import reference as ref
+from clearmaps.kernels import cuda as kc
+from clearmaps.reference import Conv, MaxPool, Network, ReLU
+
+from ..strategies import clear_cases
+from ..tolerances import RTOL_F32, assert_close, assert_equal, decisive, rel_err
+
+assert kc.is_available(), kc.why_unavailable()
+from clearmaps.kernels.cuda import backend  # noqa: E402  (after the availability check)
+TINY = dict(max_classes=4, min_size=6, max_size=11, max_batch=2, max_blocks=2, max_width=5)
+
+
+def host(a):
+    from clearmaps.kernels.cuda.device import tohost
+
+    return None if a is None else tohost(a)
+
+
+def check_against_reference(net, x, classes, rectify=True, reduce="sum", vmax=None, integer=False,
+                            keep_responses=True):
+    """Run forward + clear_from_trace on the GPU backend and compare every output with the reference."""
+    trace = kc.forward(net, x)
+    want_trace = ref.forward(net, x)
+    for i, sw in want_trace.switches.items():
+        assert_equal(host(trace.switches[i]), sw, f"switches of layer {i}")
+    assert_close(host(trace.z), want_trace.z, RTOL_F32, "z_L")
+    assert_close(host(trace.logits), want_trace.logits, RTOL_F32, "logits")
+    got = kc.clear_from_trace(net, trace, classes, rectify, reduce, vmax=vmax, keep_responses=keep_responses)
+    want = ref.clear_from_trace(net, want_trace, classes, rectify, reduce, vmax=vmax)
+    if keep_responses:
+        assert_close(host(got.responses), want.responses, RTOL_F32, "responses r(x|c)")
+    else:
+        assert got.responses is None
+    assert_close(host(got.dominant_response), want.dominant_response, RTOL_F32, "dominant response D")
+    mask = decisive(want.responses)
+    index, rgb = host(got.dominant_index), host(got.rgb)
+    assert index.dtype == np.int64 and rgb.dtype == np.uint8 and rgb.shape == want.rgb.shape
+    assert_equal(index[mask], want.dominant_index[mask], "dominant class on decisive pixels")
+    diff = np.abs(rgb.astype(np.int16) - want.rgb.astype(np.int16))
+    assert diff[mask].max(initial=0) <= 1, f"rgb differs by {diff[mask].max()} on a decisive pixel"
+    if integer:  # small integers: float32 is exact, so everything is equal, ties included
+        assert_equal(index, want.dominant_index, "dominant class (integer case)")
+        assert_equal(rgb, want.rgb, "rgb (integer case)")
+    return got, want
+
+
+@settings(max_examples=6)
+@given(clear_cases(**TINY), st.booleans(), st.sampled_from(["sum", "max", "norm"]), st.data())
+def test_pipeline_equals_reference(case, rectify, reduce, data):
+    """forward + clear_from_trace equal the float64 reference: switches exactly, maps to 1e-5, the
+    dominant class on every decisive pixel, and the composite to one byte there."""
+    K = data.draw(st.integers(1, case.net.num_classes), label="K")
+    classes = np.stack([np.random.default_rng(b).permutation(case.net.num_classes)[:K]
+                        for b in range(case.x.shape[0])])
+    check_against_reference(case.net, case.x, classes, rectify, reduce, integer=case.integer)
+
+
+def _net(seed=0, channels=3, width=6, classes=3):
+    """A fixed network with every path: direct and GEMM transposed convs, an overlapping padded pool and a
+    plain 2x2 one, a strided conv, a head ReLU."""
+    rng = np.random.default_rng(seed)
+
+    def conv(i, o, k=3, s=1, p=1):
+        return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, s, p)
+
+    return Network([conv(channels, width), ReLU(), MaxPool(3, 2, 1), conv(width, width, 3, 2, 1), ReLU(),
+                    conv(width, width), ReLU(), MaxPool(2), conv(width, classes, 1, 1, 0), ReLU()])
+
+
+@pytest.mark.parametrize("direct", [0, 8])
+def test_gemm_and_direct_transposed_convs_agree_with_reference(monkeypatch, direct):
+    """Both ways of doing a transposed conv (columns + GEMM, or the direct kernel) meet the contract."""
+    monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", direct)
+    x = np.random.default_rng(1).normal(size=(2, 3, 11, 10))
+    check_against_reference(_net(), x, np.array([[0, 2, 1], [2, 1, 0]]))
+
+
+def test_memory_splitting_over_images_classes_and_columns(monkeypatch):
+    """A memory limit that fits only part of the work: the results are those of one unsplit pass."""
+    net, x = _net(2), np.random.default_rng(3).normal(size=(3, 3, 11, 10))
+    classes = np.array([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
+    whole = kc.clear_from_trace(net, kc.forward(net, x), classes, vmax="batch")
+    seen = []
+    real_chunks = backend._chunks
+    monkeypatch.setattr(backend, "_chunks", lambda *a: seen.append(real_chunks(*a)) or seen[-1])
+    sizes = net.layer_sizes((11, 10))
+    one_signal = backend._backward_bytes_per_signal(net, sizes) + 4 * 3 * 11 * 10
+    fixed = 4 * 3 * 3 * 11 * 10 + 3 * 11 * 10 * (4 + 8 + 3)
+    # room for two (image, class) signals: classes of one image are split too
+    kc.set_memory_limit(int((fixed + 2.2 * one_signal) / 0.75))
+    try:
+        split = kc.clear_from_trace(net, kc.forward(net, x), classes, vmax="batch")
+    finally:
+        kc.set_memory_limit(None)
+    assert len(seen[0]) > 3 and all(kc_ < 3 for _, _, _, kc_ in seen[0]), seen
+    for name in ("responses", "dominant_response"):
+        assert_close(host(getattr(split, name)), host(getattr(whole, name)), 1e-6, name)
+    assert_equal(host(split.dominant_index), host(whole.dominant_index), "dominant class")
+    assert_equal(host(split.rgb), host(whole.rgb), "rgb")
+
+
+def test_too_little_memory_is_one_clear_error():
+    net, x = _net(), np.zeros((1, 3, 11, 10))
+    kc.set_memory_limit(1000)
+    try:
+        with pytest.raises(ClearmapsError, match="GPU memory"):
+            kc.forward(net, x)
+    finally:
+        kc.set_memory_limit(None)
+
+
+@pytest.mark.parametrize("vmax", [None, "batch", "p90", 0.5])
+def test_vmax_and_keep_responses(vmax):
+    """Every normaliser (the fixed one goes through the fused HSV in the epilogue) and keep_responses=False
+    (the K maps are never stored) give the reference's composite."""
+    x = np.random.default_rng(4).normal(size=(2, 3, 11, 10))
+    check_against_reference(_net(5), x, np.array([[0, 1, 2], [1, 2, 0]]), vmax=vmax, keep_responses=False)
+
+
+def test_explain_with_backend_cuda():
+    x = np.random.default_rng(6).normal(size=(2, 3, 11, 10))
+    net = _net(6)
+    got = clearmaps.explain(net, x, classes="top2", backend="cuda")
+    want = clearmaps.explain(net, x, classes="top2", backend="reference")
+    assert_equal(got.classes, want.classes, "classes")
+    assert_close(got.responses, want.responses, RTOL_F32, "responses")
+    mask = decisive(want.responses)
+    assert_equal(got.dominant_class[mask], want.dominant_class[mask], "dominant class")
+    assert clearmaps.get_backend("cuda") is kc
+
+
+# ------------------------------------------------------------------------------------ single operators
+
+@settings(max_examples=8)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 3]), st.sampled_from([1, 2]), st.integers(0, 1),
+       st.integers(4, 9), st.integers(4, 9), st.sampled_from([1, 5]))
+def test_conv_and_transposed_conv_ops(seed, k, stride, padding, h, w, out_channels):
+    """conv2d and conv_transpose2d (strided, with the output size picking the output padding) equal the
+    reference; out_channels 1 takes the direct kernel, 5 the GEMM."""
+    rng = np.random.default_rng(seed)
+    padding = min(padding, k // 2)
+    x = rng.normal(size=(2, out_channels, h, w))
+    weight = rng.normal(size=(3, out_channels, k, k))
+    bias = rng.normal(size=3)
+    y = ref.conv2d(x, weight, bias, stride, padding)
+    assert_close(kc.conv2d(x, weight, bias, stride, padding), y, RTOL_F32, "conv2d")
+    g = rng.normal(size=y.shape)
+    assert_close(kc.conv_transpose2d(g, weight, stride, padding, (h, w)),
+                 ref.conv_transpose2d(g, weight, stride, padding, (h, w)), RTOL_F32, "conv_transpose2d")
+
+
+@settings(max_examples=8)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(2, 2, 0), (3, 2, 0), (3, 2, 1), (2, 1, 0), (3, 1, 1)]),
+       st.integers(3, 8), st.integers(3, 8))
+def test_pool_and_unpool_ops(seed, pool, h, w):
+    """Switches equal the reference's exactly on inputs full of ties; unpool adds where windows overlap."""
+    rng = np.random.default_rng(seed)
+    k, s, p = pool
+    if (h + 2 * p - k) // s + 1 < 1 or (w + 2 * p - k) // s + 1 < 1:
+        return
+    x = rng.integers(0, 3, size=(2, 2, h, w)).astype(np.float64)
+    pooled, switches = kc.max_pool_with_switches(x, k, s, p)
+    want_pooled, want_switches = ref.max_pool_with_switches(x, k, s, p)
+    assert switches.dtype == np.int64
+    assert_equal(switches, want_switches, "switches")
+    assert_equal(pooled, want_pooled, "pooled")
+    y = rng.normal(size=pooled.shape)
+    assert_close(kc.unpool(y, switches, (h, w)), ref.unpool(y, want_switches, (h, w)), RTOL_F32, "unpool")
+
+
+def test_reduce_dominant_compose_ops():
+    rng = np.random.default_rng(7)
+    R = rng.normal(size=(2, 3, 4, 5, 6))
+    for how in ("sum", "max", "norm"):
+        assert_close(kc.reduce_channels(R, how), ref.reduce_channels(R, how), RTOL_F32, how)
+    r = rng.integers(-2, 3, size=(2, 4, 5, 6)).astype(np.float32)  # ties everywhere: first maximum wins
+    index, response = kc.dominant(r)
+    want_index, want_response = ref.dominant(r)
+    assert_equal(index, want_index, "dominant index")
+    assert_equal(response, want_response, "dominant response")
+    d = rng.normal(size=(2, 5, 6)).astype(np.float32)
+    for vmax in (None, "batch", "p50", 0.7):
+        assert_equal(kc.compose(index, d, vmax=vmax, num_classes=4),
+                     ref.compose(index, d, vmax=vmax, num_classes=4), f"compose vmax={vmax}")
+    palette = [0.1, 0.35, 0.6, 0.99]
+    assert_equal(kc.compose(index, d, palette), ref.compose(index, d, palette), "compose with a palette")
+
+
+# ------------------------------------------------------------------------------------ negative controls
+
+def test_negative_controls_are_caught():
+    """The comparison bites: the backend without rectification, and a max pool that keeps the LAST
+    maximum on ties, both fail it on a network where that matters."""
+    x = np.random.default_rng(8).integers(0, 3, size=(2, 3, 11, 10)).astype(np.float64)
+    net = _net(9)
+    trace = kc.forward(net, x)
+    wrong = kc.clear_from_trace(net, trace, [0, 1, 2], rectify=False)
+    want = ref.clear_from_trace(net, ref.forward(net, x), np.tile([0, 1, 2], (2, 1)))
+    assert rel_err(host(wrong.responses), want.responses) > RTOL_F32
+    flipped = x[:, :, ::-1, ::-1]
+    _, sw = kc.max_pool_with_switches(flipped, 3, 2, 1)
+    H, W = x.shape[2:]
+    last_rule = (H - 1 - sw // W) * W + (W - 1 - sw % W)
+    _, want_sw = ref.max_pool_with_switches(x, 3, 2, 1)
+    assert (host(last_rule) != want_sw).any()
+
+
+# ------------------------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("call, message", [
+    (lambda n, x: kc.forward(n, x[:, :2]), "channels"),
+    (lambda n, x: kc.forward(n, np.where(x > 1, np.nan, x)), "NaN"),
+    (lambda n, x: kc.forward(n, x.astype(np.float16)), "float16"),
+    (lambda n, x: kc.forward("net", x), "Network"),
+    (lambda n, x: kc.clear_from_trace(n, kc.forward(n, x), [[0, 7]]), "classes"),
+    (lambda n, x: kc.clear_from_trace(n, kc.forward(n, x), [0], reduce="mean"), "reduce"),
+    (lambda n, x: kc.clear_from_trace(n, kc.forward(n, x), [0], vmax=-1), "vmax"),
+    (lambda n, x: kc.clear_from_trace(n, "trace", [0]), "Trace"),
+    (lambda n, x: kc.clear_from_trace(_net(classes=4), kc.forward(n, x), [0]), "trace.z"),
+    (lambda n, x: kc.max_pool_with_switches(x, 3, 2, 2), "padding"),
+    (lambda n, x: kc.unpool(x, np.zeros(x.shape, np.int64) + 999, (11, 10)), "switches"),
+    (lambda n, x: kc.conv2d(x, np.zeros((2, 5, 3, 3))), "channels"),
+    (lambda n, x: kc.compose(np.zeros((1, 2, 2), np.int64), np.zeros((1, 2, 2)), num_classes=0), "num_classes"),
+])
+def test_bad_input_gets_one_clear_error(call, message):
+    x = np.random.default_rng(10).normal(size=(1, 3, 11, 10))
+    with pytest.raises(ClearmapsError, match=message):
+        call(_net(), x)

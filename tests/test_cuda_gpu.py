@@ -1,0 +1,142 @@
+"""CUDA backend tests that need a real GPU (marked ``gpu``; skipped cleanly where none is present).
+
+What the simulator cannot show: the cuBLAS GEMM really is float32 in the exact mode (and TF32 in the fast
+one), CuPy / torch GPU arrays in and out without a host round trip, the memory splitting with CuPy's
+allocator, and the preset networks at realistic sizes against float64 oracles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from .tolerances import RTOL_F32, assert_close, assert_equal, decisive
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def kc():
+    from clearmaps.kernels import cuda
+
+    assert cuda.is_available(), cuda.why_unavailable()
+    return cuda
+
+
+def _preset(arch, seed=0):
+    import torch
+
+    import clearmaps
+
+    torch.manual_seed(seed)
+    spec = clearmaps.read_arch(arch)
+    return clearmaps.from_torch(clearmaps.build_module(arch), spec["class_names"], spec["input_shape"])
+
+
+def test_exact_gemm_is_float32_even_when_cupy_is_told_tf32(kc):
+    """CuPy's global compute type set to TF32 (what CUPY_TF32=1 does) must not reach the exact mode; the
+    fast mode must really be TF32 (a positive control: its error is 10-100x larger)."""
+    import cupy as cp
+    from cupy._core import _routines_linalg as rl
+
+    from clearmaps.kernels.cuda.device import gemm_into
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(96, 4096)).astype(np.float32)
+    b = rng.normal(size=(4096, 3000)).astype(np.float32)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    before = rl.get_compute_type(np.float32)
+    rl.set_compute_type(np.float32, rl.COMPUTE_TYPE_TF32)
+    try:
+        errs = {}
+        for fast in (False, True):
+            out = cp.full((96, 3000 + 17), np.nan, dtype=np.float32)
+            gemm_into(cp.asarray(a), cp.asarray(b), out, 17, fast)
+            got = cp.asnumpy(out)
+            assert np.isnan(got[:, :17]).all(), "columns before col0 were written"
+            errs[fast] = np.linalg.norm(got[:, 17:] - want) / np.linalg.norm(want)
+    finally:
+        rl.set_compute_type(np.float32, before)
+    assert errs[False] < 2e-6, errs
+    assert 2e-5 < errs[True] < 1e-2, errs
+
+
+def test_allcnn_mnist_against_the_reference(kc):
+    """The allcnn-mnist preset, batch 4, all ten classes: the float64 NumPy reference's responses to 1e-5,
+    dominant classes on decisive pixels, composite within a byte."""
+    from clearmaps import reference as ref
+
+    net = _preset("allcnn-mnist")
+    x = np.random.default_rng(1).uniform(size=(4, 1, 28, 28))
+    classes = np.tile(np.arange(10), (4, 1))
+    got = kc.clear_from_trace(net, kc.forward(net, x), classes)
+    want = ref.clear_from_trace(net, ref.forward(net, x), classes)
+    assert_close(got.responses, want.responses, RTOL_F32, "responses")
+    mask = decisive(want.responses)
+    assert mask.mean() > 0.9
+    assert_equal(got.dominant_index[mask], want.dominant_index[mask], "dominant class")
+    assert np.abs(got.rgb.astype(int) - want.rgb)[mask].max() <= 1
+
+
+def test_vgg16_fcn_against_the_torch_oracle(kc):
+    """vgg16-fcn at 64x64 (four pools, a 512-channel head conv): R(x|c) against the float64 torch autograd
+    oracle, every class as one batch, GPU arrays in (torch) and out (CuPy)."""
+    import cupy as cp
+    import torch
+
+    from .oracle import torch_responses
+
+    net = _preset("vgg16-fcn")
+    x = np.random.default_rng(2).uniform(size=(1, 3, 64, 64))
+    classes = np.arange(10)[None]
+    trace = kc.forward(net, torch.from_numpy(x).float().cuda())
+    assert isinstance(trace.z, cp.ndarray) and isinstance(trace.switches[4], cp.ndarray)
+    R = kc.backproject(net, trace, classes)
+    assert isinstance(R, cp.ndarray)
+    assert_close(cp.asnumpy(R), torch_responses(net, x, classes[0]), RTOL_F32, "R(x|c)")
+
+
+def test_memory_splitting_on_the_gpu(kc, monkeypatch):
+    """A limit that holds fewer (image, class) signals than one image's ten classes: the work is split over
+    images and classes, with the same maps as one pass, on CuPy's allocator."""
+    import cupy as cp
+
+    from clearmaps.kernels.cuda import backend
+
+    net = _preset("allcnn-mnist", 3)
+    x = cp.asarray(np.random.default_rng(3).uniform(size=(6, 1, 28, 28)), dtype=cp.float32)
+    trace = kc.forward(net, x)
+    whole = kc.clear_from_trace(net, trace, np.tile(np.arange(10), (6, 1)))
+    seen = []
+    real_chunks = backend._chunks
+    monkeypatch.setattr(backend, "_chunks", lambda *a: seen.append(real_chunks(*a)) or seen[-1])
+    kc.set_memory_limit(1_600_000)
+    try:
+        split = kc.clear_from_trace(net, trace, np.tile(np.arange(10), (6, 1)))
+    finally:
+        kc.set_memory_limit(None)
+    assert len(seen[0]) > 6 and all(kc_ < 10 for _, _, _, kc_ in seen[0]), seen
+    assert_close(cp.asnumpy(split.responses), cp.asnumpy(whole.responses), 1e-6, "responses")
+    assert_equal(cp.asnumpy(split.dominant_index), cp.asnumpy(whole.dominant_index), "dominant class")
+
+
+def test_fast_mode_reports_its_agreement(kc):
+    net = _preset("allcnn-mnist", 4)
+    x = np.random.default_rng(4).uniform(size=(8, 1, 28, 28)).astype(np.float32)
+    report = kc.agreement(net, x)
+    assert report["pixels"] == 8 * 28 * 28
+    assert report["decisive_agreement"] >= 0.97 and report["agreement"] >= 0.9, report
+
+
+def test_auto_picks_cuda_and_explain_runs(kc):
+    import clearmaps
+
+    assert clearmaps.get_backend("auto") is kc
+    net = _preset("allcnn-mnist", 5)
+    x = np.random.default_rng(5).uniform(size=(2, 1, 28, 28))
+    got = clearmaps.explain(net, x, classes="top3", backend="auto", keep_responses=False)
+    want = clearmaps.explain(net, x, classes="top3", backend="reference")
+    assert got.responses is None
+    assert_equal(got.classes, want.classes, "classes")
+    mask = decisive(want.responses)
+    assert_equal(got.dominant_class[mask], want.dominant_class[mask], "dominant class")
