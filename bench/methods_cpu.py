@@ -49,15 +49,24 @@ def _setup_cpu(case) -> Prepared:
         return _explain_output(clearmaps.explain(case.net, case.x, case.classes[0], backend="cpu"))
 
     def memory():
-        out = {"how": "tracemalloc peak during one explain() call (every buffer of the cpu backend is a "
-                      "NumPy array allocated from Python, so tracemalloc sees it)"}
-        for key, keep in (("composite_only_bytes", False), ("all_maps_bytes", True)):
+        """tracemalloc peaks: every buffer of the cpu backend is a NumPy array allocated from Python (the Numba
+        kernels allocate nothing), so tracemalloc sees its whole footprint."""
+        from clearmaps.kernels import cpu
+
+        def peak(fn):
             tracemalloc.start()
-            clearmaps.explain(case.net, case.x, case.classes[0], backend="cpu", keep_responses=keep)
-            out[key] = tracemalloc.get_traced_memory()[1]
+            fn()
+            out = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
-        out["all_maps_array_bytes"] = int(4 * case.num_maps * case.x.shape[0] * np.prod(case.x.shape[2:]))
-        return out
+            return out
+
+        trace = cpu.forward(case.net, case.x)
+        return {"how": "tracemalloc peak (NumPy allocations; the cpu backend allocates nothing else)",
+                "forward_bytes": peak(lambda: cpu.forward(case.net, case.x)),
+                "composite_only_bytes": peak(lambda: cpu.clear_from_trace(case.net, trace, case.classes,
+                                                                           keep_responses=False)),
+                "all_maps_bytes": peak(lambda: cpu.clear_from_trace(case.net, trace, case.classes)),
+                "maps_array_bytes": int(4 * case.num_maps * case.x.shape[0] * np.prod(case.x.shape[2:]))}
 
     def extra():
         return {"numba_compile_cold_s": cold_compile_seconds(case.spec.arch, case.x.shape[1:])}

@@ -130,8 +130,11 @@ def main(argv=None):
             if r.extra:
                 print(f"    {r.extra}")
             if r.memory:
-                print(f"    peak memory: composite only {fmt_bytes(r.memory.get('composite_only_bytes'))}, "
-                      f"all K maps {fmt_bytes(r.memory.get('all_maps_bytes'))} ({r.memory.get('how')})")
+                m = r.memory
+                print(f"    peak memory after the forward pass: composite only {fmt_bytes(m.get('composite_only_bytes'))}"
+                      f", keeping all K maps {fmt_bytes(m.get('all_maps_bytes'))} (the maps alone: "
+                      f"{fmt_bytes(m.get('maps_array_bytes'))}); forward pass {fmt_bytes(m.get('forward_bytes'))}; "
+                      f"{m.get('how')}")
         tab = harness.table(case, results)
         print("\n" + tab)
         text += [title, "", tab, ""]

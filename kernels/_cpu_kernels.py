@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit, prange
 
 # the steps of the back-projection plan (one row of int64 fields each; see cpu._plan)
-HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_FEW = range(6)
+HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_FEW, HEAD_FOLDED = range(7)
 (F_KIND, F_RECT, F_WOFF, F_O, F_I, F_KH, F_KW, F_SH, F_SW, F_PH, F_PW, F_IN_H, F_IN_W, F_OUT_H, F_OUT_W,
  F_SWOFF, F_SWCOUNT, F_UH, F_UW, F_SIZE, F_WOFF_FEW) = range(21)
 NFIELDS = 21
@@ -66,6 +66,37 @@ def _im2col_nhwc(x, r0, r1, kh, kw, sh, sw, ph, pw, oh, ow, cols):
                 else:
                     for c in range(C):
                         cols[row, base + c] = x[b, iy, ix, c]
+
+
+@njit(cache=True, parallel=True)
+def _conv_sparse_nhwc(x, wt, kh, kw, sh, sw, ph, pw, out, vals, chans, start, stop, lv, lw):
+    """A convolution of channel-last x (B, H, W, C) into out (B, oh, ow, O) (no bias), skipping zero
+    inputs (after a ReLU about half): first each input pixel's non-zero entries are listed in its own slice
+    of vals / chans (start / stop per pixel), then each output row gathers them (_gather_rows). Work is
+    split into (image, row) tasks that T workers take round-robin; lv / lw (T, L) are their lists."""
+    B, H, W, C = x.shape
+    oh, ow, O = out.shape[1], out.shape[2], out.shape[3]
+    x2 = x.reshape(B * H * W * C)
+    out2 = out.reshape(B, oh * ow * O)
+    T = lv.shape[0]
+    for wk in prange(T):
+        for t in range(wk, B * H, T):
+            for p in range(t * W, (t + 1) * W):
+                k = p * C
+                start[p] = k
+                for c in range(C):
+                    v = x2[p * C + c]
+                    if v != 0.0:
+                        vals[k] = v
+                        chans[k] = c
+                        k += 1
+                stop[p] = k
+    for wk in prange(T):
+        for t in range(wk, B * oh, T):
+            b = t // oh
+            oy = t % oh
+            _gather_rows(vals, chans, start, stop, b * H * W, H, W, C, wt, 0, kh, kw, sh, sw, ph, pw, O, out2[b],
+                         oh, ow, lv[wk], lw[wk], oy, oy + 1, True)
 
 
 @njit(cache=True, parallel=True)
@@ -175,6 +206,20 @@ def _csr_dense(src, h, w, O, rect, vals, chans, start):
 
 
 @njit(cache=True)
+def _csr_signs(z, n, vals, chans, start):
+    """z's n values as a two-channel sparse plane: positive ones in channel 0, negative in channel 1."""
+    k = 0
+    for p in range(n):
+        start[p] = k
+        v = z[p]
+        if v != 0.0:
+            vals[k] = v
+            chans[k] = 0 if v > 0.0 else 1
+            k += 1
+    start[n] = k
+
+
+@njit(cache=True)
 def _csr_pooled(src, h, w, O, rect, sws, swoff, Hu, Wu, vals, chans, start, cursor):
     """The unpooled plane (Hu, Wu, O) in compressed sparse rows, built through the switches: each non-zero
     pooled value goes to its switch's row. The dense unpooled plane (mostly zeros) is never built."""
@@ -203,27 +248,52 @@ def _csr_pooled(src, h, w, O, rect, sws, swoff, Hu, Wu, vals, chans, start, curs
 @njit(cache=True, fastmath=_FM)
 def _gather_csr_conv_t(vals, chans, start, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, lv, lw):
     """dst[(H, W, I)] = conv_transpose of the sparse input (vals, chans, start) of size (h, w, O), with
-    wt[woff:] laid out (kh, kw, O, I). Gather form: output pixel (oy, ox) lists every non-zero input that
-    reaches it through some tap, (value, weight row offset) in lv / lw, then sums value × row over that
-    list eight at a time, so its output row is loaded and stored once per eight multiply-adds.
+    wt[woff:] laid out (kh, kw, O, I) (see _gather_rows)."""
+    _gather_rows(vals, chans, start, start[1:], 0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, lv, lw,
+                 0, H, False)
+
+
+@njit(cache=True, fastmath=_FM)
+def _gather_rows(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, lv, lw,
+                 oy0, oy1, forward):
+    """Output rows oy0 .. oy1-1 of a convolution (``forward``) or a transposed convolution of the sparse
+    input of size (h, w, O) whose pixel p has entries vals / chans[start[p0 + p]:stop[p0 + p]]; weights
+    wt[woff:] laid out (kh, kw, O, I); dst (H, W, I).
+
+    Gather form: output pixel (oy, ox) lists every non-zero input that reaches it through some tap, as
+    (value, weight row offset) in lv / lw, then sums value × row over that list eight at a time, so its
+    output row is loaded and stored once per eight multiply-adds. Tap (ky, kx) reads input pixel
+    (oy*sh - ph + ky, ...) in a convolution and ((oy + ph - ky) / sh, ...) when that divides in its transpose.
 
     Indexing is flat with unsigned offsets: no negative-index checks, so the row loop vectorises, and no
     row views, whose reference counting (atomic, on arrays shared by all workers) would serialise threads."""
     n_i = np.uint64(I)
-    for oy in range(H):
+    for oy in range(oy0, oy1):
         for ox in range(W):
             n = 0
             for ky in range(kh):
-                ty = oy + ph - ky
-                if ty < 0 or ty % sh != 0 or ty // sh >= h:
-                    continue
-                for kx in range(kw):
-                    tx = ox + pw - kx
-                    if tx < 0 or tx % sw != 0 or tx // sw >= w:
+                if forward:
+                    iy = oy * sh - ph + ky
+                    if iy < 0 or iy >= h:
                         continue
-                    p = (ty // sh) * w + tx // sw
+                else:
+                    ty = oy + ph - ky
+                    if ty < 0 or ty % sh != 0 or ty // sh >= h:
+                        continue
+                    iy = ty // sh
+                for kx in range(kw):
+                    if forward:
+                        ix = ox * sw - pw + kx
+                        if ix < 0 or ix >= w:
+                            continue
+                    else:
+                        tx = ox + pw - kx
+                        if tx < 0 or tx % sw != 0 or tx // sw >= w:
+                            continue
+                        ix = tx // sw
+                    p = p0 + iy * w + ix
                     tap = (ky * kw + kx) * O
-                    for k in range(start[p], start[p + 1]):
+                    for k in range(start[p], stop[p]):
                         lv[n] = vals[k]
                         lw[n] = woff + (tap + chans[k]) * I
                         n += 1
@@ -265,6 +335,15 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
             kk = st[F_KH] * st[F_KW] * st[F_I]
             _csr_dense(z[b * st[F_O] + cls], st[F_IN_H], st[F_IN_W], 1, False, vals, chans, start)
             _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 1, wt, st[F_WOFF] + cls * kk, st[F_KH],
+                               st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
+                               st[F_OUT_W], lv, lw)
+            cur = 0
+            continue
+        if kind == HEAD_FOLDED:
+            # a 1×1 head, its ReLUs and the conv below: z⁺ and z⁻ through class cls's folded kernels
+            kk = st[F_KH] * st[F_KW] * 2 * st[F_I]
+            _csr_signs(z[b * st[F_O] + cls], st[F_IN_H] * st[F_IN_W], vals, chans, start)
+            _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 2, wt, st[F_WOFF] + cls * kk, st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
                                st[F_OUT_W], lv, lw)
             cur = 0

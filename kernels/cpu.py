@@ -5,8 +5,10 @@ with the same switches (first maximum in row-major window order) and the same co
 
 How it runs
 -----------
-- forward: images go channel-last (B, H, W, C); each conv is a Numba im2col into a bounded block of rows
-  and one BLAS GEMM per block (NumPy's ``matmul``); max pooling records switches in a Numba kernel.
+- forward: images go channel-last (B, H, W, C); a conv with fewer than 128 outputs is a Numba sparse
+  gather (inputs listed without their zeros, then each output row sums value × weight row), a wider one
+  a Numba im2col into a bounded block of rows and one BLAS GEMM per block (NumPy's ``matmul``); max
+  pooling records switches in a Numba kernel.
 - back-projection: every (image, class) signal runs the whole plan of :func:`_plan` inside one Numba
   call, the pairs spread over ``numba.get_num_threads()`` workers, each with two ping-pong planes.
   A transposed conv first lists its input's non-zero entries as compressed sparse rows (after a
@@ -43,6 +45,7 @@ __all__ = [
 
 _IM2COL_FLOATS = 1 << 23       # an im2col block holds at most this many floats (32 MiB)
 _CHUNK_BYTES = 8 << 20         # keep_responses=False: a chunk's reduced maps take at most this
+_GEMM_FROM = 128               # forward convs with this many output channels or more use BLAS GEMMs
 _FEW_CHANNELS = 8             # transposed convs to fewer channels than this take dot products instead
 _REDUCE = {"sum": K.REDUCE_SUM, "max": K.REDUCE_MAX, "norm": K.REDUCE_NORM}
 
@@ -83,7 +86,41 @@ class _Prepared:
                     parts.append(np.ascontiguousarray(w.transpose(1, 2, 3, 0)).ravel())
                     self.few[i] = total
                     total += parts[-1].size
+        self.fold = self._fold_head(net, parts, total)
         self.flat = np.concatenate(parts)
+
+    @staticmethod
+    def _fold_head(net: Network, parts, total):
+        """A 1×1 head followed (walking down) by ReLUs and a conv folds into that conv.
+
+        G_L^c z_L of a 1×1 head is the outer product z_c ⊗ w_c (w_c = head kernel c); rectified, it is
+        z⁺ ⊗ w_c⁺ + z⁻ ⊗ w_c⁻ (the product of two numbers is positive exactly when their signs agree), so the
+        conv's transpose of it is the transpose of the TWO-channel plane (z⁺, z⁻) with the kernels
+        V_c± = Σ_m w_c±[m] · weight[m] — instead of the conv's many input channels. Without rectification
+        both kernels are Σ_m w_c[m] · weight[m]. Returns (conv index, offset rectified, offset linear) or None.
+        """
+        hi, head = net.head_index, net.head
+        if head.kernel != (1, 1) or head.stride != (1, 1) or head.padding != (0, 0):
+            return None
+        j = hi - 1
+        while j >= 0 and isinstance(net.layers[j], ReLU):
+            j -= 1
+        if j < 0 or not isinstance(net.layers[j], Conv) or net.layers[j].in_channels < _FEW_CHANNELS:
+            return None
+        w = np.asarray(head.weight, dtype=np.float64)[:, :, 0, 0]          # (N, M)
+        conv = np.asarray(net.layers[j].weight, dtype=np.float64)          # (M, I, kh, kw)
+        fold = lambda a: np.einsum("cm,mjyx->cyxj", a, conv)  # noqa: E731   (N, kh, kw, I)
+        rectified = np.stack([fold(np.maximum(w, 0)), fold(np.minimum(w, 0))], axis=3)
+        full = fold(w)
+        linear = np.stack([full, full], axis=3)
+        if hi - 1 == j:  # no ReLU in between: nothing to rectify
+            rectified = linear
+        offsets = []
+        for v in (rectified, linear):
+            parts.append(np.ascontiguousarray(v, dtype=np.float32).ravel())
+            offsets.append(total)
+            total += parts[-1].size
+        return j, offsets[0], offsets[1]
 
 
 _PREPARED: "weakref.WeakKeyDictionary[Network, _Prepared]" = weakref.WeakKeyDictionary()
@@ -98,12 +135,26 @@ def _prepared(net: Network) -> _Prepared:
 
 # ------------------------------------------------------------------------------------------------ forward
 def _conv_nhwc(a, layer: Conv, wmat, bias):
-    """Conv of channel-last a (B, H, W, C): im2col in row blocks, one GEMM per block."""
+    """Conv of channel-last a (B, H, W, C) → (B, oh, ow, O).
+
+    Up to _GEMM_FROM output channels: the Numba sparse gather (zero inputs cost nothing, no thread-pool
+    switch); from there on: im2col in row blocks and one BLAS GEMM per block (wide outputs are what GEMMs
+    do well)."""
     B, H, W, C = a.shape
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
     oh, ow = _out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)
+    O = wmat.shape[1]
+    if O < _GEMM_FROM:
+        out4 = np.empty((B, oh, ow, O), dtype=np.float32)
+        n = a.size
+        T = max(1, min(numba.get_num_threads(), B * max(H, oh)))
+        K._conv_sparse_nhwc(a, wmat.reshape(-1), kh, kw, sh, sw, ph, pw, out4, np.empty(n, np.float32),
+                            np.empty(n, np.int64), np.empty(B * H * W, np.int64), np.empty(B * H * W, np.int64),
+                            np.empty((T, kh * kw * C), np.float32), np.empty((T, kh * kw * C), np.int64))
+        out4 += bias
+        return out4
     rows = B * oh * ow
-    out = np.empty((rows, wmat.shape[1]), dtype=np.float32)
+    out = np.empty((rows, O), dtype=np.float32)
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         np.matmul(a.reshape(rows, C), wmat, out=out)
     else:
@@ -197,9 +248,16 @@ class _Plan:
                         uh=sizes[j][0], uw=sizes[j][1])
 
         hi = net.head_index
-        row(K.HEAD, o=net.num_classes, in_h=sizes[hi + 1][0], in_w=sizes[hi + 1][1], **conv_fields(hi))
+        if prep.fold is not None:  # head, ReLUs and the conv below as one step (see _Prepared._fold_head)
+            top = prep.fold[0]
+            f = conv_fields(top)
+            f["woff"] = prep.fold[1] if rectify else prep.fold[2]
+            row(K.HEAD_FOLDED, o=net.num_classes, in_h=sizes[hi + 1][0], in_w=sizes[hi + 1][1], **f)
+        else:
+            top = hi
+            row(K.HEAD, o=net.num_classes, in_h=sizes[hi + 1][0], in_w=sizes[hi + 1][1], **conv_fields(hi))
         pool, rect = None, False  # pool: the MaxPool whose unpooling is pending; rect: a pending rectify
-        for i in range(hi - 1, -1, -1):
+        for i in range(top - 1, -1, -1):
             layer = net.layers[i]
             if isinstance(layer, ReLU):
                 if not rectify:

@@ -188,3 +188,20 @@ def test_explain_uses_the_cpu_backend():
                    Conv(rng.normal(size=(2, 3, 1, 1)), np.zeros(2))])
     out = clearmaps.explain(net, rng.normal(size=(1, 1, 5, 5)), backend="cpu")
     assert out.responses.dtype == np.float32
+
+
+@pytest.mark.parametrize("rectify", [True, False])
+@pytest.mark.parametrize("head_relu", [True, False])
+def test_folded_head_equals_reference(rectify, head_relu):
+    """A 1×1 head over ReLU + conv runs as one two-channel step (z⁺, z⁻ through folded kernels); the maps
+    are the reference's, with and without rectification and a head ReLU."""
+    rng = np.random.default_rng(5)
+    layers = [Conv(rng.normal(size=(9, 2, 3, 3)), rng.normal(size=9), 1, 1), ReLU(), MaxPool(2),
+              Conv(rng.normal(size=(12, 9, 3, 3)) / 5, rng.normal(size=12), 2, 1), ReLU(),
+              Conv(rng.normal(size=(4, 12, 1, 1)), rng.normal(size=4))] + ([ReLU()] if head_relu else [])
+    net = Network(layers)
+    trace = ref.forward(net, rng.normal(size=(2, 2, 13, 11)))
+    plan = cpu._Plan(net, trace.sizes, rectify)
+    assert plan.steps[0, K.F_KIND] == K.HEAD_FOLDED
+    assert_close(cpu.backproject(net, trace, None, rectify), ref.backproject(net, trace, None, rectify), RTOL_F32,
+                 "R(x|c) through the folded head")
