@@ -69,16 +69,15 @@ def _im2col_nhwc(x, r0, r1, kh, kw, sh, sw, ph, pw, oh, ow, cols):
 
 
 @njit(cache=True, parallel=True)
-def _conv_sparse_nhwc(x, wt, kh, kw, sh, sw, ph, pw, out, vals, chans, start, stop, lv, lw):
+def _conv_sparse_nhwc(x, wt, kh, kw, sh, sw, ph, pw, out, vals, chans, start, stop, T):
     """A convolution of channel-last x (B, H, W, C) into out (B, oh, ow, O) (no bias), skipping zero
     inputs (after a ReLU about half): first each input pixel's non-zero entries are listed in its own slice
     of vals / chans (start / stop per pixel), then each output row gathers them (_gather_rows). Work is
-    split into (image, row) tasks that T workers take round-robin; lv / lw (T, L) are their lists."""
+    split into (image, row) tasks that T workers take round-robin."""
     B, H, W, C = x.shape
     oh, ow, O = out.shape[1], out.shape[2], out.shape[3]
     x2 = x.reshape(B * H * W * C)
     out2 = out.reshape(B, oh * ow * O)
-    T = lv.shape[0]
     for wk in prange(T):
         for t in range(wk, B * H, T):
             for p in range(t * W, (t + 1) * W):
@@ -96,7 +95,7 @@ def _conv_sparse_nhwc(x, wt, kh, kw, sh, sw, ph, pw, out, vals, chans, start, st
             b = t // oh
             oy = t % oh
             _gather_rows(vals, chans, start, stop, b * H * W, H, W, C, wt, 0, kh, kw, sh, sw, ph, pw, O, out2[b],
-                         oh, ow, lv[wk], lw[wk], oy, oy + 1, True)
+                         oh, ow, oy, oy + 1, True)
 
 
 @njit(cache=True, parallel=True)
@@ -148,29 +147,34 @@ def _few_channels_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I
     """The transposed conv for few output channels (the first layer: 1–3 image channels), where a length-I
     output row is too short to vectorise: each output value is a dot product over the O input channels,
     contiguous in the dense src (h, w, O) and in wt[woff:] laid out (I, kh, kw, O). 'reassoc' lets LLVM
-    vectorise those sums."""
-    wt2 = wt[woff:woff + I * kh * kw * O].reshape(I * kh * kw, O)
-    src2 = src[:h * w * O].reshape(h * w, O)
+    vectorise those sums. Taps step as in _gather_rows (no division per tap)."""
+    n_o = np.uint64(O)
     for oy in range(H):
+        ky_first = (oy + ph) % sh
+        iy_first = (oy + ph - ky_first) // sh
         for ox in range(W):
+            kx_first = (ox + pw) % sw
+            ix_first = (ox + pw - kx_first) // sw
             for i in range(I):
                 acc = np.float32(0.0)
-                for ky in range(kh):
-                    ty = oy + ph - ky
-                    if ty < 0 or ty % sh != 0 or ty // sh >= h:
-                        continue
-                    for kx in range(kw):
-                        tx = ox + pw - kx
-                        if tx < 0 or tx % sw != 0 or tx // sw >= w:
-                            continue
-                        sr = src2[(ty // sh) * w + tx // sw]
-                        wr = wt2[(i * kh + ky) * kw + kx]
-                        if rect:
-                            for o in range(O):
-                                acc += max(sr[o], np.float32(0.0)) * wr[o]
-                        else:
-                            for o in range(O):
-                                acc += sr[o] * wr[o]
+                ky, iy = ky_first, iy_first
+                while ky < kh:
+                    if 0 <= iy < h:
+                        kx, ix = kx_first, ix_first
+                        while kx < kw:
+                            if 0 <= ix < w:
+                                sb = np.uint64((iy * w + ix) * O)
+                                wb = np.uint64(woff + ((i * kh + ky) * kw + kx) * O)
+                                if rect:
+                                    for o in range(n_o):
+                                        acc += max(src[sb + o], np.float32(0.0)) * wt[wb + o]
+                                else:
+                                    for o in range(n_o):
+                                        acc += src[sb + o] * wt[wb + o]
+                            kx += sw
+                            ix -= 1
+                    ky += sh
+                    iy -= 1
                 dst[(oy * W + ox) * I + i] = acc
 
 
@@ -246,84 +250,98 @@ def _csr_pooled(src, h, w, O, rect, sws, swoff, Hu, Wu, vals, chans, start, curs
 
 
 @njit(cache=True, fastmath=_FM)
-def _gather_csr_conv_t(vals, chans, start, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, lv, lw):
+def _gather_csr_conv_t(vals, chans, start, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
     """dst[(H, W, I)] = conv_transpose of the sparse input (vals, chans, start) of size (h, w, O), with
     wt[woff:] laid out (kh, kw, O, I) (see _gather_rows)."""
-    _gather_rows(vals, chans, start, start[1:], 0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, lv, lw,
-                 0, H, False)
+    _gather_rows(vals, chans, start, start[1:], 0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, 0, H,
+                 False)
 
 
 @njit(cache=True, fastmath=_FM)
-def _gather_rows(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, lv, lw,
-                 oy0, oy1, forward):
+def _gather_rows(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, oy0, oy1,
+                 forward):
     """Output rows oy0 .. oy1-1 of a convolution (``forward``) or a transposed convolution of the sparse
     input of size (h, w, O) whose pixel p has entries vals / chans[start[p0 + p]:stop[p0 + p]]; weights
     wt[woff:] laid out (kh, kw, O, I); dst (H, W, I).
 
-    Gather form: output pixel (oy, ox) lists every non-zero input that reaches it through some tap, as
-    (value, weight row offset) in lv / lw, then sums value × row over that list eight at a time, so its
-    output row is loaded and stored once per eight multiply-adds. Tap (ky, kx) reads input pixel
-    (oy*sh - ph + ky, ...) in a convolution and ((oy + ph - ky) / sh, ...) when that divides in its transpose.
+    Gather form: output pixel (oy, ox) sums value × weight row (tap, channel) over the non-zero inputs
+    that reach it, tap by tap, eight (then four, then one) at a time, so its output row is loaded and
+    stored once per eight multiply-adds. A convolution's tap (ky, kx) reads input pixel
+    (oy*sh - ph + ky, ...); its transpose reads ((oy + ph - ky) / sh, ...) for the taps where that
+    divides: ky = (oy + ph) mod sh, then every sh-th (no division per tap).
 
     Indexing is flat with unsigned offsets: no negative-index checks, so the row loop vectorises, and no
     row views, whose reference counting (atomic, on arrays shared by all workers) would serialise threads."""
     n_i = np.uint64(I)
     for oy in range(oy0, oy1):
+        if forward:
+            ky_first, iy_first, dky, diy = 0, oy * sh - ph, 1, 1
+        else:
+            ky_first = (oy + ph) % sh
+            iy_first, dky, diy = (oy + ph - ky_first) // sh, sh, -1
         for ox in range(W):
-            n = 0
-            for ky in range(kh):
-                if forward:
-                    iy = oy * sh - ph + ky
-                    if iy < 0 or iy >= h:
-                        continue
-                else:
-                    ty = oy + ph - ky
-                    if ty < 0 or ty % sh != 0 or ty // sh >= h:
-                        continue
-                    iy = ty // sh
-                for kx in range(kw):
-                    if forward:
-                        ix = ox * sw - pw + kx
-                        if ix < 0 or ix >= w:
-                            continue
-                    else:
-                        tx = ox + pw - kx
-                        if tx < 0 or tx % sw != 0 or tx // sw >= w:
-                            continue
-                        ix = tx // sw
-                    p = p0 + iy * w + ix
-                    tap = (ky * kw + kx) * O
-                    for k in range(start[p], stop[p]):
-                        lv[n] = vals[k]
-                        lw[n] = woff + (tap + chans[k]) * I
-                        n += 1
+            if forward:
+                kx_first, ix_first, dkx, dix = 0, ox * sw - pw, 1, 1
+            else:
+                kx_first = (ox + pw) % sw
+                ix_first, dkx, dix = (ox + pw - kx_first) // sw, sw, -1
             d = np.uint64((oy * W + ox) * I)
             for i in range(n_i):
                 dst[d + i] = 0.0
-            t = 0
-            while t + 7 < n:
-                va, vb, vc, vd = lv[t], lv[t + 1], lv[t + 2], lv[t + 3]
-                ve, vf, vg, vh = lv[t + 4], lv[t + 5], lv[t + 6], lv[t + 7]
-                a, b, c, e = np.uint64(lw[t]), np.uint64(lw[t + 1]), np.uint64(lw[t + 2]), np.uint64(lw[t + 3])
-                f, g, q, r = np.uint64(lw[t + 4]), np.uint64(lw[t + 5]), np.uint64(lw[t + 6]), np.uint64(lw[t + 7])
-                for i in range(n_i):
-                    dst[d + i] += (va * wt[a + i] + vb * wt[b + i] + vc * wt[c + i] + vd * wt[e + i]
-                                   + ve * wt[f + i] + vf * wt[g + i] + vg * wt[q + i] + vh * wt[r + i])
-                t += 8
-            while t < n:
-                va = lv[t]
-                a = np.uint64(lw[t])
-                for i in range(n_i):
-                    dst[d + i] += va * wt[a + i]
-                t += 1
+            ky, iy = ky_first, iy_first
+            while ky < kh:
+                if 0 <= iy < h:
+                    kx, ix = kx_first, ix_first
+                    while kx < kw:
+                        if 0 <= ix < w:
+                            p = p0 + iy * w + ix
+                            base = woff + (ky * kw + kx) * O * I
+                            k = start[p]
+                            e = stop[p]
+                            while k + 7 < e:
+                                va, vb, vc, vd = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+                                ve, vf, vg, vh = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
+                                a = np.uint64(base + chans[k] * I)
+                                b = np.uint64(base + chans[k + 1] * I)
+                                c = np.uint64(base + chans[k + 2] * I)
+                                q = np.uint64(base + chans[k + 3] * I)
+                                f = np.uint64(base + chans[k + 4] * I)
+                                g = np.uint64(base + chans[k + 5] * I)
+                                r = np.uint64(base + chans[k + 6] * I)
+                                t = np.uint64(base + chans[k + 7] * I)
+                                for i in range(n_i):
+                                    dst[d + i] += (va * wt[a + i] + vb * wt[b + i] + vc * wt[c + i]
+                                                   + vd * wt[q + i] + ve * wt[f + i] + vf * wt[g + i]
+                                                   + vg * wt[r + i] + vh * wt[t + i])
+                                k += 8
+                            while k + 3 < e:
+                                va, vb, vc, vd = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+                                a = np.uint64(base + chans[k] * I)
+                                b = np.uint64(base + chans[k + 1] * I)
+                                c = np.uint64(base + chans[k + 2] * I)
+                                q = np.uint64(base + chans[k + 3] * I)
+                                for i in range(n_i):
+                                    dst[d + i] += va * wt[a + i] + vb * wt[b + i] + vc * wt[c + i] + vd * wt[q + i]
+                                k += 4
+                            while k < e:
+                                va = vals[k]
+                                a = np.uint64(base + chans[k] * I)
+                                for i in range(n_i):
+                                    dst[d + i] += va * wt[a + i]
+                                k += 1
+                        kx += dkx
+                        ix += dix
+                ky += dky
+                iy += diy
 
 
 @njit(cache=True)
 def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
     """The back-projection of one (image b, class cls) signal; returns which buffer holds the result.
-    wsf (2, L) float32 and wsi (4, L) int64 are the worker's sparse-row and list buffers."""
-    vals, lv = wsf[0], wsf[1]
-    chans, start, cursor, lw = wsi[0], wsi[1], wsi[2], wsi[3]
+    wsf (1, L) float32 and wsi (3, L) int64 are the worker's sparse-row buffers (values; channels, row
+    starts, fill cursors)."""
+    vals = wsf[0]
+    chans, start, cursor = wsi[0], wsi[1], wsi[2]
     cur = 0
     for s in range(steps.shape[0]):
         st = steps[s]
@@ -336,7 +354,7 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
             _csr_dense(z[b * st[F_O] + cls], st[F_IN_H], st[F_IN_W], 1, False, vals, chans, start)
             _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 1, wt, st[F_WOFF] + cls * kk, st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
-                               st[F_OUT_W], lv, lw)
+                               st[F_OUT_W])
             cur = 0
             continue
         if kind == HEAD_FOLDED:
@@ -345,7 +363,7 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
             _csr_signs(z[b * st[F_O] + cls], st[F_IN_H] * st[F_IN_W], vals, chans, start)
             _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 2, wt, st[F_WOFF] + cls * kk, st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
-                               st[F_OUT_W], lv, lw)
+                               st[F_OUT_W])
             cur = 0
             continue
         if kind == RECTIFY:
@@ -357,7 +375,7 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
             _csr_dense(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, vals, chans, start)
             _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], st[F_O], wt, st[F_WOFF], st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
-                               st[F_OUT_W], lv, lw)
+                               st[F_OUT_W])
         elif kind == CONV_T_FEW:
             _few_channels_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF_FEW],
                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
@@ -367,7 +385,7 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
                         st[F_UH], st[F_UW], vals, chans, start, cursor)
             _gather_csr_conv_t(vals, chans, start, st[F_UH], st[F_UW], st[F_O], wt, st[F_WOFF], st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
-                               st[F_OUT_W], lv, lw)
+                               st[F_OUT_W])
         else:  # UNPOOL
             _unpool_plane(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws,
                           st[F_SWOFF] + b * st[F_SWCOUNT], st[F_UH], st[F_UW], dst)
@@ -473,12 +491,11 @@ def _compose_rgb(index, response, hues, level, rgb):
 @njit(cache=True, parallel=True)
 def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out, wsf, wsi):
     """Transposed conv of a batch: y (N, h, w, O) channel-last, wt (kh, kw, O, I) flat, out (N, H, W, I);
-    wsf (N, 2, L) / wsi (N, 4, L) are each image's sparse-row buffers."""
+    wsf (N, 1, L) / wsi (N, 3, L) are each image's sparse-row buffers."""
     N, h, w, O = y.shape
     H, W = out.shape[1], out.shape[2]
     y2 = y.reshape(N, h * w * O)
     out2 = out.reshape(N, H * W * I)
     for n in prange(N):
         _csr_dense(y2[n], h, w, O, False, wsf[n, 0], wsi[n, 0], wsi[n, 1])
-        _gather_csr_conv_t(wsf[n, 0], wsi[n, 0], wsi[n, 1], h, w, O, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W,
-                           wsf[n, 1], wsi[n, 3])
+        _gather_csr_conv_t(wsf[n, 0], wsi[n, 0], wsi[n, 1], h, w, O, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W)

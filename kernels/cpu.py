@@ -149,8 +149,7 @@ def _conv_nhwc(a, layer: Conv, wmat, bias):
         n = a.size
         T = max(1, min(numba.get_num_threads(), B * max(H, oh)))
         K._conv_sparse_nhwc(a, wmat.reshape(-1), kh, kw, sh, sw, ph, pw, out4, np.empty(n, np.float32),
-                            np.empty(n, np.int64), np.empty(B * H * W, np.int64), np.empty(B * H * W, np.int64),
-                            np.empty((T, kh * kw * C), np.float32), np.empty((T, kh * kw * C), np.int64))
+                            np.empty(n, np.int64), np.empty(B * H * W, np.int64), np.empty(B * H * W, np.int64), T)
         out4 += bias
         return out4
     rows = B * oh * ow
@@ -217,11 +216,8 @@ class _Plan:
             channels.append(layer.out_channels if isinstance(layer, Conv) else channels[-1])
         self.max_plane = max(int(np.prod(s)) * c for s, c in zip(sizes, channels))
         self.max_channels = max(channels)
-        convs = [layer for layer in net.layers if isinstance(layer, Conv)]
-        # a worker's sparse-row buffers hold a plane's entries, a plane's row starts, or one output
-        # pixel's list of (value, weight row) over all taps
-        self.work = max(self.max_plane, max(int(np.prod(s)) for s in sizes) + 1,
-                        max(c.kernel[0] * c.kernel[1] * c.out_channels for c in convs))
+        # a worker's sparse-row buffers hold a plane's entries and its pixels' row starts
+        self.work = max(self.max_plane, max(int(np.prod(s)) for s in sizes) + 1)
         self.pools = {}  # pool layer → (offset in the switch array, per-image count)
         rows = []
 
@@ -352,8 +348,8 @@ class _Job:
                                self.classes.reshape(-1)], axis=1)
         self.nworkers = max(1, min(numba.get_num_threads(), len(self.pairs)))
         self.scratch = np.empty((self.nworkers, 2, self.plan.max_plane), dtype=np.float32)
-        self.wsf = np.empty((self.nworkers, 2, self.plan.work), dtype=np.float32)
-        self.wsi = np.empty((self.nworkers, 4, self.plan.work), dtype=np.int64)
+        self.wsf = np.empty((self.nworkers, 1, self.plan.work), dtype=np.float32)
+        self.wsi = np.empty((self.nworkers, 3, self.plan.work), dtype=np.int64)
 
     def run(self, lo, hi, reduce_code, out):
         """out[:hi-lo] ← the maps of pairs lo..hi-1."""
@@ -510,11 +506,11 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     _, I, kh, kw = weight.shape
     H, W = _transpose_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
     out = np.empty((B, H, W, I), dtype=np.float32)
-    work = max(oh * ow * O + 1, kh * kw * O)
+    work = oh * ow * O + 1
     K._conv_t_batch(np.ascontiguousarray(y.transpose(0, 2, 3, 1), dtype=np.float32),
                     np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
-                    kh, kw, sh, sw, ph, pw, I, out, np.empty((B, 2, work), np.float32),
-                    np.empty((B, 4, work), np.int64))
+                    kh, kw, sh, sw, ph, pw, I, out, np.empty((B, 1, work), np.float32),
+                    np.empty((B, 3, work), np.int64))
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
@@ -602,7 +598,7 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     f[K.F_SWCOUNT], f[K.F_UH], f[K.F_UW] = h * w * O, Hu, Wu
     # each image is a "pair" with its own worker and scratch, whose plan is this one step starting from y
     plane = max(h * w * O, H * W * I, Hu * Wu * O)
-    work = max(plane, Hu * Wu + 1, kh * kw * O)
+    work = max(plane, Hu * Wu + 1)
     scratch = np.empty((B, 2, plane), dtype=np.float32)
     scratch[:, 0, :h * w * O] = np.asarray(y, np.float32).transpose(0, 2, 3, 1).reshape(B, -1)
     out = np.empty((B, I * H * W), dtype=np.float32)
@@ -610,5 +606,5 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     K._backproject_pairs(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
                          np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
                          np.zeros((1, 1), np.float32), pairs, H, W, I, K.REDUCE_NONE, scratch,
-                         np.empty((B, 2, work), np.float32), np.empty((B, 4, work), np.int64), out)
+                         np.empty((B, 1, work), np.float32), np.empty((B, 3, work), np.int64), out)
     return out.reshape(B, I, H, W)
