@@ -46,7 +46,11 @@ def _setup_cpu(case) -> Prepared:
         return clearmaps.explain(case.net, case.x, case.classes[0], backend="cpu", keep_responses=False)
 
     def check():
-        return _explain_output(clearmaps.explain(case.net, case.x, case.classes[0], backend="cpu"))
+        from clearmaps.kernels import cpu
+
+        out = _explain_output(clearmaps.explain(case.net, case.x, case.classes[0], backend="cpu"))
+        out.switches = cpu.forward(case.net, case.x).switches  # the same forward explain() ran
+        return out
 
     def memory():
         """tracemalloc peaks: every buffer of the cpu backend is a NumPy array allocated from Python (the Numba
@@ -113,8 +117,9 @@ def torch_setup(device: str, dtype=None, tf32: bool = False):
         def check():
             with torch.inference_mode():
                 r, index, response, rgb = model(x, classes)
+                switches = {i: s.cpu().numpy() for i, s in model.forward(x)[2].items()}
             return Output(index.cpu().numpy(), response.double().cpu().numpy(), rgb.cpu().numpy(),
-                          r.double().cpu().numpy())
+                          r.double().cpu().numpy(), switches=switches)
 
         return Prepared(run, check, sync=sync, notes=f"{str(d).replace('torch.', '')}, all classes in one batch")
 
@@ -182,8 +187,12 @@ def captum_setup(device: str):
         def check():
             r, index, response = maps()
             rgb = torch_compose(index, response, classes.shape[1])
+            # Captum runs torch's float32 forward (the same F.conv2d / max_pool2d): its switches are those
+            with torch.no_grad():
+                switches = {i: s.cpu().numpy() for i, s in TorchDeconvnet(case.net64, torch.float32, device)
+                            .forward(x)[2].items()}
             return Output(index.cpu().numpy(), response.double().cpu().numpy(), rgb.cpu().numpy(),
-                          r.detach().double().cpu().numpy())
+                          r.detach().double().cpu().numpy(), switches=switches)
 
         return Prepared(run, check, sync=sync, notes="one attribute() call per class")
 

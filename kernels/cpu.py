@@ -45,6 +45,7 @@ __all__ = [
 
 _IM2COL_FLOATS = 1 << 23       # an im2col block holds at most this many floats (32 MiB)
 _CHUNK_BYTES = 8 << 20         # keep_responses=False: a chunk's reduced maps take at most this
+_CHUNK_PARTS = 8               # ... and at most 1/8 of the (image, class) pairs
 _GEMM_FROM = 128               # forward convs with this many output channels or more use BLAS GEMMs
 _FEW_CHANNELS = 8             # transposed convs to fewer channels than this take dot products instead
 _REDUCE = {"sum": K.REDUCE_SUM, "max": K.REDUCE_MAX, "norm": K.REDUCE_NORM}
@@ -231,9 +232,8 @@ class _Plan:
         def conv_fields(i):
             layer = net.layers[i]
             (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
-            return dict(woff=prep.offset[i], woff_few=prep.few.get(i, -1), i=layer.in_channels, kh=kh, kw=kw, sh=sh, sw=sw,
-                        ph=ph, pw=pw,
-                        out_h=sizes[i][0], out_w=sizes[i][1])
+            return dict(woff=prep.offset[i], woff_few=prep.few.get(i, -1), i=layer.in_channels, kh=kh, kw=kw,
+                        sh=sh, sw=sw, ph=ph, pw=pw, out_h=sizes[i][0], out_w=sizes[i][1])
 
         def pool_fields(j):
             c = channels[j]
@@ -387,8 +387,10 @@ def attentive_dominant(net: Network, trace: Trace, classes=None, rectify: bool =
         K._merge_dominant(maps, image, position, best, index)
         responses = maps.reshape(job.B, job.K, job.H, job.W)
     else:
-        chunk = max(job.nworkers, min(P, 8 * job.nworkers, _CHUNK_BYTES // (4 * n)))
-        chunk -= chunk % job.nworkers if chunk > job.nworkers else 0
+        # at most an eighth of the pairs (so never all K maps) and _CHUNK_BYTES, at least one per worker;
+        # few chunks keep the workers' meeting points (one per kernel launch) few
+        chunk = max(job.nworkers, min(-(-P // _CHUNK_PARTS), _CHUNK_BYTES // (4 * n)))
+        chunk -= chunk % job.nworkers
         maps = np.empty((chunk, n), dtype=np.float32)
         for lo in range(0, P, chunk):
             hi = min(P, lo + chunk)
