@@ -338,7 +338,7 @@ def _gather_rows(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw
 @njit(cache=True)
 def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
     """The back-projection of one (image b, class cls) signal; returns which buffer holds the result.
-    wsf (1, L) float32 and wsi (3, L) int64 are the worker's sparse-row buffers (values; channels, row
+    wsf (1, L) float32 and wsi (3, L) int32 are the worker's sparse-row buffers (values; channels, row
     starts, fill cursors)."""
     vals = wsf[0]
     chans, start, cursor = wsi[0], wsi[1], wsi[2]
@@ -491,7 +491,7 @@ def _compose_rgb(index, response, hues, level, rgb):
 @njit(cache=True, parallel=True)
 def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out, wsf, wsi):
     """Transposed conv of a batch: y (N, h, w, O) channel-last, wt (kh, kw, O, I) flat, out (N, H, W, I);
-    wsf (N, 1, L) / wsi (N, 3, L) are each image's sparse-row buffers."""
+    wsf (N, 1, L) / wsi (N, 3, L) int32 are each image's sparse-row buffers."""
     N, h, w, O = y.shape
     H, W = out.shape[1], out.shape[2]
     y2 = y.reshape(N, h * w * O)

@@ -349,7 +349,7 @@ class _Job:
         self.nworkers = max(1, min(numba.get_num_threads(), len(self.pairs)))
         self.scratch = np.empty((self.nworkers, 2, self.plan.max_plane), dtype=np.float32)
         self.wsf = np.empty((self.nworkers, 1, self.plan.work), dtype=np.float32)
-        self.wsi = np.empty((self.nworkers, 3, self.plan.work), dtype=np.int64)
+        self.wsi = np.empty((self.nworkers, 3, self.plan.work), dtype=np.int32)
 
     def run(self, lo, hi, reduce_code, out):
         """out[:hi-lo] ← the maps of pairs lo..hi-1."""
@@ -512,7 +512,7 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     K._conv_t_batch(np.ascontiguousarray(y.transpose(0, 2, 3, 1), dtype=np.float32),
                     np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
                     kh, kw, sh, sw, ph, pw, I, out, np.empty((B, 1, work), np.float32),
-                    np.empty((B, 3, work), np.int64))
+                    np.empty((B, 3, work), np.int32))
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
@@ -608,5 +608,5 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     K._backproject_pairs(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
                          np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
                          np.zeros((1, 1), np.float32), pairs, H, W, I, K.REDUCE_NONE, scratch,
-                         np.empty((B, 1, work), np.float32), np.empty((B, 3, work), np.int64), out)
+                         np.empty((B, 1, work), np.float32), np.empty((B, 3, work), np.int32), out)
     return out.reshape(B, I, H, W)
