@@ -2,12 +2,15 @@
 
 What they compute
 -----------------
-_im2col_nhwc        the patches of a convolution, one row per output pixel (the forward conv is then one
+_conv_sparse_nhwc   a forward convolution skipping zero inputs: each image row's non-zero entries listed,
+                    then each output row sums value × weight row (_gather_rows) — convs with few outputs
+_im2col_nhwc        the patches of a convolution, one row per output pixel (wider forward convs are then one
                     BLAS GEMM per block of rows, done by NumPy in ``cpu.py``)
 _max_pool_nhwc      max pooling with switches: flat index row*W+col into the input plane of each window's
                     first maximum in row-major window order (strict '>': torch's tie rule)
 _unpool_nchw        switch unpooling, values *added* at the switches
 _csr_dense          a plane's non-zero (rectified) entries as compressed sparse rows, pixel by pixel
+_csr_signs          z_L[b, c] as a two-channel sparse plane (z⁺, z⁻): the folded head step (cpu._Prepared)
 _csr_pooled         the same for an UNPOOLED plane, built through the switches: each pooled value goes to its
                     switch's row, so the mostly-zero unpooled plane is never built
 _gather_csr_conv_t  transposed convolution of sparse rows: each output pixel sums value × weight row over the
@@ -37,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-# the steps of the back-projection plan (one row of int64 fields each; see cpu._plan)
+# the steps of the back-projection plan (one row of int64 fields each; see cpu._Plan)
 HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_FEW, HEAD_FOLDED = range(7)
 (F_KIND, F_RECT, F_WOFF, F_O, F_I, F_KH, F_KW, F_SH, F_SW, F_PH, F_PW, F_IN_H, F_IN_W, F_OUT_H, F_OUT_W,
  F_SWOFF, F_SWCOUNT, F_UH, F_UW, F_SIZE, F_WOFF_FEW) = range(21)
@@ -425,7 +428,9 @@ def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, wsf, 
     """out[p] = R(x_b | c) (reduced over channels unless reduce == REDUCE_NONE) for each pair p = (b, c).
 
     z is z_L as (B*N, h*w); the HEAD step's F_O field holds N. A plan without a HEAD step starts from
-    whatever the caller put in scratch[w, 0] (then worker w must handle exactly pair w)."""
+    whatever the caller put in scratch[w, 0] (then worker w must handle exactly pair w). scratch
+    (nworkers, 2, plane) holds each worker's ping-pong planes; wsf (nworkers, 1, L) float32 and
+    wsi (nworkers, 3, L) int32 its sparse-row buffers."""
     nworkers = scratch.shape[0]
     P = pairs.shape[0]
     for wk in prange(nworkers):
