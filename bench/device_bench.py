@@ -9,6 +9,19 @@ GPU (the CPU oracle of bench/run.py would take minutes at these sizes; it is its
 NumPy reference on one small image first). Before the methods it measures the two ceilings (device copy
 bandwidth, fp32 and TF32 GEMM rates through the GEMM the backend uses); after them, a per-layer time
 breakdown of the clearmaps methods from CUDA events.
+
+Where the contract is checked (``CONTRACT_CASES``). The float32 contract (1e-5 against float64) is checked
+on a case where float32 can meet it at all. allcnn-mnist at batch 1024 is one: it is checked where it is
+timed. vgg16-fcn at 224x224 is not: with random weights, a 16-layer deconvnet at that size is
+ill-conditioned (switches and rectifications flip on float32 rounding, and the flips are amplified), so
+EVERY float32 method, torch's own float32 deconvnet included, is ~2% away from float64 there (run 2 on
+an H200: torch fp32 2.2e-2, Captum 2.2e-2, clearmaps 1.8e-2), while at 64x64 the same network and weights
+give ~1e-6. So every method is first checked against the float64 oracle on vgg16-fcn at 64x64, batch 2,
+SAME weights (the gate: a method that fails it is "wrong" and not timed), and then timed at 224x224,
+batch 8, where its relative error and class agreement are REPORTED (not gated) both against float64 and
+against torch's float32 deconvnet, so that the table shows the discrepancy is shared by all float32
+methods and not a defect of one. The JSON says which is which: ``check.contract`` (the gate, with its
+case) and ``check.at_timed_size`` ({"vs_float64": ..., "vs_torch_fp32": ...}).
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +39,22 @@ import numpy as np
 from . import cases, harness
 from .cases import CaseSpec, describe, make_case
 from .harness import METHODS, Output, fmt_bytes
-from .run import load_methods, machine
+from .run import load_methods, machine, oracle
 
 GPU_CASES = {
     "allcnn-mnist-b1024": CaseSpec("allcnn-mnist-b1024", "allcnn-mnist", 1024, (28, 28), False),
     "vgg16-fcn-b8": CaseSpec("vgg16-fcn-b8", "vgg16-fcn", 8, (224, 224), False),
+    # the contract check of vgg16-fcn-b8: same network and weights (same arch and seed), a size where
+    # float32 meets 1e-5 against float64
+    "vgg16-fcn-64-b2": CaseSpec("vgg16-fcn-64-b2", "vgg16-fcn", 2, (64, 64), False),
 }
-DEFAULT_METHODS = "captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-direct,cuda-fast"
+# timed case -> the case its contract is checked on (itself when absent)
+CONTRACT_CASES = {"vgg16-fcn-b8": "vgg16-fcn-64-b2"}
+DEFAULT_CASES = "allcnn-mnist-b1024,vgg16-fcn-b8"
+# cuda-direct (the direct kernel for <= 64 output channels) lost to gather + GEMM by 1.5x in run 2 and is
+# no longer in the default list; it stays registered (--methods ...,cuda-direct)
+DEFAULT_METHODS = "captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-fast"
+TORCH_FP32 = "torch-cuda"
 
 
 def gpu_oracle(case, log=print) -> Output:
@@ -82,8 +105,8 @@ def _event_time(fn, repeats=5):
 
 def ceilings(log=print) -> dict:
     """The two measured ceilings: device-to-device copy (bytes read + written per second) and the GEMM
-    rate of the backend's own cuBLAS call, fp32 and TF32, at a large square size and at the skinny shape
-    of a 64-channel transposed conv."""
+    rate of the backend's own cuBLAS call, fp32 and TF32, at a large square size and at the skinny shapes
+    of 32-, 64- and 512-channel transposed convs (allcnn's back 2, back 5/7, VGG's deep layers)."""
     import cupy as cp
 
     from clearmaps.kernels.cuda.device import gemm_into
@@ -94,8 +117,8 @@ def ceilings(log=print) -> dict:
     t = _event_time(lambda: b.__setitem__(slice(None), a))
     out["copy_GBps"] = 2 * a.nbytes / t / 1e9
     del a, b
-    for name, (M, K, N) in {"square": (8192, 8192, 8192), "conv64": (64, 576, 1 << 20),
-                            "conv512": (512, 4608, 1 << 16)}.items():
+    for name, (M, K, N) in {"square": (8192, 8192, 8192), "conv32": (32, 288, 1 << 22),
+                            "conv64": (64, 576, 1 << 20), "conv512": (512, 4608, 1 << 16)}.items():
         A = cp.random.standard_normal((M, K), dtype=cp.float32)
         B = cp.random.standard_normal((K, N), dtype=cp.float32)
         C = cp.empty((M, N), dtype=cp.float32)
@@ -139,20 +162,134 @@ def breakdown(case, fast: bool, limit=None, log=print) -> list:
     return [{"step": label, "ms": ms} for label, ms in steps]
 
 
+def _short(info: dict | None) -> str:
+    if not info:
+        return "–"
+    return (f"rel {info.get('responses_rel_err', info.get('dominant_response_rel_err')):.1e}, "
+            f"class {100 * info['class_agreement']:.2f}%")
+
+
+def run_checked(method, case, truth, contract_case, contract_truth, torch_ref, repeats, warmup,
+                log=print) -> harness.Result:
+    """harness.run_method, with the contract checked on ``contract_case`` (another size of the same network
+    and weights, or ``case`` itself) and, at the timed size, the agreement with the float64 oracle and with
+    torch's float32 deconvnet (``torch_ref``) reported without gating.
+
+    ``result.check``: {"contract": compare(...) + {"case": ...}, "at_timed_size": {"vs_float64": ...,
+    "vs_torch_fp32": ...}, "ok": the gate}."""
+    res = harness.Result(case.name, method.name, method.device, "ok")
+    why = method.available()
+    if why:
+        res.status, res.why = "skipped", why
+        return res
+    try:
+        if contract_case is not case:
+            small = method.setup(contract_case)
+            small.run()
+            if small.sync:
+                small.sync()
+            contract = harness.compare(small.check(), contract_truth, method.exact)
+            del small
+            res.check = {"contract": {"case": contract_case.name, **contract}, "ok": contract["ok"]}
+            if not contract["ok"]:
+                res.status, res.why = "wrong", (f"differs from the float64 oracle on {contract_case.name} beyond "
+                                                "the float32 contract")
+                return res
+        prepared = method.setup(case)
+        res.notes = prepared.notes
+        t0 = time.perf_counter()
+        prepared.run()
+        if prepared.sync:
+            prepared.sync()
+        res.first_call_s = time.perf_counter() - t0
+        out = prepared.check()
+        at = {"vs_float64": harness.compare(out, truth, method.exact),
+              "vs_torch_fp32": None if torch_ref is None else harness.compare(out, torch_ref, False)}
+        del out
+        if contract_case is case:
+            res.check = {"contract": {"case": case.name, **at["vs_float64"]}, "ok": at["vs_float64"]["ok"]}
+            if not res.check["ok"]:
+                res.status, res.why = "wrong", "output differs from the oracle beyond the float32 contract"
+                res.check["at_timed_size"] = at
+                return res
+        res.check["at_timed_size"] = at
+        n = method.repeats or repeats
+        timer = prepared.timer or (lambda fn, k: harness.wall_timer(fn, k, prepared.sync))
+        if warmup:
+            timer(prepared.run, warmup)
+        res.times_s = [float(t) for t in timer(prepared.run, n)]
+        res.median_s = statistics.median(res.times_s)
+        if prepared.memory:
+            res.memory = prepared.memory()
+        if getattr(prepared, "extra", None):  # other figures, where the harness has them
+            res.extra = prepared.extra()
+    except Exception as exc:  # one broken method must not hide the others' results
+        res.status, res.why = "error", f"{type(exc).__name__}: {exc}"
+        log(traceback.format_exc())
+    return res
+
+
+def table(case, contract_case, results) -> str:
+    """Markdown table: speed, ratio to each baseline, the contract check and the agreement at the timed size."""
+    B, flops = case.batch, case.flops["total"]
+    timed = {r.method: r for r in results if r.median_s}
+    baselines = [m for m in timed if METHODS[m].baseline]
+    where = "same case" if contract_case is case else contract_case.name
+    head = (["method", "ms/image", "images/s", "GFLOP/s", "first call s"] + [f"× {b}" for b in baselines] +
+            [f"contract vs float64 ({where})", "at timed size vs float64", "at timed size vs torch fp32"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        c = r.check or {}
+        at = c.get("at_timed_size") or {}
+        checks = [(_short(c.get("contract")) + ("" if c.get("ok", True) else " FAILS")) if c.get("contract") else "–",
+                  _short(at.get("vs_float64")), _short(at.get("vs_torch_fp32"))]
+        if r.median_s:
+            cells = [r.method, f"{r.per_image_ms(B):.3f}", f"{B / r.median_s:.1f}",
+                     f"{flops / r.median_s / 1e9:.1f}", f"{r.first_call_s:.2f}"]
+            cells += [f"{timed[b].median_s / r.median_s:.2f}" for b in baselines]
+        else:
+            cells = [r.method] + ["–"] * (4 + len(baselines))
+            checks[0] = f"{r.status}: {r.why}" + (f" ({checks[0]})" if c.get("contract") else "")
+        rows.append("| " + " | ".join(cells + checks) + " |")
+    return "\n".join(rows)
+
+
+def _explain_contract(case, contract_case) -> str:
+    if contract_case is case:
+        return ("Contract (float32 vs float64, rel ≤ 1e-5, dominant class equal on decisive pixels) checked on "
+                "the timed case itself.")
+    return (f"Contract (float32 vs float64, rel ≤ 1e-5, dominant class equal on decisive pixels) checked on "
+            f"{contract_case.name} ({contract_case.x.shape[2]}×{contract_case.x.shape[3]}, batch "
+            f"{contract_case.batch}, same network and weights): at {case.x.shape[2]}×{case.x.shape[3]} this "
+            "deep random deconvnet is ill-conditioned in float32 (switches and rectifications flip on rounding), "
+            "so float32 methods can be ~1e-2 from float64 there (in GPU run 2 all were); the last two columns "
+            "report that, not gated, against float64 and against torch's own float32 deconvnet.")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(GPU_CASES))
+    p.add_argument("--cases", default=DEFAULT_CASES)
     p.add_argument("--methods", default=DEFAULT_METHODS)
+    p.add_argument("--contract", default="",
+                   help="extra timed=contract case pairs, comma-separated (default: "
+                        + ",".join(f"{k}={v}" for k, v in CONTRACT_CASES.items()) + ")")
+    p.add_argument("--torch-fp32", default=TORCH_FP32, help="the method whose output is the float32 yardstick")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu", action="store_true",
+                   help="dry run of this script's logic on the CPU (CPU oracle, no ceilings, no breakdown); "
+                        "e.g. --cpu --cases vgg16-fcn-64-b2 --contract vgg16-fcn-64-b2=vgg16-fcn-64 "
+                        "--methods torch,cpu --torch-fp32 torch")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
     cases.SPECS.update(GPU_CASES)
+    contracts = dict(CONTRACT_CASES)
+    contracts.update(dict(pair.split("=") for pair in args.contract.split(",") if pair))
     load_methods()
     names = args.methods.split(",")
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names + [args.torch_fp32] if n not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; registered: {', '.join(METHODS)}")
     out_dir = Path(args.out)
@@ -160,37 +297,65 @@ def main(argv=None):
     info = machine()
     print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     report = {"machine": info, "argv": sys.argv[1:], "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "ceilings": ceilings(), "cases": []}
+              "ceilings": {} if args.cpu else ceilings(), "cases": []}
+    truth_of = oracle if args.cpu else gpu_oracle
     tables = []
     for case_name in args.cases.split(","):
+        t_case = time.perf_counter()
         case = make_case(case_name, args.seed)
+        contract_case = make_case(contracts[case_name], args.seed) if case_name in contracts else case
         title = (f"### {case.name}: batch {case.batch}, {case.x.shape[1]}×{case.x.shape[2]}×{case.x.shape[3]}, "
-                 f"{describe(case.net)}, {case.flops['total'] / 1e9:.1f} GFLOP counted, {info.get('gpu')}")
+                 f"{describe(case.net)}, {case.flops['total'] / 1e9:.1f} GFLOP counted, "
+                 f"{info.get('gpu', 'CPU') if not args.cpu else 'CPU dry run'}")
         print("\n" + title, flush=True)
-        truth = gpu_oracle(case)
+        truth = truth_of(case)
+        contract_truth = truth if contract_case is case else truth_of(contract_case)
+        if contract_case is not case:
+            same = all(np.array_equal(a.weight, b.weight) for a, b in zip(case.net.layers, contract_case.net.layers)
+                       if hasattr(a, "weight"))
+            print(f"  contract case {contract_case.name}: same weights as {case.name}: {same}", flush=True)
+            if not same:
+                raise SystemExit("the contract case must have the timed case's network and weights")
+        torch_ref = None
+        yard = METHODS[args.torch_fp32]
+        if not yard.available():
+            torch_ref = yard.setup(case).check()
         results = []
         for name in names:
             print(f"  {name} ...", flush=True)
-            r = harness.run_method(METHODS[name], case, truth, args.repeats, args.warmup)
+            r = run_checked(METHODS[name], case, truth, contract_case, contract_truth, torch_ref, args.repeats,
+                            args.warmup)
             results.append(r)
+            c = r.check or {}
+            at = c.get("at_timed_size") or {}
+            checks = (f"contract {_short(c.get('contract'))}; at timed size vs float64 "
+                      f"{_short(at.get('vs_float64'))}, vs {args.torch_fp32} {_short(at.get('vs_torch_fp32'))}")
             if r.median_s:
                 print(f"    first call {r.first_call_s:.2f} s, median {1e3 * r.median_s:.2f} ms, "
-                      f"{case.batch / r.median_s:.0f} images/s; check {r.check}", flush=True)
+                      f"{case.batch / r.median_s:.0f} images/s; {checks}", flush=True)
             else:
-                print(f"    {r.status}: {r.why}; check {r.check}", flush=True)
+                print(f"    {r.status}: {r.why}; {checks}", flush=True)
             if r.memory:
                 print(f"    peak memory: composite only {fmt_bytes(r.memory.get('composite_only_bytes'))}, "
                       f"all K maps {fmt_bytes(r.memory.get('all_maps_bytes'))}", flush=True)
+        del torch_ref
         steps = {}
-        for method, fast, limit in (("cuda", False, None), ("cuda-direct", False, 64), ("cuda-fast", True, None)):
-            if any(r.method == method and r.median_s for r in results):
-                steps[method] = breakdown(case, fast, limit)
-        tab = harness.table(case, results)
-        tables += [title, "", tab, ""]
+        if not args.cpu:
+            for method, fast, limit in (("cuda", False, None), ("cuda-direct", False, 64), ("cuda-fast", True, None)):
+                if any(r.method == method and r.median_s for r in results):
+                    steps[method] = breakdown(case, fast, limit)
+        tab = table(case, contract_case, results)
+        tables += [title, "", _explain_contract(case, contract_case), "", tab, ""]
         report["cases"].append({"case": case.name, "batch": case.batch, "shape": list(case.x.shape),
                                 "classes": case.num_maps, "flops": case.flops, "breakdown": steps,
+                                "contract_case": {"case": contract_case.name, "batch": contract_case.batch,
+                                                  "shape": list(contract_case.x.shape),
+                                                  "same_as_timed": contract_case is case},
+                                "float32_yardstick": args.torch_fp32,
+                                "seconds": time.perf_counter() - t_case,
                                 "results": [r.__dict__ for r in results]})
         (out_dir / "bench.json").write_text(json.dumps(report, indent=1, default=float))
+        print(f"  case done in {time.perf_counter() - t_case:.1f} s", flush=True)
     (out_dir / "bench.md").write_text("\n".join(tables))
     print("\n" + "\n".join(tables))
     bad = [(c["case"], r["method"]) for c in report["cases"] for r in c["results"] if r["status"] in ("wrong", "error")]

@@ -1,21 +1,23 @@
-"""The two numbers before any GPU run (METHOD.md): FLOPs and bytes of the CUDA backend's design, per case,
-and the time each would take at the measured ceilings.
+"""The two numbers before a GPU run (FLOPs and bytes) plus the third one that run 2 showed matters:
+instructions. Per kernel of the CUDA backend's design (kernels/cuda/backend.py), the time each would
+take at the measured ceilings, and the sum.
 
-    python -m bench.gpu_model [--copy-GBps 3000 --fp32-TFLOPs 51 --tf32-TFLOPs 415]
+    python -m bench.gpu_model [--copy-GBps 4139 --fp32-TFLOPs 51 --tf32-TFLOPs 412 --issue 1.045e12]
 
-Per kernel of forward and back-projection it counts what the backend does: a GEMM's FLOPs and bytes (it
-reads the columns and writes its output); the bytes of the other kernels (the column gather reads its
-source and writes kh*kw rows per signal channel; the direct kernel reads its source once; the epilogue
-reads R once). Source reads of
-the gathers are counted once (their kh*kw-fold reuse is served by L1/L2). The predicted time is the sum
-over kernels of max(FLOPs / rate, bytes / bandwidth): kernels run one after another.
+Per kernel: a GEMM's FLOPs (at the rate cuBLAS reached for that shape in run 2's ceilings: skinny
+M = 32-64 row GEMMs 44 fp32 / 117 TF32 TFLOP/s, M >= 256 51 / 307) and bytes (it reads the columns, writes
+its output); a gather's bytes (reads its source and, through a pool, the int32 switches once; writes
+kh*kw rows per channel) and instructions: the SASS loop body per (pixel, channel) measured by
+``python -m bench.kernel_report`` (sm_90), times the number of (pixel, channel) iterations / 32 lanes,
+at ``--issue`` warp instructions per second (132 SMs x 4 schedulers x 1.98 GHz). Each kernel takes
+max(FLOPs / rate, bytes / bandwidth, warp instructions / issue rate); kernels run one after another.
+``--efficiency`` scales the bandwidth and issue rate (achieved / peak) for the "expected" column.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import numpy as np
 
 from clearmaps.reference import Conv, MaxPool, ReLU
 
@@ -23,10 +25,28 @@ from .cases import count_flops
 from .device_bench import GPU_CASES
 
 F = 4  # bytes per float32
+# SASS instructions per loop iteration (one channel of one pixel / column), from bench.kernel_report, sm_90
+INSTR = {
+    ("gather", "dense", 9): 132, ("gather", "unpooled", 9): 216, ("gather", "dense", 1): 31,
+    ("gather", "unpooled", 1): 45,
+    ("direct", "dense", 9): {1: 84, 3: 120}, ("direct", "unpooled", 9): {1: 124, 3: 168},
+    ("forward", "dense", 9): 132, ("forward", "dense", 1): 31,
+    ("head", 1): 29,  # per output element of a 1x1 head
+}
+
+
+def gemm_rate(M: int, fast: bool, args) -> float:
+    """TFLOP/s cuBLAS reached in run 2 (H200) for an M-row GEMM with a long N."""
+    if M <= 64:
+        return args.skinny_tf32 if fast else args.skinny_fp32
+    if M >= 256:
+        return args.tf32_TFLOPs * 307 / 412 if fast else args.fp32_TFLOPs
+    return (args.skinny_tf32 + args.tf32_TFLOPs * 307 / 412) / 2 if fast else (args.skinny_fp32 + args.fp32_TFLOPs) / 2
 
 
 def steps(net, size, B, K, direct_max=4):
-    """(label, gemm_flops, bytes) per kernel group, exact design of kernels/cuda/backend.py."""
+    """(label, GEMM rows M or 0, gemm_flops, bytes, warp instructions) per kernel, exact design of
+    kernels/cuda/backend.py."""
     sizes = net.layer_sizes(size)
     out = []
     C = net.in_channels
@@ -35,84 +55,95 @@ def steps(net, size, B, K, direct_max=4):
         if isinstance(layer, Conv):
             O, I, kh, kw = layer.weight.shape
             rows, cols = I * kh * kw + 1, B * oh * ow
-            flops = 2 * O * rows * cols
-            out.append((f"fwd conv {i} {I}->{O} @{oh}x{ow} gather", 0, F * (I * B * H * W + rows * cols)))
-            out.append((f"fwd conv {i} GEMM", flops, F * (rows * cols + O * cols)))
+            instr = INSTR[("forward", "dense", kh * kw)] * I * cols / 32
+            out.append((f"fwd conv {i} {I}->{O} @{oh}x{ow} gather", 0, 0, F * (I * B * H * W + rows * cols), instr))
+            out.append((f"fwd conv {i} GEMM", O, 2 * O * rows * cols, F * (rows * cols + O * cols), 0))
             C = O
         elif isinstance(layer, MaxPool):
-            out.append((f"fwd pool {i}", 0, F * C * B * (H * W + oh * ow) + 8 * C * B * oh * ow))
+            out.append((f"fwd pool {i}", 0, 0, F * C * B * (H * W + oh * ow) + 8 * C * B * oh * ow, 0))
     n = B * K
     hi = net.head_index
     H, W = sizes[hi]
     I = net.head.in_channels
-    out.append(("back head", 2 * n * I * H * W * int(np.prod(net.head.kernel)), F * n * I * H * W))
-    pooled = None  # size of the pooled source when reading through switches
+    out.append(("back head", 0, 0, F * n * I * H * W, INSTR[("head", 1)] * n * I * H * W / 32))
+    pooled = False
     current = I * H * W
     for i in range(hi - 1, -1, -1):
         layer = net.layers[i]
         if isinstance(layer, ReLU):
             continue
         if isinstance(layer, MaxPool):
-            pooled = current
+            pooled = True
             continue
         O, I, kh, kw = layer.weight.shape
         H, W = sizes[i]
-        src = F * n * current + (8 * n // K * current if pooled else 0)  # values (+ switches, per image)
+        kind = "unpooled" if pooled else "dense"
+        src = F * n * current + (4 * (n // K) * current if pooled else 0)  # values (+ int32 switches, per image)
         if I <= direct_max:
-            out.append((f"back conv {i} direct {O}->{I} @{H}x{W}", 0, src + F * n * I * H * W))
-            flops_direct = 2 * n * O * I * kh * kw * H * W
-            out[-1] = (out[-1][0], -flops_direct, out[-1][2])  # CUDA-core FLOPs, not GEMM
+            instr = INSTR[("direct", kind, kh * kw)][min(I, 3) if I != 1 else 1] * O * n * H * W / 32
+            out.append((f"back conv {i} direct {O}->{I} @{H}x{W}{' (through switches)' if pooled else ''}", 0, 0,
+                        src + F * n * I * H * W, instr))
         else:
             rows, cols = O * kh * kw, n * H * W
-            out.append((f"back conv {i} {O}->{I} @{H}x{W} gather{' (through switches)' if pooled else ''}",
-                        0, src + F * rows * cols))
-            out.append((f"back conv {i} GEMM", 2 * I * rows * cols, F * (rows * cols + I * cols)))
-        current, pooled = I * H * W, None
+            instr = INSTR[("gather", kind, kh * kw)] * O * cols / 32
+            out.append((f"back conv {i} {O}->{I} @{H}x{W} gather{' (through switches)' if pooled else ''}", 0, 0,
+                        src + F * rows * cols, instr))
+            out.append((f"back conv {i} GEMM", I, 2 * I * rows * cols, F * (rows * cols + I * cols), 0))
+        current, pooled = I * H * W, False
     Hin, Win = size
-    out.append(("epilogue", 0, F * n * net.in_channels * Hin * Win + B * Hin * Win * (4 + 8 + 3)))
+    out.append(("epilogue", 0, 0, F * n * net.in_channels * Hin * Win + B * Hin * Win * (4 + 8 + 3), 0))
     return out
+
+
+def predict(rows, args, fast: bool, efficiency: float = 1.0) -> tuple:
+    """(total seconds, per-step seconds) at the ceilings, bandwidth and issue rate scaled by ``efficiency``."""
+    per = []
+    for label, M, flops, byts, instr in rows:
+        t_mem = byts / (args.copy_GBps * 1e9 * efficiency)
+        t_issue = instr / (args.issue * efficiency)
+        t_flop = flops / (gemm_rate(M, fast, args) * 1e12) if flops else 0.0
+        per.append(max(t_flop, t_mem, t_issue))
+    return sum(per), per
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--copy-GBps", type=float, default=3000.0, help="device copy bandwidth, read+write")
+    p.add_argument("--copy-GBps", type=float, default=4139.0, help="device copy bandwidth, read+write (H200, run 2)")
     p.add_argument("--fp32-TFLOPs", type=float, default=51.0)
-    p.add_argument("--tf32-TFLOPs", type=float, default=415.0)
-    p.add_argument("--cuda-core-TFLOPs", type=float, default=20.0, help="what a direct numba kernel reaches")
+    p.add_argument("--tf32-TFLOPs", type=float, default=412.0)
+    p.add_argument("--skinny-fp32", type=float, default=44.2, help="cuBLAS fp32 at M=64 rows (run 2)")
+    p.add_argument("--skinny-tf32", type=float, default=117.2, help="cuBLAS TF32 at M=64 rows (run 2)")
+    p.add_argument("--issue", type=float, default=132 * 4 * 1.98e9, help="warp instructions per second")
+    p.add_argument("--efficiency", type=float, default=0.6,
+                   help="achieved fraction of bandwidth and issue rate for the 'expected' figures")
     args = p.parse_args(argv)
     import torch
 
     import clearmaps
 
-    for spec in GPU_CASES.values():
+    for spec in (GPU_CASES[name] for name in ("allcnn-mnist-b1024", "vgg16-fcn-b8")):
         torch.manual_seed(0)
         arch = clearmaps.read_arch(spec.arch)
         net = clearmaps.from_torch(clearmaps.build_module(spec.arch), arch["class_names"], arch["input_shape"])
         K = net.num_classes
         counted = count_flops(net, spec.size, spec.batch, K)
         rows = steps(net, spec.size, spec.batch, K)
+        exact, per32 = predict(rows, args, False)
+        fast, per16 = predict(rows, args, True)
+        exact_e, per32e = predict(rows, args, False, args.efficiency)
+        fast_e, _ = predict(rows, args, True, args.efficiency)
         print(f"\n### {spec.name}: batch {spec.batch}, {spec.size}, {K} classes; counted (dense) "
               f"{counted['total'] / 1e9:.1f} GFLOP (forward {counted['forward'] / 1e9:.1f})")
-        print(f"| step | GFLOP | GB moved | ms fp32 | ms tf32 |\n|---|---|---|---|---|")
-        tot = {"flops": 0, "bytes": 0, "fp32": 0.0, "tf32": 0.0}
-        for label, flops, byts in rows:
-            t_mem = byts / (args.copy_GBps * 1e9)
-            if flops < 0:  # CUDA-core work of a direct kernel
-                t32 = t16 = max(-flops / (args.cuda_core_TFLOPs * 1e12), t_mem)
-                flops = -flops
-            else:
-                t32 = max(flops / (args.fp32_TFLOPs * 1e12), t_mem)
-                t16 = max(flops / (args.tf32_TFLOPs * 1e12), t_mem)
-            tot["flops"] += flops
-            tot["bytes"] += byts
-            tot["fp32"] += t32
-            tot["tf32"] += t16
-            print(f"| {label} | {flops / 1e9:.1f} | {byts / 1e9:.2f} | {1e3 * t32:.2f} | {1e3 * t16:.2f} |")
-        print(f"| **total** | {tot['flops'] / 1e9:.1f} | {tot['bytes'] / 1e9:.2f} | {1e3 * tot['fp32']:.1f} | "
-              f"{1e3 * tot['tf32']:.1f} |")
-        print(f"predicted: exact {spec.batch / tot['fp32']:.0f} images/s, fast {spec.batch / tot['tf32']:.0f} "
-              f"images/s (copy {args.copy_GBps:.0f} GB/s, fp32 {args.fp32_TFLOPs:.0f}, tf32 {args.tf32_TFLOPs:.0f} "
-              "TFLOP/s; launch overheads and the sync of the input check not included)")
+        print("| step | GFLOP | GB moved | G warp instr | ms exact | ms fast | ms exact at "
+              f"{args.efficiency:.0%} |\n|---|---|---|---|---|---|---|")
+        for (label, M, flops, byts, instr), a, b, c in zip(rows, per32, per16, per32e):
+            print(f"| {label} | {flops / 1e9:.1f} | {byts / 1e9:.2f} | {instr / 1e9:.2f} | {1e3 * a:.2f} | "
+                  f"{1e3 * b:.2f} | {1e3 * c:.2f} |")
+        print(f"| **total** | {sum(r[2] for r in rows) / 1e9:.1f} | {sum(r[3] for r in rows) / 1e9:.2f} | "
+              f"{sum(r[4] for r in rows) / 1e9:.2f} | {1e3 * exact:.1f} | {1e3 * fast:.1f} | {1e3 * exact_e:.1f} |")
+        print(f"ceiling: exact {spec.batch / exact:.0f} images/s, fast {spec.batch / fast:.0f}; expected at "
+              f"{args.efficiency:.0%} of bandwidth and issue rate: exact {spec.batch / exact_e:.0f}, fast "
+              f"{spec.batch / fast_e:.0f} images/s (launch gaps and the input check's sync not included)")
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ def load_checkpoint(path, arch=None, class_names=None, input_shape=None) -> Netw
     _check_keys(module, sd, path)
     module.load_state_dict(sd, strict=False)
     spec = module.spec
-    names = class_names if class_names is not None else meta.get("class_names", spec.get("class_names"))
+    names = class_names if class_names is not None else meta.get("class_names") or spec.get("class_names")
     shape = input_shape if input_shape is not None else spec.get("input_shape")
     return Network(convert_leaves(module.ordered()), names, shape)
 
@@ -288,14 +288,18 @@ def save_checkpoint(path, module: SpecModule, class_names=None) -> Path:
     path = Path(path)
     if not isinstance(module, SpecModule):
         raise ClearmapsError(f"save_checkpoint expects a module from build_module; got {type(module).__name__}.")
-    names = list(class_names if class_names is not None else module.spec.get("class_names") or [])
+    names = class_names if class_names is not None else module.spec.get("class_names")
+    meta = {"arch": json.dumps(module.spec)}
+    if names:  # without names the file says nothing, and loading falls back to "0", "1", ...
+        meta["class_names"] = [str(n) for n in names]
     sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(sd, str(path), metadata={_META_ARCH: json.dumps(module.spec), _META_NAMES: json.dumps(names)})
+        save_file(sd, str(path), metadata={_META_ARCH: meta["arch"], **(
+            {_META_NAMES: json.dumps(meta["class_names"])} if "class_names" in meta else {})})
     elif path.suffix in (".pt", ".pth"):
-        torch.save({"state_dict": sd, "arch": json.dumps(module.spec), "class_names": names}, str(path))
+        torch.save({"state_dict": sd, **meta}, str(path))
     else:
         raise ClearmapsError(f"{str(path)!r}: expected a .safetensors, .pt or .pth file name.")
     return path

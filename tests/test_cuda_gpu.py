@@ -140,3 +140,30 @@ def test_auto_picks_cuda_and_explain_runs(kc):
     assert_equal(got.classes, want.classes, "classes")
     mask = decisive(want.responses)
     assert_equal(got.dominant_class[mask], want.dominant_class[mask], "dominant class")
+
+
+def test_kernels_run_on_cupys_current_stream(kc, monkeypatch):
+    """Every numba launch goes to CuPy's current stream (bindings/interop.py makes it torch's), where the
+    CuPy ops and cuBLAS GEMMs go too: on a non-blocking side stream the maps equal the default stream's, and
+    every launch named the side stream (a kernel left on the legacy default stream would race with the
+    GEMMs on the side stream)."""
+    import cupy as cp
+
+    from clearmaps.kernels.cuda import device
+
+    net = _preset("allcnn-mnist", 6)
+    x = cp.asarray(np.random.default_rng(6).uniform(size=(256, 1, 28, 28)), dtype=cp.float32)
+    classes = np.tile(np.arange(10), (256, 1))
+    want = kc.clear_from_trace(net, kc.forward(net, x), classes, keep_responses=False)
+    cp.cuda.Device().synchronize()
+    seen = []
+    real = device.launch_stream
+    monkeypatch.setattr(device, "launch_stream", lambda: seen.append(real()) or seen[-1])
+    side = cp.cuda.Stream(non_blocking=True)
+    with side:
+        got = kc.clear_from_trace(net, kc.forward(net, x), classes, keep_responses=False)
+        rgb, index = got.rgb.copy(), got.dominant_index.copy()
+    side.synchronize()
+    assert seen and {int(s) for s in seen} == {side.ptr}, (len(seen), {int(s) for s in seen}, side.ptr)
+    assert_equal(cp.asnumpy(index), cp.asnumpy(want.dominant_index), "dominant class on a side stream")
+    assert_equal(cp.asnumpy(rgb), cp.asnumpy(want.rgb), "rgb on a side stream")

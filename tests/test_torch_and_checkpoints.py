@@ -260,3 +260,10 @@ def test_bad_arch_specs():
     with pytest.raises(ClearmapsError, match="not valid JSON"):
         clearmaps.read_arch("{not json")
 
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_spec_without_class_names_round_trips(tmp_path, suffix):
+    layers = [{"type": "conv", "name": "c", "in": 1, "out": 3, "kernel": 3}]
+    path = clearmaps.save_checkpoint(tmp_path / f"m{suffix}", clearmaps.build_module(layers))
+    assert clearmaps.load_checkpoint(path).class_names == ("0", "1", "2")

@@ -191,11 +191,13 @@ def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
     block = _column_block(rows, ncols)
     work = xp.empty(rows * min(block, ncols), dtype=np.float32)
     kernel = fk.forward_columns(*_geometry(layer))
+    groups = ceil_div(I, fk.FORWARD_CHANNELS)
+    flat = a.reshape(-1)
     for j0 in range(0, ncols, block):
         nb = min(block, ncols - j0)
-        cols = work[:rows * nb].reshape(rows, nb)
-        launch(kernel, (ceil_div(nb, THREADS), I), THREADS, a, cols, j0, oh, ow, rect, True)
-        dv.gemm_into(plan.forward, cols, out, j0, fast)
+        cols = work[:rows * nb]
+        launch(kernel, (ceil_div(nb, THREADS), groups), THREADS, flat, cols, nb, j0, I, Bc, H, W, oh, ow, rect, True)
+        dv.gemm_into(plan.forward, cols.reshape(rows, nb), out, j0, fast)
     return out.reshape(O, Bc, oh, ow)
 
 
@@ -287,7 +289,10 @@ def _trace_device(net: Network, trace) -> tuple:
         z, switches = cached["z"], cached["switches"]
     else:
         z = dv.asdevice(trace.z, np.float32)
-        switches = {i: dv.asdevice(s, np.int64) for i, s in trace.switches.items()}
+        switches = {i: dv.asdevice(s) for i, s in trace.switches.items()}
+        for i, s in switches.items():
+            if s.dtype.kind not in "iu":
+                raise ClearmapsError(f"trace.switches[{i}] has dtype {s.dtype}; expected integers (int64).")
     B = z.shape[0]
     if z.ndim != 4 or z.shape[1:] != (net.num_classes, *sizes[-1]):
         raise ClearmapsError(f"trace.z has shape {tuple(z.shape)}; expected (B, {net.num_classes}, "
@@ -303,7 +308,20 @@ def _trace_device(net: Network, trace) -> tuple:
             want = (B, channels, *sizes[i + 1])
             if tuple(switches[i].shape) != want:
                 raise ClearmapsError(f"trace.switches[{i}] has shape {tuple(switches[i].shape)}; expected {want}.")
-    return z, switches, sizes
+    # the back-projection reads the switches as int32 (half the bytes; an index into one plane fits), made
+    # once per trace (kept with a forward()'s device arrays)
+    sw32 = cached.get("switches32") if cached is not None else None
+    if sw32 is None:
+        if cached is None:  # switches that forward() did not make: each must index its pool's input plane
+            for i, s in switches.items():
+                plane = sizes[i][0] * sizes[i][1]
+                if s.size and (int(s.min()) < 0 or int(s.max()) >= plane):
+                    raise ClearmapsError(f"trace.switches[{i}] ranges over [{int(s.min())}, {int(s.max())}], "
+                                         f"outside the {sizes[i][0]}x{sizes[i][1]} plane it indexes (0 .. {plane - 1}).")
+        sw32 = {i: xp.ascontiguousarray(s.astype(np.int32)) for i, s in switches.items()}
+        if cached is not None:
+            cached["switches32"] = sw32
+    return z, sw32, sizes
 
 
 # ------------------------------------------------------------------------------- back-projection
@@ -312,9 +330,9 @@ _DUMMY_SWITCHES = {}
 
 
 def _dummy_switches():
-    # dense sources ignore the switches argument, but the kernel's signature still wants an int64 array
+    # dense sources ignore the switches argument, but the kernels' signature still wants an int32 array
     if "a" not in _DUMMY_SWITCHES:
-        _DUMMY_SWITCHES["a"] = xp.zeros((1, 1, 1, 1), dtype=np.int64)
+        _DUMMY_SWITCHES["a"] = xp.zeros(1, dtype=np.int32)
     return _DUMMY_SWITCHES["a"]
 
 
@@ -324,55 +342,60 @@ class _Source:
     read through its switches, with the pending rectifications."""
 
     kind: int
-    array: object          # dense: (C, n, Hs, Ws); unpooled: the pooled signal (C, n, oh, ow)
-    plane: tuple           # (Hs, Ws): the size of the plane this source stands for
+    array: object          # dense: (C, n, Hs, Ws); unpooled: the pooled signal (C, n, Hs, Ws)
+    plane: tuple           # (Hu, Wu): the size of the plane this source stands for
     pre: bool = False      # rectify values as read (dense) / before unpooling (unpooled)
     post: bool = False     # rectify after unpooling (unpooled only)
-    switches: object = None
+    switches: object = None  # unpooled: int32 (B, C, Hs, Ws)
     pool: tuple | None = None
 
     def rectified(self) -> "_Source":
         if self.kind == bk.DENSE:
             return _Source(bk.DENSE, self.array, self.plane, pre=True)
-        return _Source(bk.UNPOOLED, self.array, self.plane, self.pre, True, self.switches, self.pool)
+        return _Source(self.kind, self.array, self.plane, self.pre, True, self.switches, self.pool)
 
     def args(self):
-        return (self.array, self.switches if self.kind == bk.UNPOOLED else _dummy_switches())
+        """(src, switches) flat, then the dims every kernel takes: C, n, Hs, Ws, Hu, Wu."""
+        C, n, Hs, Ws = self.array.shape
+        sw = _dummy_switches() if self.kind == bk.DENSE else self.switches.reshape(-1)
+        return (self.array.reshape(-1), sw, C, n, Hs, Ws, *self.plane)
 
 
 def _materialise(src: _Source, b0: int, kc: int):
-    """The source as a dense (C, n, Hs, Ws) plane, with its rectifications applied."""
+    """The source as a dense (C, n, Hu, Wu) plane, with its rectifications applied."""
     C, n = src.array.shape[:2]
     out = xp.empty((C, n, *src.plane), dtype=np.float32)
+    src_flat, sw, *dims = src.args()
     launch(bk.materialise(src.kind, src.pool), ceil_div(out.size, THREADS), THREADS,
-           *src.args(), out, b0, kc, src.pre, src.post)
+           src_flat, sw, out.reshape(-1), *dims, b0, kc, src.pre, src.post)
     return out
 
 
 def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: int, kc: int, fast: bool):
-    """G_l of the paper on a source: (O, n, Hs, Ws) → (I, n, H, W), H, W = ``out_size``."""
+    """G_l of the paper on a source: (O, n, Hu, Wu) → (I, n, H, W), H, W = ``out_size``."""
     O, I, kh, kw = layer.weight.shape
     n = src.array.shape[1]
     H, W = out_size
-    Hs, Ws = src.plane
     out = xp.empty((I, n, H, W), dtype=np.float32)
     geometry = _geometry(layer)
+    src_flat, sw, *dims = src.args()  # dims: O, n, Hs, Ws, Hu, Wu
     if I <= DIRECT_MAX_CHANNELS:
         launch(bk.direct_transpose(I, *geometry, src.kind, src.pool), ceil_div(n * H * W, THREADS), THREADS,
-               *src.args(), plan.weight, out, Hs, Ws, b0, kc, src.pre, src.post)
+               src_flat, sw, plan.weight.reshape(-1), out.reshape(-1), *dims, H, W, b0, kc, src.pre, src.post)
         return out
     rows = O * kh * kw
     ncols = n * H * W
     out2d = out.reshape(I, ncols)
     block = _column_block(rows, ncols)
     work = xp.empty(rows * min(block, ncols), dtype=np.float32)
-    kernel = bk.transposed_columns(*geometry, src.kind, src.pool)
+    kernel = bk.gather_columns(*geometry, src.kind, src.pool)
+    groups = ceil_div(O, bk.GATHER_CHANNELS)
     for j0 in range(0, ncols, block):
         nb = min(block, ncols - j0)
-        cols = work[:rows * nb].reshape(rows, nb)
-        launch(kernel, (ceil_div(nb, THREADS), O), THREADS, *src.args(), cols, j0, H, W, Hs, Ws, b0, kc,
+        cols = work[:rows * nb]
+        launch(kernel, (ceil_div(nb, THREADS), groups), THREADS, src_flat, sw, cols, nb, j0, *dims, H, W, b0, kc,
                src.pre, src.post)
-        dv.gemm_into(plan.transposed, cols, out2d, j0, fast)
+        dv.gemm_into(plan.transposed, cols.reshape(rows, nb), out2d, j0, fast)
     return out
 
 
@@ -383,9 +406,12 @@ def _backproject_chunk(net, plan, sizes, z, classes, switches, b0, bc, k0, kc, r
     head = net.head
     n = bc * kc
     H, W = sizes[head_i]
-    signal = xp.empty((head.in_channels, n, H, W), dtype=np.float32)
-    launch(bk.head_signal(*_geometry(head)), ceil_div(signal.size, THREADS), THREADS,
-           z, classes, plan[head_i].weight, signal, b0, k0, kc)
+    I = head.in_channels
+    signal = xp.empty((I, n, H, W), dtype=np.float32)
+    B, N, h, w = z.shape
+    launch(bk.head_signal(*_geometry(head)), ceil_div(n * H * W, THREADS), THREADS,
+           z.reshape(-1), classes.reshape(-1), plan[head_i].weight.reshape(-1), signal.reshape(-1),
+           N, classes.shape[1], h, w, I, n, H, W, b0, k0, kc)
     src = _Source(bk.DENSE, signal, (H, W))
     _mark(f"back {head_i} head")
     for i in range(head_i - 1, -1, -1):
@@ -394,16 +420,17 @@ def _backproject_chunk(net, plan, sizes, z, classes, switches, b0, bc, k0, kc, r
             if rectify:
                 src = src.rectified()
         elif isinstance(layer, MaxPool):
-            if src.kind == bk.UNPOOLED:  # two pools in a row: the first one's plane must exist
+            if src.kind != bk.DENSE:  # two pools in a row: the upper one's plane must exist
                 src = _Source(bk.DENSE, _materialise(src, b0, kc), src.plane)
-            src = _Source(bk.UNPOOLED, src.array, tuple(sizes[i]), pre=src.pre, switches=switches[i],
-                          pool=_geometry(layer))
+            pool = _geometry(layer)
+            src = _Source(bk.source_kind(pool), src.array, tuple(sizes[i]), pre=src.pre, switches=switches[i],
+                          pool=pool)
         else:
             how = ("direct" if layer.in_channels <= DIRECT_MAX_CHANNELS else "gemm") + (
-                " from switches" if src.kind == bk.UNPOOLED else "")
+                " from switches" if src.kind != bk.DENSE else "")
             src = _Source(bk.DENSE, _transpose_conv(src, layer, plan[i], sizes[i], b0, kc, fast), tuple(sizes[i]))
             _mark(f"back {i} Conv {how}")
-    if src.kind == bk.UNPOOLED:
+    if src.kind != bk.DENSE:
         return _materialise(src, b0, kc), False
     return src.array, src.pre
 
@@ -413,15 +440,23 @@ def _backward_bytes_per_signal(net: Network, sizes) -> int:
     head_i = net.head_index
     H, W = sizes[head_i]
     current = net.head.in_channels * H * W  # floats of the signal alive now
+    channels = net.head.in_channels
     biggest = current
+    pooled = False
     for i in range(head_i - 1, -1, -1):
         layer = net.layers[i]
         if isinstance(layer, Conv):
             produced = layer.in_channels * sizes[i][0] * sizes[i][1]
             biggest = max(biggest, current + produced)
-            current = produced
+            current, channels, pooled = produced, layer.in_channels, False
         elif isinstance(layer, MaxPool):
-            biggest = max(biggest, current + current)  # a materialised plane at worst
+            if pooled:  # two pools in a row: the upper one's unpooled plane is materialised
+                plane = channels * sizes[i + 1][0] * sizes[i + 1][1]
+                biggest = max(biggest, current + plane)
+                current = plane
+            pooled = True
+    if pooled:  # a pool as the first layer: its plane is materialised at the end
+        biggest = max(biggest, current + channels * sizes[0][0] * sizes[0][1])
     return 4 * biggest
 
 

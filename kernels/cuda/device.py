@@ -83,15 +83,35 @@ def tohost(a):
 
 def _arg(a):
     # Numba would import a CuPy array through __cuda_array_interface__ and synchronise on the stream it
-    # names at every launch; the arrays here are all made on the stream the kernels run on, so that
-    # synchronisation only costs time.
+    # names at every launch; the arrays here are all made on the stream the kernels run on (CuPy's
+    # current stream, see launch_stream), so that synchronisation only costs time.
     if cp is not None and isinstance(a, cp.ndarray):
         return cuda.as_cuda_array(a, sync=False)
     return a
 
 
+_STREAMS: dict = {}
+
+
+def launch_stream():
+    """The numba stream that is CuPy's current stream (None under the simulator).
+
+    The backend's CuPy work (allocations, elementwise ops, cuBLAS GEMMs: CuPy's gemmEx binding sets the
+    handle's stream to the current one) runs on CuPy's current stream, which bindings/interop.py makes
+    torch's current stream. The numba kernels must run on that same stream: on the legacy default stream
+    they would race with GEMMs on a torch side stream. Cached per stream pointer (0: the default stream)."""
+    if cp is None:
+        return None
+    ptr = int(cp.cuda.get_current_stream().ptr)
+    stream = _STREAMS.get(ptr)
+    if stream is None:
+        stream = cuda.default_stream() if ptr == 0 else cuda.external_stream(ptr)
+        _STREAMS[ptr] = stream
+    return stream
+
+
 def launch(kernel, grid, block, *args):
-    """Launch a ``numba.cuda`` kernel on the default stream (the one CuPy and torch use by default).
+    """Launch a ``numba.cuda`` kernel on CuPy's current stream (:func:`launch_stream`).
 
     ``grid`` and ``block`` are ints or tuples. Launch errors raise at once; with
     ``CLEARMAPS_CUDA_CHECK=1`` the device is synchronised after each launch so that a fault is reported
@@ -101,7 +121,11 @@ def launch(kernel, grid, block, *args):
     block = tuple(int(b) for b in block) if isinstance(block, tuple) else int(block)
     if (min(grid) if isinstance(grid, tuple) else grid) <= 0:
         return  # nothing to do (an empty block of columns)
-    kernel[grid, block](*(_arg(a) if isinstance(a, np.ndarray) or is_device_array(a) else a for a in args))
+    args = tuple(_arg(a) if isinstance(a, np.ndarray) or is_device_array(a) else a for a in args)
+    if cp is None:
+        kernel[grid, block](*args)
+    else:
+        kernel[grid, block, launch_stream()](*args)
     if CHECK_LAUNCHES:
         synchronize()
 

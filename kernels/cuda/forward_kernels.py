@@ -8,9 +8,10 @@ reads a ReLU's output (the next convolution's gather, or the max pool) rectifies
 Kernels (each launched over a 1-D or 2-D grid of ``THREADS``-thread blocks, one thread per output element
 or column; launch with :func:`clearmaps.kernels.cuda.device.launch`):
 
-    forward_columns  grid (ceil(ncols / THREADS), I): thread (j, i) writes the kh*kw rows of input channel i
-                     for column j (one output pixel of one image); block 0 of the second axis adds the
-                     ones row. Columns may be a block [j0, j0 + ncols) of all B*oh*ow.
+    forward_columns  grid (ceil(ncols / THREADS), ceil(I / FORWARD_CHANNELS)): thread (j, g) writes the kh*kw
+                     rows of input channels g*FORWARD_CHANNELS ... for column j (one output pixel of one
+                     image); group 0 adds the ones row. Columns may be a block [j0, j0 + ncols) of all
+                     B*oh*ow. Arrays are passed flat with their dimensions.
     max_pool         grid ceil(C*B*oh*ow / THREADS): one thread per pooled value, scanning its window in
                      row-major order with a strict '>' so the FIRST maximum is the switch (torch's rule).
 
@@ -28,42 +29,58 @@ import numpy as np
 from numba import cuda
 
 
+# channels per thread of forward_columns (see backproject_kernels.GATHER_CHANNELS)
+FORWARD_CHANNELS = 16
+_ix = np.uint64  # unsigned flat indices: no negative-index wrap-around code
+
+
 @lru_cache(maxsize=None)
 def forward_columns(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
     """Kernel writing conv columns: cols[(i*kh + ky)*kw + kx, j] = x[i, b, oy*sh - ph + ky, ox*sw - pw + kx]
     (zero outside the image; max(., 0) when ``rect``) for column j = (b - b0)*oh*ow + oy*ow + ox counted
-    from global column ``j0``; plus the ones row ``cols[I*kh*kw, j] = 1`` when ``bias_row``."""
+    from global column ``j0``; plus the ones row ``cols[I*kh*kw, j] = 1`` when ``bias_row``.
+
+    Arguments: x (I*Bc*H*W,) float32 flat, cols (rows*ncols,) float32 flat; ncols, j0, I, Bc, H, W, oh,
+    ow, rect, bias_row. Thread (j, g): column j, input channels g*FORWARD_CHANNELS ...; the pixel's kh*kw
+    input offsets (-1 outside the image) are worked out once, then per channel all kh*kw loads are issued
+    before the kh*kw stores (as backproject_kernels.gather_columns)."""
+    taps = kh * kw
+    group = FORWARD_CHANNELS
 
     @cuda.jit
-    def kernel(x, cols, j0, oh, ow, rect, bias_row):
+    def kernel(x, cols, ncols, j0, I, Bc, H, W, oh, ow, rect, bias_row):
         j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        ncols = cols.shape[1]
         if j >= ncols:
             return
-        i = cuda.blockIdx.y
-        H = x.shape[2]
-        W = x.shape[3]
         g = j0 + j
         ox = g % ow
         t = g // ow
         oy = t % oh
         b = t // oh
-        y0 = oy * sh - ph
-        x0 = ox * sw - pw
-        row = i * kh * kw
-        zero = np.float32(0.0)
+        off = cuda.local.array(taps, np.int32)
         for ky in range(kh):
-            y = y0 + ky
+            y = oy * sh - ph + ky
             for kx in range(kw):
-                xx = x0 + kx
-                v = zero
-                if y >= 0 and y < H and xx >= 0 and xx < W:
-                    v = x[i, b, y, xx]
-                    if rect and v < zero:
-                        v = zero
-                cols[row + ky * kw + kx, j] = v
-        if bias_row and i == 0:
-            cols[cols.shape[0] - 1, j] = np.float32(1.0)
+                xx = ox * sw - pw + kx
+                off[ky * kw + kx] = y * W + xx if y >= 0 and y < H and xx >= 0 and xx < W else -1
+        zero = np.float32(0.0)
+        vals = cuda.local.array(taps, np.float32)
+        plane = H * W
+        i0 = cuda.blockIdx.y * group
+        i1 = min(i0 + group, I)
+        for i in range(i0, i1):
+            base = (i * Bc + b) * plane
+            for k in range(taps):  # all loads first: they are in flight together
+                o_ = off[k]
+                v = x[_ix(base + (o_ if o_ >= 0 else 0))]
+                if rect and v < zero:
+                    v = zero
+                vals[k] = v if o_ >= 0 else zero
+            row = i * taps
+            for k in range(taps):
+                cols[_ix((row + k) * ncols + j)] = vals[k]
+        if bias_row and i0 == 0:
+            cols[_ix(I * taps * ncols + j)] = np.float32(1.0)
 
     kernel.__name__ = f"forward_columns_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}"
     return kernel

@@ -88,6 +88,34 @@ def test_gemm_and_direct_transposed_convs_agree_with_reference(monkeypatch, dire
     check_against_reference(_net(), x, np.array([[0, 2, 1], [2, 1, 0]]))
 
 
+@pytest.mark.parametrize("direct", [0, 8])
+def test_more_pool_sources(monkeypatch, direct):
+    """Unpooled sources beyond those of _net (whose overlapping 3x3/2 pool and plain 2x2 pool are read by both
+    the GEMM gather and the direct kernel in the test above): a padded non-overlapping pool as the first layer
+    (its plane is materialised at the end), windows with gaps (kernel 2 < stride 3) read by the gather
+    (direct=0) and the direct kernel (direct=8), two pools in a row (the upper one's plane materialised).
+    Small integers: float32 is exact and ties are everywhere, so everything must be equal."""
+    monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", direct)
+    rng = np.random.default_rng(11)
+
+    def conv(i, o, k=3, s=1, p=1):
+        return Conv(rng.integers(-2, 3, (o, i, k, k)).astype(float), rng.integers(-1, 2, o).astype(float), s, p)
+
+    net = Network([MaxPool(2, 2, 1), conv(2, 5), ReLU(), MaxPool(2, 3), MaxPool(2), conv(5, 3, 1, 1, 0)])
+    x = rng.integers(0, 3, size=(1, 2, 21, 20)).astype(np.float64)
+    assert net.layer_sizes((21, 20)) == [(21, 20), (11, 11), (11, 11), (11, 11), (4, 4), (2, 2), (2, 2)]
+    check_against_reference(net, x, np.array([[0, 2, 1]]), integer=True)
+
+
+def test_a_foreign_trace_with_bad_switches_is_refused():
+    net, x = _net(), np.random.default_rng(12).normal(size=(1, 3, 11, 10))
+    trace = ref.forward(net, x)
+    bad = dict(trace.switches)
+    bad[2] = bad[2] + 10_000
+    with pytest.raises(ClearmapsError, match="switches"):
+        kc.clear_from_trace(net, ref.Trace(trace.sizes, bad, trace.z, trace.logits, trace.probabilities), [0])
+
+
 def test_memory_splitting_over_images_classes_and_columns(monkeypatch):
     """A memory limit that fits only part of the work: the results are those of one unsplit pass."""
     net, x = _net(2), np.random.default_rng(3).normal(size=(3, 3, 11, 10))
@@ -202,14 +230,26 @@ def test_reduce_dominant_compose_ops():
 # ------------------------------------------------------------------------------------ negative controls
 
 def test_negative_controls_are_caught():
-    """The comparison bites: the backend without rectification, and a max pool that keeps the LAST
-    maximum on ties, both fail it on a network where that matters."""
+    """The comparison bites: the backend without rectification, an overlapping pool read as if its windows
+    did not overlap, and a max pool that keeps the LAST maximum on ties all fail it on a network where that
+    matters."""
     x = np.random.default_rng(8).integers(0, 3, size=(2, 3, 11, 10)).astype(np.float64)
     net = _net(9)
     trace = kc.forward(net, x)
     wrong = kc.clear_from_trace(net, trace, [0, 1, 2], rectify=False)
     want = ref.clear_from_trace(net, ref.forward(net, x), np.tile([0, 1, 2], (2, 1)))
     assert rel_err(host(wrong.responses), want.responses) > RTOL_F32
+    # the one-window read of non-overlapping pools used for an overlapping pool misses the values of the
+    # windows that share a pixel
+    from clearmaps.kernels.cuda import backproject_kernels as bk
+
+    real_kind = bk.source_kind
+    bk.source_kind = lambda pool: bk.UNPOOLED
+    try:
+        one_window = kc.clear_from_trace(net, trace, [0, 1, 2])
+    finally:
+        bk.source_kind = real_kind
+    assert rel_err(host(one_window.responses), want.responses) > RTOL_F32
     flipped = x[:, :, ::-1, ::-1]
     _, sw = kc.max_pool_with_switches(flipped, 3, 2, 1)
     H, W = x.shape[2:]
