@@ -441,12 +441,12 @@ def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, wsf, 
             _write_result(buf0 if cur == 0 else buf1, H, W, C, reduce, out, p)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _merge_dominant(r, image, position, best, index):
     """Running Eqs. 4–5: for the chunk's maps r (P, n) in order, best[image[p]] = max, index = argmax
     (strict '>': among equal responses the earlier class keeps the pixel)."""
     P, n = r.shape
-    for j in prange(n):
+    for j in range(n):  # serial: a few µs of work, less than waking the thread pool
         for p in range(P):
             b = image[p]
             v = r[p, j]

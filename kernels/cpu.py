@@ -45,7 +45,7 @@ __all__ = [
 
 _IM2COL_FLOATS = 1 << 23       # an im2col block holds at most this many floats (32 MiB)
 _CHUNK_BYTES = 8 << 20         # keep_responses=False: a chunk's reduced maps take at most this
-_CHUNK_PARTS = 8               # ... and at most 1/8 of the (image, class) pairs
+_CHUNK_PARTS = 4               # ... and at most 1/4 of the (image, class) pairs
 _GEMM_FROM = 128               # forward convs with this many output channels or more use BLAS GEMMs
 _FEW_CHANNELS = 8             # transposed convs to fewer channels than this take dot products instead
 _REDUCE = {"sum": K.REDUCE_SUM, "max": K.REDUCE_MAX, "norm": K.REDUCE_NORM}
@@ -387,8 +387,8 @@ def attentive_dominant(net: Network, trace: Trace, classes=None, rectify: bool =
         K._merge_dominant(maps, image, position, best, index)
         responses = maps.reshape(job.B, job.K, job.H, job.W)
     else:
-        # at most an eighth of the pairs (so never all K maps) and _CHUNK_BYTES, at least one per worker;
-        # few chunks keep the workers' meeting points (one per kernel launch) few
+        # at most a quarter of the pairs (so never all K maps) and _CHUNK_BYTES, at least one per worker;
+        # few chunks keep the parallel launches few (waking the thread pool costs ~1 ms on a busy machine)
         chunk = max(job.nworkers, min(-(-P // _CHUNK_PARTS), _CHUNK_BYTES // (4 * n)))
         chunk -= chunk % job.nworkers
         maps = np.empty((chunk, n), dtype=np.float32)

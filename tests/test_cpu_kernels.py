@@ -106,8 +106,9 @@ def test_composite_only_runs_in_chunks_and_equals_the_full_run(monkeypatch):
 
 
 def test_composite_only_never_holds_all_maps():
-    """tracemalloc peak of keep_responses=False stays below the keep_responses=True run by at least most of
-    the (B, K, H, W) maps (every cpu buffer is a NumPy array allocated from Python, so tracemalloc sees it)."""
+    """tracemalloc peak of keep_responses=False stays below the keep_responses=True run by most of the
+    (B, K, H, W) maps: a chunk holds at most a quarter of them (every cpu buffer is a NumPy array allocated
+    from Python, so tracemalloc sees it)."""
     rng = np.random.default_rng(0)
     net = Network([Conv(rng.normal(size=(4, 1, 3, 3)), np.zeros(4), 1, 1), ReLU(), MaxPool(2),
                    Conv(rng.normal(size=(12, 4, 3, 3)), np.zeros(12), 1, 1)])
@@ -121,7 +122,7 @@ def test_composite_only_never_holds_all_maps():
         peaks[keep] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     maps = 8 * 12 * 48 * 48 * 4
-    assert peaks[True] - peaks[False] > 0.8 * maps, (peaks, maps)
+    assert peaks[True] - peaks[False] > 0.7 * maps, (peaks, maps)
 
 
 def test_negative_controls_are_caught(monkeypatch):
