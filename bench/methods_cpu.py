@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import tracemalloc
 
 import numpy as np
@@ -45,20 +46,54 @@ def _setup_cpu(case) -> Prepared:
         return clearmaps.explain(case.net, case.x, case.classes[0], backend="cpu", keep_responses=False)
 
     def check():
-        return _explain_output(clearmaps.explain(case.net, case.x, case.classes[0], backend="cpu"))
+        from clearmaps.kernels import cpu
 
-    def memory():
-        out = {"how": "tracemalloc peak during one explain() call (every buffer of the cpu backend is a "
-                      "NumPy array allocated from Python, so tracemalloc sees it)"}
-        for key, keep in (("composite_only_bytes", False), ("all_maps_bytes", True)):
-            tracemalloc.start()
-            clearmaps.explain(case.net, case.x, case.classes[0], backend="cpu", keep_responses=keep)
-            out[key] = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-        out["all_maps_array_bytes"] = int(4 * case.num_maps * case.x.shape[0] * np.prod(case.x.shape[2:]))
+        out = _explain_output(clearmaps.explain(case.net, case.x, case.classes[0], backend="cpu"))
+        out.switches = cpu.forward(case.net, case.x).switches  # the same forward explain() ran
         return out
 
-    return Prepared(run, check, memory=memory, notes="float32, keep_responses=False")
+    def memory():
+        """tracemalloc peaks: every buffer of the cpu backend is a NumPy array allocated from Python (the Numba
+        kernels allocate nothing), so tracemalloc sees its whole footprint."""
+        from clearmaps.kernels import cpu
+
+        def peak(fn):
+            tracemalloc.start()
+            fn()
+            out = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            return out
+
+        trace = cpu.forward(case.net, case.x)
+        return {"how": "tracemalloc peak (NumPy allocations; the cpu backend allocates nothing else)",
+                "forward_bytes": peak(lambda: cpu.forward(case.net, case.x)),
+                "composite_only_bytes": peak(lambda: cpu.clear_from_trace(case.net, trace, case.classes,
+                                                                           keep_responses=False)),
+                "all_maps_bytes": peak(lambda: cpu.clear_from_trace(case.net, trace, case.classes)),
+                "maps_array_bytes": int(4 * case.num_maps * case.x.shape[0] * np.prod(case.x.shape[2:]))}
+
+    def extra():
+        return {"numba_compile_cold_s": cold_compile_seconds(case.spec.arch, case.x.shape[1:])}
+
+    return Prepared(run, check, memory=memory, extra=extra, notes="float32, keep_responses=False")
+
+
+def cold_compile_seconds(arch, shape) -> float:
+    """Seconds of a first explain(backend="cpu") call on one image in a fresh process with an empty Numba
+    cache: the compile time a new install (or CI) pays once; cache=True then loads it in well under that."""
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import time, numpy as np, clearmaps, clearmaps.kernels.cpu\n"
+            f"net = clearmaps.from_torch(clearmaps.build_module({arch!r}), input_shape={tuple(shape)!r}, check=False)\n"
+            f"x = np.zeros((1,) + {tuple(shape)!r}, np.float32)\n"
+            "t0 = time.perf_counter(); clearmaps.explain(net, x, backend='cpu', keep_responses=False)\n"
+            "print(time.perf_counter() - t0)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 register(Method("cpu", "cpu", _setup_cpu, "clearmaps backend='cpu' (Numba, float32)", available=_cpu_available))
@@ -82,8 +117,9 @@ def torch_setup(device: str, dtype=None, tf32: bool = False):
         def check():
             with torch.inference_mode():
                 r, index, response, rgb = model(x, classes)
+                switches = {i: s.cpu().numpy() for i, s in model.forward(x)[2].items()}
             return Output(index.cpu().numpy(), response.double().cpu().numpy(), rgb.cpu().numpy(),
-                          r.double().cpu().numpy())
+                          r.double().cpu().numpy(), switches=switches)
 
         return Prepared(run, check, sync=sync, notes=f"{str(d).replace('torch.', '')}, all classes in one batch")
 
@@ -151,8 +187,12 @@ def captum_setup(device: str):
         def check():
             r, index, response = maps()
             rgb = torch_compose(index, response, classes.shape[1])
+            # Captum runs torch's float32 forward (the same F.conv2d / max_pool2d): its switches are those
+            with torch.no_grad():
+                switches = {i: s.cpu().numpy() for i, s in TorchDeconvnet(case.net64, torch.float32, device)
+                            .forward(x)[2].items()}
             return Output(index.cpu().numpy(), response.double().cpu().numpy(), rgb.cpu().numpy(),
-                          r.detach().double().cpu().numpy())
+                          r.detach().double().cpu().numpy(), switches=switches)
 
         return Prepared(run, check, sync=sync, notes="one attribute() call per class")
 

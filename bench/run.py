@@ -47,9 +47,11 @@ def oracle(case, log=print) -> Output:
     from .torch_deconvnet import TorchDeconvnet
 
     model = TorchDeconvnet(case.net64, torch.float64)
+    x64, classes = torch.from_numpy(case.x.astype(np.float64)), torch.from_numpy(case.classes)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        r, _ = model.responses(torch.from_numpy(case.x.astype(np.float64)), torch.from_numpy(case.classes))
+        r, _ = model.responses(x64, classes)
+        switches = {i: s.numpy() for i, s in model.forward(x64)[2].items()}
     r = r.numpy()
     log(f"  oracle (torch float64): {time.perf_counter() - t0:.1f} s")
     if case.spec.small:
@@ -59,9 +61,16 @@ def oracle(case, log=print) -> Output:
         log(f"  torch float64 deconvnet vs NumPy reference on image 0: relative error {err:.1e}")
         if not err <= 1e-10:
             raise SystemExit(f"the torch deconvnet disagrees with the reference ({err:.1e}); fix it before timing")
+    def through(sw) -> Output:
+        with torch.inference_mode():
+            rs, _ = model.responses(x64, classes, switches={i: torch.from_numpy(np.asarray(v)) for i, v in sw.items()})
+        rs = rs.numpy()
+        i_, d_ = ref.dominant(rs)
+        return Output(i_, d_, ref.compose(i_, d_, num_classes=case.num_maps), rs)
+
     index, response = ref.dominant(r)
     rgb = ref.compose(index, response, num_classes=case.num_maps)
-    return Output(index, response, rgb, r)
+    return Output(index, response, rgb, r, switches=switches, with_switches=through)
 
 
 def machine() -> dict:
@@ -117,19 +126,19 @@ def main(argv=None):
                  f"({'checkpoint' if spec.arch in checkpoints else f'random weights, seed {args.seed}'})")
         print("\n" + title)
         truth = oracle(case)
-        results = []
-        for name in names:
-            print(f"  {name} ...", flush=True)
-            r = harness.run_method(METHODS[name], case, truth, args.repeats, args.warmup)
-            results.append(r)
+        results = harness.run_methods([METHODS[n] for n in names], case, truth, args.repeats, args.warmup)
+        for r in results:
             if r.median_s:
-                print(f"    first call {r.first_call_s:.2f} s, median {1e3 * r.median_s:.1f} ms "
-                      f"({r.per_image_ms(case.batch):.3f} ms/image); check {r.check}")
-            else:
-                print(f"    {r.status}: {r.why}; check {r.check}")
+                print(f"  {r.method}: median {1e3 * r.median_s:.1f} ms ({r.per_image_ms(case.batch):.3f} ms/image) "
+                      f"over {len(r.times_s)} runs")
+            if r.extra:
+                print(f"    {r.extra}")
             if r.memory:
-                print(f"    peak memory: composite only {fmt_bytes(r.memory.get('composite_only_bytes'))}, "
-                      f"all K maps {fmt_bytes(r.memory.get('all_maps_bytes'))} ({r.memory.get('how')})")
+                m = r.memory
+                print(f"    peak memory after the forward pass: composite only {fmt_bytes(m.get('composite_only_bytes'))}"
+                      f", keeping all K maps {fmt_bytes(m.get('all_maps_bytes'))} (the maps alone: "
+                      f"{fmt_bytes(m.get('maps_array_bytes'))}); forward pass {fmt_bytes(m.get('forward_bytes'))}; "
+                      f"{m.get('how')}")
         tab = harness.table(case, results)
         print("\n" + tab)
         text += [title, "", tab, ""]

@@ -50,9 +50,11 @@ class TorchDeconvnet:
         sizes.append(tuple(x.shape[2:]))
         return x, sizes, switches
 
-    def responses(self, x, classes, rectify: bool = True, reduce: str = "sum"):
-        """r(x|c), (B, K, H, W), and the logits (B, N); classes is a (B, K) int64 tensor."""
-        z, sizes, switches = self.forward(x)
+    def responses(self, x, classes, rectify: bool = True, reduce: str = "sum", switches=None):
+        """r(x|c), (B, K, H, W), and the logits (B, N); classes is a (B, K) int64 tensor. ``switches``
+        ({pool layer: int64 tensor}) replaces the forward pass's own (to follow another forward's ties)."""
+        z, sizes, own = self.forward(x)
+        switches = own if switches is None else switches
         B, K = classes.shape
         head_i = self.net.head_index
         _, w, _, stride, padding = self.layers[head_i]

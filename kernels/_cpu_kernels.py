@@ -2,17 +2,26 @@
 
 What they compute
 -----------------
-_im2col_nhwc        the patches of a convolution, one row per output pixel (the forward conv is then one
+_conv_sparse_nhwc   a forward convolution skipping zero inputs: each image row's non-zero entries listed,
+                    then each output row sums value × weight row (_gather_rows) — convs with few outputs
+_im2col_nhwc        the patches of a convolution, one row per output pixel (wider forward convs are then one
                     BLAS GEMM per block of rows, done by NumPy in ``cpu.py``)
 _max_pool_nhwc      max pooling with switches: flat index row*W+col into the input plane of each window's
                     first maximum in row-major window order (strict '>': torch's tie rule)
 _unpool_nchw        switch unpooling, values *added* at the switches
-_conv_t_batch       transposed convolution of a batch, as a scatter that skips zero inputs
+_csr_dense          a plane's non-zero (rectified) entries as compressed sparse rows, pixel by pixel
+_csr_signs          z_L[b, c] as a two-channel sparse plane (z⁺, z⁻): the folded head step (cpu._Prepared)
+_csr_pooled         the same for an UNPOOLED plane, built through the switches: each pooled value goes to its
+                    switch's row, so the mostly-zero unpooled plane is never built
+_gather_csr_conv_t  transposed convolution of sparse rows: each output pixel sums value × weight row over the
+                    non-zero inputs that reach it (zeros cost nothing); _csr_pooled + this = the fused
+                    unpool + rectify + transposed conv
+_few_channels_conv_t  the transposed conv into 1–7 channels (the image's), as dot products over the inputs
+_conv_t_batch       transposed convolution of a batch (the public conv_transpose2d)
 _backproject_pairs  the whole back-projection of a set of (image, class) signals: for every pair, the head's
                     kernel c transposes z_L[b, c], then the planned steps run (rectify, unpool, transposed
-                    conv; unpool + rectify + transposed conv FUSED: each pooled value is scattered from its
-                    switch straight into the transposed conv's output, so the mostly-zero unpooled plane is
-                    never built nor convolved), and the result is written channel-reduced or whole
+                    conv, fused unpool + rectify + transposed conv), and the result is written
+                    channel-reduced or whole
 _merge_dominant     running argmax / max over classes of a chunk of channel-reduced maps
 _compose_rgb        Eq. 6: hue of the dominant class, V = normalised D, HSV → RGB bytes (float64, the same
                     operations in the same order as ``colorsys``/``clearmaps.reference.hsv_to_rgb``)
@@ -31,20 +40,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-# the steps of the back-projection plan (one row of int64 fields each; see cpu._plan)
-HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_GATHER = 0, 1, 2, 3, 4, 5
+# the steps of the back-projection plan (one row of int64 fields each; see cpu._Plan)
+HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_FEW, HEAD_FOLDED = range(7)
 (F_KIND, F_RECT, F_WOFF, F_O, F_I, F_KH, F_KW, F_SH, F_SW, F_PH, F_PW, F_IN_H, F_IN_W, F_OUT_H, F_OUT_W,
- F_SWOFF, F_SWCOUNT, F_UH, F_UW, F_SIZE, F_WOFF_GATHER) = range(21)
+ F_SWOFF, F_SWCOUNT, F_UH, F_UW, F_SIZE, F_WOFF_FEW) = range(21)
 NFIELDS = 21
 REDUCE_NONE, REDUCE_SUM, REDUCE_MAX, REDUCE_NORM = 0, 1, 2, 3
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _im2col_nhwc(x, r0, r1, kh, kw, sh, sw, ph, pw, oh, ow, cols):
     """cols[r - r0, (ky*kw + kx)*C + c] = x[b, oy*sh - ph + ky, ox*sw - pw + kx, c] (0 outside), for the
     output pixels r = (b*oh + oy)*ow + ox in [r0, r1)."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
-    for r in prange(r0, r1):
+    for r in range(r0, r1):  # serial: it alternates with BLAS GEMMs, and two thread pools spinning fight
         b = r // (oh * ow)
         oy = (r // ow) % oh
         ox = r % ow
@@ -60,6 +69,36 @@ def _im2col_nhwc(x, r0, r1, kh, kw, sh, sw, ph, pw, oh, ow, cols):
                 else:
                     for c in range(C):
                         cols[row, base + c] = x[b, iy, ix, c]
+
+
+@njit(cache=True, parallel=True)
+def _conv_sparse_nhwc(x, wt, kh, kw, sh, sw, ph, pw, out, vals, chans, start, stop, T):
+    """A convolution of channel-last x (B, H, W, C) into out (B, oh, ow, O) (no bias), skipping zero
+    inputs (after a ReLU about half): first each input pixel's non-zero entries are listed in its own slice
+    of vals / chans (start / stop per pixel), then each output row gathers them (_gather_rows). Work is
+    split into (image, row) tasks that T workers take round-robin."""
+    B, H, W, C = x.shape
+    oh, ow, O = out.shape[1], out.shape[2], out.shape[3]
+    x2 = x.reshape(B * H * W * C)
+    out2 = out.reshape(B, oh * ow * O)
+    for wk in prange(T):
+        for t in range(wk, B * H, T):
+            for p in range(t * W, (t + 1) * W):
+                k = p * C
+                start[p] = k
+                for c in range(C):
+                    v = x2[p * C + c]
+                    if v != 0.0:
+                        vals[k] = v
+                        chans[k] = c
+                        k += 1
+                stop[p] = k
+    for wk in prange(T):
+        for t in range(wk, B * oh, T):
+            b = t // oh
+            oy = t % oh
+            _gather_rows(vals, chans, start, stop, b * H * W, H, W, C, wt, 0, kh, kw, sh, sw, ph, pw, O, out2[b],
+                         oh, ow, oy, oy + 1, True)
 
 
 @njit(cache=True, parallel=True)
@@ -106,100 +145,39 @@ def _unpool_nchw(y, switches, out):
 _FM = {"contract"}
 
 
-@njit(cache=True, fastmath=_FM)
-def _scatter_conv_t(src, soff, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
-    """dst[(H, W, I)] = conv_transpose(src[(h, w, O)] at soff) with wt[woff:] laid out (O, kh, kw, I).
-
-    Scatter form: each non-zero input value v at (y, x, o) adds v * weight[o, :, ky, kx] to output pixel
-    (y*sh - ph + ky, x*sw - pw + kx). After a ReLU most inputs are zero, and they cost one comparison.
-    ``rect`` rectifies the input on the fly (the deconvnet's ReLU rule). Rows are taken as 1-D views so
-    the length-I multiply-add vectorises (plain flat indexing does not: Numba's negative-index check
-    stays in the loop)."""
-    wt2 = wt[woff:woff + O * kh * kw * I].reshape(O * kh * kw, I)
-    dst2 = dst[:H * W * I].reshape(H * W, I)
-    dst2[:, :] = 0.0
-    for y in range(h):
-        for x in range(w):
-            sbase = soff + (y * w + x) * O
-            for o in range(O):
-                v = src[sbase + o]
-                if v == 0.0 or (rect and v < 0.0):
-                    continue
-                for ky in range(kh):
-                    oy = y * sh - ph + ky
-                    if oy < 0 or oy >= H:
-                        continue
-                    for kx in range(kw):
-                        ox = x * sw - pw + kx
-                        if ox < 0 or ox >= W:
-                            continue
-                        wr = wt2[(o * kh + ky) * kw + kx]
-                        dr = dst2[oy * W + ox]
-                        for i in range(I):
-                            dr[i] += v * wr[i]
-
-
-@njit(cache=True, fastmath=_FM)
-def _scatter_unpool_conv_t(src, h, w, O, rect, sws, swoff, Wu, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
-    """Unpool + rectify + transposed conv in one pass: each pooled value v at (y, x, o) sits, in the
-    unpooled plane (of width Wu), at its switch; the transposed conv scatters it from there. Exact when
-    no two windows share a switch, or when ``rect`` is off (both steps are then linear); the planner
-    materialises the unpooled plane for overlapping pools followed by a rectification."""
-    wt2 = wt[woff:woff + O * kh * kw * I].reshape(O * kh * kw, I)
-    dst2 = dst[:H * W * I].reshape(H * W, I)
-    dst2[:, :] = 0.0
-    for y in range(h):
-        for x in range(w):
-            sbase = (y * w + x) * O
-            for o in range(O):
-                v = src[sbase + o]
-                if v == 0.0 or (rect and v < 0.0):
-                    continue
-                pos = sws[swoff + sbase + o]
-                uy = pos // Wu
-                ux = pos - uy * Wu
-                for ky in range(kh):
-                    oy = uy * sh - ph + ky
-                    if oy < 0 or oy >= H:
-                        continue
-                    for kx in range(kw):
-                        ox = ux * sw - pw + kx
-                        if ox < 0 or ox >= W:
-                            continue
-                        wr = wt2[(o * kh + ky) * kw + kx]
-                        dr = dst2[oy * W + ox]
-                        for i in range(I):
-                            dr[i] += v * wr[i]
-
-
 @njit(cache=True, fastmath={"contract", "reassoc"})
-def _gather_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
-    """The same transposed conv in gather form, for few output channels (the first layer: 1–3 image
-    channels), where a length-I scatter row cannot vectorise: each output value is a dot product over the
-    O input channels, contiguous in src and in wt[woff:] laid out (I, kh, kw, O). 'reassoc' lets LLVM
-    vectorise those sums."""
-    wt2 = wt[woff:woff + I * kh * kw * O].reshape(I * kh * kw, O)
-    src2 = src[:h * w * O].reshape(h * w, O)
+def _few_channels_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
+    """The transposed conv for few output channels (the first layer: 1–3 image channels), where a length-I
+    output row is too short to vectorise: each output value is a dot product over the O input channels,
+    contiguous in the dense src (h, w, O) and in wt[woff:] laid out (I, kh, kw, O). 'reassoc' lets LLVM
+    vectorise those sums. Taps step as in _gather_rows (no division per tap)."""
+    n_o = np.uint64(O)
     for oy in range(H):
+        ky_first = (oy + ph) % sh
+        iy_first = (oy + ph - ky_first) // sh
         for ox in range(W):
+            kx_first = (ox + pw) % sw
+            ix_first = (ox + pw - kx_first) // sw
             for i in range(I):
                 acc = np.float32(0.0)
-                for ky in range(kh):
-                    ty = oy + ph - ky
-                    if ty < 0 or ty % sh != 0 or ty // sh >= h:
-                        continue
-                    for kx in range(kw):
-                        tx = ox + pw - kx
-                        if tx < 0 or tx % sw != 0 or tx // sw >= w:
-                            continue
-                        sr = src2[(ty // sh) * w + tx // sw]
-                        wr = wt2[(i * kh + ky) * kw + kx]
-                        if rect:
-                            for o in range(O):
-                                acc += max(sr[o], np.float32(0.0)) * wr[o]
-                        else:
-                            for o in range(O):
-                                acc += sr[o] * wr[o]
+                ky, iy = ky_first, iy_first
+                while ky < kh:
+                    if 0 <= iy < h:
+                        kx, ix = kx_first, ix_first
+                        while kx < kw:
+                            if 0 <= ix < w:
+                                sb = np.uint64((iy * w + ix) * O)
+                                wb = np.uint64(woff + ((i * kh + ky) * kw + kx) * O)
+                                if rect:
+                                    for o in range(n_o):
+                                        acc += max(src[sb + o], np.float32(0.0)) * wt[wb + o]
+                                else:
+                                    for o in range(n_o):
+                                        acc += src[sb + o] * wt[wb + o]
+                            kx += sw
+                            ix -= 1
+                    ky += sh
+                    iy -= 1
                 dst[(oy * W + ox) * I + i] = acc
 
 
@@ -217,8 +195,156 @@ def _unpool_plane(src, h, w, C, rect, sws, swoff, Hu, Wu, dst):
 
 
 @njit(cache=True)
-def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1):
-    """The back-projection of one (image b, class cls) signal; returns which buffer holds the result."""
+def _csr_dense(src, h, w, O, rect, vals, chans, start):
+    """The non-zero (rectified when ``rect``) entries of a dense (h, w, O) plane, pixel by pixel: pixel p's
+    values are vals[start[p]:start[p+1]], their channels chans[...] (compressed sparse rows)."""
+    n = 0
+    for p in range(h * w):
+        start[p] = n
+        base = p * O
+        for o in range(O):
+            v = src[base + o]
+            if v == 0.0 or (rect and v < 0.0):
+                continue
+            vals[n] = v
+            chans[n] = o
+            n += 1
+    start[h * w] = n
+
+
+@njit(cache=True)
+def _csr_signs(z, n, vals, chans, start):
+    """z's n values as a two-channel sparse plane: positive ones in channel 0, negative in channel 1."""
+    k = 0
+    for p in range(n):
+        start[p] = k
+        v = z[p]
+        if v != 0.0:
+            vals[k] = v
+            chans[k] = 0 if v > 0.0 else 1
+            k += 1
+    start[n] = k
+
+
+@njit(cache=True)
+def _csr_pooled(src, h, w, O, rect, sws, swoff, Hu, Wu, vals, chans, start, cursor):
+    """The unpooled plane (Hu, Wu, O) in compressed sparse rows, built through the switches: each non-zero
+    pooled value goes to its switch's row. The dense unpooled plane (mostly zeros) is never built."""
+    npix = Hu * Wu
+    for p in range(npix + 1):
+        start[p] = 0
+    for t in range(h * w * O):
+        v = src[t]
+        if v == 0.0 or (rect and v < 0.0):
+            continue
+        start[sws[swoff + t] + 1] += 1
+    for p in range(npix):
+        start[p + 1] += start[p]
+        cursor[p] = start[p]
+    for t in range(h * w * O):
+        v = src[t]
+        if v == 0.0 or (rect and v < 0.0):
+            continue
+        p = sws[swoff + t]
+        k = cursor[p]
+        vals[k] = v
+        chans[k] = t % O
+        cursor[p] = k + 1
+
+
+@njit(cache=True, fastmath=_FM)
+def _gather_csr_conv_t(vals, chans, start, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
+    """dst[(H, W, I)] = conv_transpose of the sparse input (vals, chans, start) of size (h, w, O), with
+    wt[woff:] laid out (kh, kw, O, I) (see _gather_rows)."""
+    _gather_rows(vals, chans, start, start[1:], 0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, 0, H,
+                 False)
+
+
+@njit(cache=True, fastmath=_FM)
+def _gather_rows(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, oy0, oy1,
+                 forward):
+    """Output rows oy0 .. oy1-1 of a convolution (``forward``) or a transposed convolution of the sparse
+    input of size (h, w, O) whose pixel p has entries vals / chans[start[p0 + p]:stop[p0 + p]]; weights
+    wt[woff:] laid out (kh, kw, O, I); dst (H, W, I).
+
+    Gather form: output pixel (oy, ox) sums value × weight row (tap, channel) over the non-zero inputs
+    that reach it, tap by tap, eight (then four, then one) at a time, so its output row is loaded and
+    stored once per eight multiply-adds. A convolution's tap (ky, kx) reads input pixel
+    (oy*sh - ph + ky, ...); its transpose reads ((oy + ph - ky) / sh, ...) for the taps where that
+    divides: ky = (oy + ph) mod sh, then every sh-th (no division per tap).
+
+    Indexing is flat with unsigned offsets: no negative-index checks, so the row loop vectorises, and no
+    row views, whose reference counting (atomic, on arrays shared by all workers) would serialise threads."""
+    n_i = np.uint64(I)
+    for oy in range(oy0, oy1):
+        if forward:
+            ky_first, iy_first, dky, diy = 0, oy * sh - ph, 1, 1
+        else:
+            ky_first = (oy + ph) % sh
+            iy_first, dky, diy = (oy + ph - ky_first) // sh, sh, -1
+        for ox in range(W):
+            if forward:
+                kx_first, ix_first, dkx, dix = 0, ox * sw - pw, 1, 1
+            else:
+                kx_first = (ox + pw) % sw
+                ix_first, dkx, dix = (ox + pw - kx_first) // sw, sw, -1
+            d = np.uint64((oy * W + ox) * I)
+            for i in range(n_i):
+                dst[d + i] = 0.0
+            ky, iy = ky_first, iy_first
+            while ky < kh:
+                if 0 <= iy < h:
+                    kx, ix = kx_first, ix_first
+                    while kx < kw:
+                        if 0 <= ix < w:
+                            p = p0 + iy * w + ix
+                            base = woff + (ky * kw + kx) * O * I
+                            k = start[p]
+                            e = stop[p]
+                            while k + 7 < e:
+                                va, vb, vc, vd = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+                                ve, vf, vg, vh = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
+                                a = np.uint64(base + chans[k] * I)
+                                b = np.uint64(base + chans[k + 1] * I)
+                                c = np.uint64(base + chans[k + 2] * I)
+                                q = np.uint64(base + chans[k + 3] * I)
+                                f = np.uint64(base + chans[k + 4] * I)
+                                g = np.uint64(base + chans[k + 5] * I)
+                                r = np.uint64(base + chans[k + 6] * I)
+                                t = np.uint64(base + chans[k + 7] * I)
+                                for i in range(n_i):
+                                    dst[d + i] += (va * wt[a + i] + vb * wt[b + i] + vc * wt[c + i]
+                                                   + vd * wt[q + i] + ve * wt[f + i] + vf * wt[g + i]
+                                                   + vg * wt[r + i] + vh * wt[t + i])
+                                k += 8
+                            while k + 3 < e:
+                                va, vb, vc, vd = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+                                a = np.uint64(base + chans[k] * I)
+                                b = np.uint64(base + chans[k + 1] * I)
+                                c = np.uint64(base + chans[k + 2] * I)
+                                q = np.uint64(base + chans[k + 3] * I)
+                                for i in range(n_i):
+                                    dst[d + i] += va * wt[a + i] + vb * wt[b + i] + vc * wt[c + i] + vd * wt[q + i]
+                                k += 4
+                            while k < e:
+                                va = vals[k]
+                                a = np.uint64(base + chans[k] * I)
+                                for i in range(n_i):
+                                    dst[d + i] += va * wt[a + i]
+                                k += 1
+                        kx += dkx
+                        ix += dix
+                ky += dky
+                iy += diy
+
+
+@njit(cache=True)
+def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
+    """The back-projection of one (image b, class cls) signal; returns which buffer holds the result.
+    wsf (1, L) float32 and wsi (3, L) int32 are the worker's sparse-row buffers (values; channels, row
+    starts, fill cursors)."""
+    vals = wsf[0]
+    chans, start, cursor = wsi[0], wsi[1], wsi[2]
     cur = 0
     for s in range(steps.shape[0]):
         st = steps[s]
@@ -228,9 +354,19 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1):
         if kind == HEAD:
             # G_L^c z_L: z_L[b, c] as a one-channel plane through kernel c of the head
             kk = st[F_KH] * st[F_KW] * st[F_I]
-            _scatter_conv_t(z[b * st[F_O] + cls], 0, st[F_IN_H], st[F_IN_W], 1, False, wt, st[F_WOFF] + cls * kk,
-                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
-                            buf0, st[F_OUT_H], st[F_OUT_W])
+            _csr_dense(z[b * st[F_O] + cls], st[F_IN_H], st[F_IN_W], 1, False, vals, chans, start)
+            _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 1, wt, st[F_WOFF] + cls * kk, st[F_KH],
+                               st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
+                               st[F_OUT_W])
+            cur = 0
+            continue
+        if kind == HEAD_FOLDED:
+            # a 1×1 head, its ReLUs and the conv below: z⁺ and z⁻ through class cls's folded kernels
+            kk = st[F_KH] * st[F_KW] * 2 * st[F_I]
+            _csr_signs(z[b * st[F_O] + cls], st[F_IN_H] * st[F_IN_W], vals, chans, start)
+            _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 2, wt, st[F_WOFF] + cls * kk, st[F_KH],
+                               st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
+                               st[F_OUT_W])
             cur = 0
             continue
         if kind == RECTIFY:
@@ -239,18 +375,20 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1):
                     src[j] = 0.0
             continue
         if kind == CONV_T:
-            _scatter_conv_t(src, 0, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF],
-                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
-                            dst, st[F_OUT_H], st[F_OUT_W])
-        elif kind == CONV_T_GATHER:
-            _gather_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF_GATHER],
+            _csr_dense(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, vals, chans, start)
+            _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], st[F_O], wt, st[F_WOFF], st[F_KH],
+                               st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
+                               st[F_OUT_W])
+        elif kind == CONV_T_FEW:
+            _few_channels_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF_FEW],
                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
                            dst, st[F_OUT_H], st[F_OUT_W])
         elif kind == CONV_T_POOLED:
-            _scatter_unpool_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws,
-                                   st[F_SWOFF] + b * st[F_SWCOUNT], st[F_UW], wt, st[F_WOFF], st[F_KH],
-                                   st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst,
-                                   st[F_OUT_H], st[F_OUT_W])
+            _csr_pooled(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws, st[F_SWOFF] + b * st[F_SWCOUNT],
+                        st[F_UH], st[F_UW], vals, chans, start, cursor)
+            _gather_csr_conv_t(vals, chans, start, st[F_UH], st[F_UW], st[F_O], wt, st[F_WOFF], st[F_KH],
+                               st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
+                               st[F_OUT_W])
         else:  # UNPOOL
             _unpool_plane(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws,
                           st[F_SWOFF] + b * st[F_SWCOUNT], st[F_UH], st[F_UW], dst)
@@ -286,26 +424,29 @@ def _write_result(res, H, W, C, reduce, out, p):
 
 
 @njit(cache=True, parallel=True)
-def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, out):
+def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, wsf, wsi, out):
     """out[p] = R(x_b | c) (reduced over channels unless reduce == REDUCE_NONE) for each pair p = (b, c).
 
-    z is z_L as (B*N, h*w); the HEAD step's F_O field holds N."""
+    z is z_L as (B*N, h*w); the HEAD step's F_O field holds N. A plan without a HEAD step starts from
+    whatever the caller put in scratch[w, 0] (then worker w must handle exactly pair w). scratch
+    (nworkers, 2, plane) holds each worker's ping-pong planes; wsf (nworkers, 1, L) float32 and
+    wsi (nworkers, 3, L) int32 its sparse-row buffers."""
     nworkers = scratch.shape[0]
     P = pairs.shape[0]
     for wk in prange(nworkers):
         buf0 = scratch[wk, 0]
         buf1 = scratch[wk, 1]
         for p in range(wk, P, nworkers):
-            cur = _run_pair(steps, wt, sws, z, pairs[p, 0], pairs[p, 1], buf0, buf1)
+            cur = _run_pair(steps, wt, sws, z, pairs[p, 0], pairs[p, 1], buf0, buf1, wsf[wk], wsi[wk])
             _write_result(buf0 if cur == 0 else buf1, H, W, C, reduce, out, p)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _merge_dominant(r, image, position, best, index):
     """Running Eqs. 4–5: for the chunk's maps r (P, n) in order, best[image[p]] = max, index = argmax
     (strict '>': among equal responses the earlier class keeps the pixel)."""
     P, n = r.shape
-    for j in prange(n):
+    for j in range(n):  # serial: a few µs of work, less than waking the thread pool
         for p in range(P):
             b = image[p]
             v = r[p, j]
@@ -353,21 +494,13 @@ def _compose_rgb(index, response, hues, level, rgb):
 
 
 @njit(cache=True, parallel=True)
-def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out):
-    """Transposed conv of a batch: y (N, h, w, O) channel-last, wt (O, kh, kw, I) flat, out (N, H, W, I)."""
+def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out, wsf, wsi):
+    """Transposed conv of a batch: y (N, h, w, O) channel-last, wt (kh, kw, O, I) flat, out (N, H, W, I);
+    wsf (N, 1, L) / wsi (N, 3, L) int32 are each image's sparse-row buffers."""
     N, h, w, O = y.shape
     H, W = out.shape[1], out.shape[2]
     y2 = y.reshape(N, h * w * O)
     out2 = out.reshape(N, H * W * I)
     for n in prange(N):
-        _scatter_conv_t(y2[n], 0, h, w, O, False, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W)
-
-
-@njit(cache=True, parallel=True)
-def _fused_batch(steps, wt, sws, z, H, W, C, scratch, out):
-    """out[b] = the plan ``steps`` (no HEAD step) applied to scratch[b, 0], unreduced (C, H, W)."""
-    for b in prange(scratch.shape[0]):
-        buf0 = scratch[b, 0]
-        buf1 = scratch[b, 1]
-        cur = _run_pair(steps, wt, sws, z, b, 0, buf0, buf1)
-        _write_result(buf0 if cur == 0 else buf1, H, W, C, REDUCE_NONE, out, b)
+        _csr_dense(y2[n], h, w, O, False, wsf[n, 0], wsi[n, 0], wsi[n, 1])
+        _gather_csr_conv_t(wsf[n, 0], wsi[n, 0], wsi[n, 1], h, w, O, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W)

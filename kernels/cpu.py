@@ -5,13 +5,17 @@ with the same switches (first maximum in row-major window order) and the same co
 
 How it runs
 -----------
-- forward: images go channel-last (B, H, W, C); each conv is a Numba im2col into a bounded block of rows
-  and one BLAS GEMM per block (NumPy's ``matmul``); max pooling records switches in a Numba kernel.
+- forward: images go channel-last (B, H, W, C); a conv with fewer than 128 outputs is a Numba sparse
+  gather (inputs listed without their zeros, then each output row sums value × weight row), a wider one
+  a Numba im2col into a bounded block of rows and one BLAS GEMM per block (NumPy's ``matmul``); max
+  pooling records switches in a Numba kernel.
 - back-projection: every (image, class) signal runs the whole plan of :func:`_plan` inside one Numba
   call, the pairs spread over ``numba.get_num_threads()`` workers, each with two ping-pong planes.
-  Transposed convolutions are scatters that skip zero inputs (after a rectification about half are zero);
-  unpool + rectify + transposed conv is one fused scatter from the switches (a quarter of the unpooled
-  plane at most is non-zero, and it is never built) — :func:`unpool_conv_transpose2d` exposes it.
+  A transposed conv first lists its input's non-zero entries as compressed sparse rows (after a
+  rectification about half are zero), then each output pixel sums value × weight row over the entries
+  that reach it. Unpool + rectify + transposed conv is fused: the sparse rows of the UNPOOLED plane are
+  built straight from the pooled values and their switches (a quarter of that plane at most is non-zero,
+  and it is never built densely) — :func:`unpool_conv_transpose2d` exposes it.
 - dominant class and composite: with ``keep_responses=False`` the pairs run in chunks and each chunk's
   channel-reduced maps update a running max / argmax, so the (B, K, H, W) maps never exist
   (:func:`attentive_dominant`); the colour pass is a Numba kernel doing colorsys's float64 arithmetic.
@@ -39,9 +43,11 @@ __all__ = [
     "unpool_conv_transpose2d",
 ]
 
-_IM2COL_FLOATS = 1 << 21       # an im2col block holds at most this many floats (8 MiB)
+_IM2COL_FLOATS = 1 << 23       # an im2col block holds at most this many floats (32 MiB)
 _CHUNK_BYTES = 8 << 20         # keep_responses=False: a chunk's reduced maps take at most this
-_GATHER_BELOW = 8             # transposed convs to fewer channels than this use the gather form
+_CHUNK_PARTS = 4               # ... and at most 1/4 of the (image, class) pairs
+_GEMM_FROM = 128               # forward convs with this many output channels or more use BLAS GEMMs
+_FEW_CHANNELS = 8             # transposed convs to fewer channels than this take dot products instead
 _REDUCE = {"sum": K.REDUCE_SUM, "max": K.REDUCE_MAX, "norm": K.REDUCE_NORM}
 
 
@@ -63,8 +69,9 @@ class _Prepared:
 
     def __init__(self, net: Network):
         self.gemm = {}      # conv i → (kh*kw*I, O) float32 GEMM matrix and (O,) bias
-        self.offset = {}    # conv i → offset of its (O, kh, kw, I) weights in ``flat`` (the scatter layout)
-        self.gather = {}    # conv i with few input channels → offset of its (I, kh, kw, O) weights
+        self.offset = {}    # conv i → offset of its weights in ``flat``, laid out (kh, kw, O, I), and
+                            # for the head (N, kh, kw, I): kernel c's block is a (kh, kw, 1, I) layer
+        self.few = {}       # conv i with few input channels → offset of its (I, kh, kw, O) weights
         parts, total = [], 0
         for i, layer in enumerate(net.layers):
             if isinstance(layer, Conv):
@@ -72,14 +79,49 @@ class _Prepared:
                 o = w.shape[0]
                 self.gemm[i] = (np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, o)),
                                 np.asarray(layer.bias, dtype=np.float32))
-                parts.append(np.ascontiguousarray(w.transpose(0, 2, 3, 1)).ravel())
+                layout = (0, 2, 3, 1) if i == net.head_index else (2, 3, 0, 1)
+                parts.append(np.ascontiguousarray(w.transpose(*layout)).ravel())
                 self.offset[i] = total
                 total += parts[-1].size
-                if w.shape[1] < _GATHER_BELOW:
+                if w.shape[1] < _FEW_CHANNELS:
                     parts.append(np.ascontiguousarray(w.transpose(1, 2, 3, 0)).ravel())
-                    self.gather[i] = total
+                    self.few[i] = total
                     total += parts[-1].size
+        self.fold = self._fold_head(net, parts, total)
         self.flat = np.concatenate(parts)
+
+    @staticmethod
+    def _fold_head(net: Network, parts, total):
+        """A 1×1 head followed (walking down) by ReLUs and a conv folds into that conv.
+
+        G_L^c z_L of a 1×1 head is the outer product z_c ⊗ w_c (w_c = head kernel c); rectified, it is
+        z⁺ ⊗ w_c⁺ + z⁻ ⊗ w_c⁻ (the product of two numbers is positive exactly when their signs agree), so the
+        conv's transpose of it is the transpose of the TWO-channel plane (z⁺, z⁻) with the kernels
+        V_c± = Σ_m w_c±[m] · weight[m] — instead of the conv's many input channels. Without rectification
+        both kernels are Σ_m w_c[m] · weight[m]. Returns (conv index, offset rectified, offset linear) or None.
+        """
+        hi, head = net.head_index, net.head
+        if head.kernel != (1, 1) or head.stride != (1, 1) or head.padding != (0, 0):
+            return None
+        j = hi - 1
+        while j >= 0 and isinstance(net.layers[j], ReLU):
+            j -= 1
+        if j < 0 or not isinstance(net.layers[j], Conv) or net.layers[j].in_channels < _FEW_CHANNELS:
+            return None
+        w = np.asarray(head.weight, dtype=np.float64)[:, :, 0, 0]          # (N, M)
+        conv = np.asarray(net.layers[j].weight, dtype=np.float64)          # (M, I, kh, kw)
+        fold = lambda a: np.einsum("cm,mjyx->cyxj", a, conv)  # noqa: E731   (N, kh, kw, I)
+        rectified = np.stack([fold(np.maximum(w, 0)), fold(np.minimum(w, 0))], axis=3)
+        full = fold(w)
+        linear = np.stack([full, full], axis=3)
+        if hi - 1 == j:  # no ReLU in between: nothing to rectify
+            rectified = linear
+        offsets = []
+        for v in (rectified, linear):
+            parts.append(np.ascontiguousarray(v, dtype=np.float32).ravel())
+            offsets.append(total)
+            total += parts[-1].size
+        return j, offsets[0], offsets[1]
 
 
 _PREPARED: "weakref.WeakKeyDictionary[Network, _Prepared]" = weakref.WeakKeyDictionary()
@@ -94,12 +136,25 @@ def _prepared(net: Network) -> _Prepared:
 
 # ------------------------------------------------------------------------------------------------ forward
 def _conv_nhwc(a, layer: Conv, wmat, bias):
-    """Conv of channel-last a (B, H, W, C): im2col in row blocks, one GEMM per block."""
+    """Conv of channel-last a (B, H, W, C) → (B, oh, ow, O).
+
+    Up to _GEMM_FROM output channels: the Numba sparse gather (zero inputs cost nothing, no thread-pool
+    switch); from there on: im2col in row blocks and one BLAS GEMM per block (wide outputs are what GEMMs
+    do well)."""
     B, H, W, C = a.shape
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
     oh, ow = _out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)
+    O = wmat.shape[1]
+    if O < _GEMM_FROM:
+        out4 = np.empty((B, oh, ow, O), dtype=np.float32)
+        n = a.size
+        T = max(1, min(numba.get_num_threads(), B * max(H, oh)))
+        K._conv_sparse_nhwc(a, wmat.reshape(-1), kh, kw, sh, sw, ph, pw, out4, np.empty(n, np.float32),
+                            np.empty(n, np.int64), np.empty(B * H * W, np.int64), np.empty(B * H * W, np.int64), T)
+        out4 += bias
+        return out4
     rows = B * oh * ow
-    out = np.empty((rows, wmat.shape[1]), dtype=np.float32)
+    out = np.empty((rows, O), dtype=np.float32)
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         np.matmul(a.reshape(rows, C), wmat, out=out)
     else:
@@ -161,6 +216,9 @@ class _Plan:
         for layer in net.layers:
             channels.append(layer.out_channels if isinstance(layer, Conv) else channels[-1])
         self.max_plane = max(int(np.prod(s)) * c for s, c in zip(sizes, channels))
+        self.max_channels = max(channels)
+        # a worker's sparse-row buffers hold a plane's entries and its pixels' row starts
+        self.work = max(self.max_plane, max(int(np.prod(s)) for s in sizes) + 1)
         self.pools = {}  # pool layer → (offset in the switch array, per-image count)
         rows = []
 
@@ -174,8 +232,8 @@ class _Plan:
         def conv_fields(i):
             layer = net.layers[i]
             (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
-            return dict(woff=prep.offset[i], woff_gather=prep.gather.get(i, -1), i=layer.in_channels, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw,
-                        out_h=sizes[i][0], out_w=sizes[i][1])
+            return dict(woff=prep.offset[i], woff_few=prep.few.get(i, -1), i=layer.in_channels, kh=kh, kw=kw,
+                        sh=sh, sw=sw, ph=ph, pw=pw, out_h=sizes[i][0], out_w=sizes[i][1])
 
         def pool_fields(j):
             c = channels[j]
@@ -186,9 +244,16 @@ class _Plan:
                         uh=sizes[j][0], uw=sizes[j][1])
 
         hi = net.head_index
-        row(K.HEAD, o=net.num_classes, in_h=sizes[hi + 1][0], in_w=sizes[hi + 1][1], **conv_fields(hi))
+        if prep.fold is not None:  # head, ReLUs and the conv below as one step (see _Prepared._fold_head)
+            top = prep.fold[0]
+            f = conv_fields(top)
+            f["woff"] = prep.fold[1] if rectify else prep.fold[2]
+            row(K.HEAD_FOLDED, o=net.num_classes, in_h=sizes[hi + 1][0], in_w=sizes[hi + 1][1], **f)
+        else:
+            top = hi
+            row(K.HEAD, o=net.num_classes, in_h=sizes[hi + 1][0], in_w=sizes[hi + 1][1], **conv_fields(hi))
         pool, rect = None, False  # pool: the MaxPool whose unpooling is pending; rect: a pending rectify
-        for i in range(hi - 1, -1, -1):
+        for i in range(top - 1, -1, -1):
             layer = net.layers[i]
             if isinstance(layer, ReLU):
                 if not rectify:
@@ -208,11 +273,11 @@ class _Plan:
                 pool = i
             else:
                 f = conv_fields(i)
-                if i in prep.gather:  # few output channels: gather form, from a built unpooled plane
+                if i in prep.few:  # few output channels: dot products, from a built unpooled plane
                     if pool is not None:
                         row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
                         pool, rect = None, False
-                    row(K.CONV_T_GATHER, o=layer.out_channels, rect=rect, in_h=sizes[i + 1][0],
+                    row(K.CONV_T_FEW, o=layer.out_channels, rect=rect, in_h=sizes[i + 1][0],
                         in_w=sizes[i + 1][1], **f)
                 elif pool is not None:
                     row(K.CONV_T_POOLED, o=layer.out_channels, rect=rect, **{**pool_fields(pool), **f})
@@ -283,11 +348,13 @@ class _Job:
                                self.classes.reshape(-1)], axis=1)
         self.nworkers = max(1, min(numba.get_num_threads(), len(self.pairs)))
         self.scratch = np.empty((self.nworkers, 2, self.plan.max_plane), dtype=np.float32)
+        self.wsf = np.empty((self.nworkers, 1, self.plan.work), dtype=np.float32)
+        self.wsi = np.empty((self.nworkers, 3, self.plan.work), dtype=np.int32)
 
     def run(self, lo, hi, reduce_code, out):
         """out[:hi-lo] ← the maps of pairs lo..hi-1."""
         K._backproject_pairs(self.steps, self.plan.weights, self.switches, self.z, self.pairs[lo:hi],
-                             self.H, self.W, self.C, reduce_code, self.scratch, out)
+                             self.H, self.W, self.C, reduce_code, self.scratch, self.wsf, self.wsi, out)
 
 
 def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) -> np.ndarray:
@@ -320,8 +387,10 @@ def attentive_dominant(net: Network, trace: Trace, classes=None, rectify: bool =
         K._merge_dominant(maps, image, position, best, index)
         responses = maps.reshape(job.B, job.K, job.H, job.W)
     else:
-        chunk = max(job.nworkers, min(P, 8 * job.nworkers, _CHUNK_BYTES // (4 * n)))
-        chunk -= chunk % job.nworkers if chunk > job.nworkers else 0
+        # at most a quarter of the pairs (so never all K maps) and _CHUNK_BYTES, at least one per worker;
+        # few chunks keep the parallel launches few (waking the thread pool costs ~1 ms on a busy machine)
+        chunk = max(job.nworkers, min(-(-P // _CHUNK_PARTS), _CHUNK_BYTES // (4 * n)))
+        chunk -= chunk % job.nworkers
         maps = np.empty((chunk, n), dtype=np.float32)
         for lo in range(0, P, chunk):
             hi = min(P, lo + chunk)
@@ -439,9 +508,11 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     _, I, kh, kw = weight.shape
     H, W = _transpose_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
     out = np.empty((B, H, W, I), dtype=np.float32)
+    work = oh * ow * O + 1
     K._conv_t_batch(np.ascontiguousarray(y.transpose(0, 2, 3, 1), dtype=np.float32),
-                    np.ascontiguousarray(np.asarray(weight, np.float32).transpose(0, 2, 3, 1)).ravel(),
-                    kh, kw, sh, sw, ph, pw, I, out)
+                    np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
+                    kh, kw, sh, sw, ph, pw, I, out, np.empty((B, 1, work), np.float32),
+                    np.empty((B, 3, work), np.int32))
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
@@ -497,8 +568,8 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     """Fused ``conv_transpose2d(max(unpool(y, switches, input_size), 0), weight, ...)`` (no max when
     ``rectify`` is False), float32 (B, I, H, W).
 
-    Each pooled value is scattered from its switch straight through the transposed conv: the unpooled
-    plane (``input_size``, the conv's output size) is never built. Exact when no two windows share a
+    The unpooled plane (``input_size``, the conv's output size) is never built: its non-zero entries are
+    listed straight from the pooled values and their switches, and the transposed conv reads that list. Exact when no two windows share a
     switch or without rectification; when windows do share switches the sums must precede the ReLU, so
     the plane is then built first.
     """
@@ -527,12 +598,15 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     f[K.F_KH], f[K.F_KW], f[K.F_SH], f[K.F_SW], f[K.F_PH], f[K.F_PW] = kh, kw, sh, sw, ph, pw
     f[K.F_IN_H], f[K.F_IN_W], f[K.F_OUT_H], f[K.F_OUT_W] = h, w, H, W
     f[K.F_SWCOUNT], f[K.F_UH], f[K.F_UW] = h * w * O, Hu, Wu
-    # run each image as a "pair" whose plan is this one step, starting from y in its first plane
-    plane = max(h * w * O, H * W * I)
+    # each image is a "pair" with its own worker and scratch, whose plan is this one step starting from y
+    plane = max(h * w * O, H * W * I, Hu * Wu * O)
+    work = max(plane, Hu * Wu + 1)
     scratch = np.empty((B, 2, plane), dtype=np.float32)
     scratch[:, 0, :h * w * O] = np.asarray(y, np.float32).transpose(0, 2, 3, 1).reshape(B, -1)
     out = np.empty((B, I * H * W), dtype=np.float32)
-    K._fused_batch(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(0, 2, 3, 1)).ravel(),
-                   np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
-                   np.zeros((1, 1), np.float32), H, W, I, scratch, out)
+    pairs = np.stack([np.arange(B, dtype=np.int64), np.zeros(B, dtype=np.int64)], axis=1)
+    K._backproject_pairs(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
+                         np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
+                         np.zeros((1, 1), np.float32), pairs, H, W, I, K.REDUCE_NONE, scratch,
+                         np.empty((B, 1, work), np.float32), np.empty((B, 3, work), np.int32), out)
     return out.reshape(B, I, H, W)
