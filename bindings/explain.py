@@ -61,7 +61,8 @@ def resolve_classes(classes, net: Network, logits: np.ndarray) -> np.ndarray:
     """Turn the user's ``classes`` into class ids (B, K).
 
     None → all N classes; "topK" / "top-K" → each image's K largest logits, largest first; an int, a name,
-    or a list of ids and/or names → those classes in that order, for every image.
+    or a list of ids and/or names → those classes in that order, for every image; an int array (B, K) →
+    each image's own K classes.
     """
     B, N = logits.shape
     if classes is None:
@@ -73,8 +74,17 @@ def resolve_classes(classes, net: Network, logits: np.ndarray) -> np.ndarray:
                                  f"(use 1 .. {N}).")
         # stable sort of -logits: equal logits keep the lower class id first
         return np.argsort(-np.asarray(logits, dtype=np.float64), axis=1, kind="stable")[:, :k].astype(np.int64)
-    items = [classes] if isinstance(classes, (str, int, np.integer)) else list(np.asarray(classes, dtype=object).ravel()) \
-        if isinstance(classes, np.ndarray) else list(classes)
+    if isinstance(classes, np.ndarray) and classes.ndim == 2:
+        # per-image class ids (B, K), as Explanation.classes gives them back
+        if classes.shape[0] != B or classes.dtype.kind not in "iu":
+            raise ClearmapsError(f"classes has shape {classes.shape} and dtype {classes.dtype}; a 2-D classes "
+                                 f"array holds integer class ids, one row per image: shape ({B}, K).")
+        rows = [resolve_classes(list(row), net, logits[b:b + 1])[0] for b, row in enumerate(classes)]
+        return np.stack(rows)
+    if isinstance(classes, np.ndarray) and classes.ndim > 2:
+        raise ClearmapsError(f"classes has shape {classes.shape}; expected (K,) or (B, K).")
+    items = [classes] if isinstance(classes, (str, int, np.integer)) else \
+        list(classes.ravel()) if isinstance(classes, np.ndarray) else list(classes)
     if not items:
         raise ClearmapsError("classes is empty; give at least one class id or name, None for all, or 'top5'.")
     ids = []

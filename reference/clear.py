@@ -88,6 +88,8 @@ def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) 
     False, which gives Eq. 2 literally), MaxPool → switch unpooling (U_l), Conv → transposed conv (G_l,
     bias unused). ``classes`` is None (all), (K,) or (B, K) class ids.
     """
+    if not isinstance(rectify, (bool, np.bool_)):
+        raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
     z = trace.z
     B = z.shape[0]
     classes = check_classes(classes, B, net.num_classes)

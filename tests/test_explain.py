@@ -48,6 +48,19 @@ def test_classes_by_name_id_and_order(net, x):
     assert clearmaps.explain(net, x, classes="fox").classes.tolist() == [[2]] * 3
 
 
+def test_per_image_classes_as_a_2d_array(net, x):
+    rows = np.array([[4, 0], [1, 2], [3, 3 - 3]])
+    out = clearmaps.explain(net, x, classes=rows)
+    np.testing.assert_array_equal(out.classes, rows)
+    full = clearmaps.explain(net, x).responses
+    for b in range(3):
+        np.testing.assert_array_equal(out.responses[b], full[b, rows[b]])
+    again = clearmaps.explain(net, x, classes=out.classes)  # what an Explanation gives back goes back in
+    np.testing.assert_array_equal(again.rgb, out.rgb)
+    with pytest.raises(ClearmapsError, match=r"one row per image: shape \(3, K\)"):
+        clearmaps.explain(net, x, classes=rows[:2])
+
+
 def test_top_k_follows_each_images_logits(net, x):
     out = clearmaps.explain(net, x, classes="top2")
     order = np.argsort(-out.logits, axis=1, kind="stable")[:, :2]
@@ -104,6 +117,7 @@ def test_bad_images_get_one_clear_error(net, bad, message):
     ({"classes": [1, "dog"]}, "name a class twice"),
     ({"classes": "top9"}, "top 9"),
     ({"classes": [1.5]}, "expected class ids"),
+    ({"classes": np.zeros((3, 2, 1), int)}, r"expected \(K,\) or \(B, K\)"),
     ({"backend": "tpu"}, "backend='tpu'"),
     ({"reduce": "mean"}, "reduce='mean'"),
     ({"rectify": "yes"}, "rectify='yes'"),
