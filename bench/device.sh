@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/device.sh OUT_DIR — everything clearmaps measures on a GPU machine, in one call of ~2.5 min
-# (worst case, every step at its limit: 4.2 min).
+# (worst case, every step at its limit: 5 min).
 #
 # For the GPU machine of the device tool (H100/H200, CUDA 13, torch 2.11, CuPy 14, numba-cuda, but
 # NumPy 2.5, which numba-cuda 0.30 cannot compile with, no captum, and no network). Steps, each under
@@ -64,8 +64,7 @@ step preflight 30 python3 -m bench.device_preflight
 [ -s "$OUT/preflight.log" ] && head -n 20 "$OUT/preflight.log"
 step bench 120 python3 -m bench.device_bench --out "$OUT" --repeats 5
 export CLEARMAPS_CUDA_CHECK=1
-step gpu_tests 40 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py \
-    "tests/test_interop_gpu.py::test_cuda_backend_on_a_torch_side_stream"
+step gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
 export CLEARMAPS_CUDA_REAL=1
 step equivalence 60 \
     python3 -m pytest -q -p no:cacheprovider tests/cuda_sim
