@@ -34,6 +34,7 @@ import numpy as np
 from clearmaps.reference import REDUCTIONS, Clear, ClearmapsError, Conv, MaxPool, Network, ReLU, Trace
 from clearmaps.reference import check_classes, check_input, check_palette, resolve_vmax, softmax
 from clearmaps.reference.errors import check_array, check_pair
+from clearmaps.reference.ops import check_unpool
 
 from . import _cpu_kernels as K
 
@@ -548,14 +549,7 @@ def max_pool_with_switches(x, kernel, stride=None, padding=0):
 def unpool(y, switches, input_size):
     """Switch unpooling (U_l), float32: a zero plane of ``input_size`` with each value of ``y`` added at its
     switch. y and switches (B, C, oh, ow) → (B, C, H, W)."""
-    y = check_array(y, "y", 4, shape_hint=" of shape (B, C, oh, ow)")
-    switches = check_array(switches, "switches", 4, kinds="iu")
-    H, W = check_pair(input_size, "input_size", 1)
-    if switches.shape != y.shape:
-        raise ClearmapsError(f"switches have shape {switches.shape} but y has shape {y.shape}; they must match.")
-    if switches.size and (switches.min() < 0 or switches.max() >= H * W):
-        raise ClearmapsError(f"switches range over [{switches.min()}, {switches.max()}], outside a "
-                             f"{H}x{W} plane (0 .. {H * W - 1}).")
+    y, switches, (H, W) = check_unpool(y, switches, input_size)
     B, C = y.shape[:2]
     out = np.empty((B, C, H * W), dtype=np.float32)
     K._unpool_nchw(np.ascontiguousarray(y, dtype=np.float32).reshape(B, C, -1),
@@ -573,16 +567,9 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     switch or without rectification; when windows do share switches the sums must precede the ReLU, so
     the plane is then built first.
     """
-    y = check_array(y, "y", 4, shape_hint=" of shape (B, C, oh, ow)")
-    switches = check_array(switches, "switches", 4, kinds="iu")
+    y, switches, (Hu, Wu) = check_unpool(y, switches, input_size)
     weight = check_array(weight, "weight", 4, shape_hint=" of shape (out, in, kh, kw)")
-    Hu, Wu = check_pair(input_size, "input_size", 1)
     (sh, sw), (ph, pw) = check_pair(stride, "stride", 1), check_pair(padding, "padding", 0)
-    if switches.shape != y.shape:
-        raise ClearmapsError(f"switches have shape {switches.shape} but y has shape {y.shape}; they must match.")
-    if switches.size and (switches.min() < 0 or switches.max() >= Hu * Wu):
-        raise ClearmapsError(f"switches range over [{switches.min()}, {switches.max()}], outside a "
-                             f"{Hu}x{Wu} plane (0 .. {Hu * Wu - 1}).")
     B, O, h, w = y.shape
     if weight.shape[0] != O:
         raise ClearmapsError(f"y has {O} channels but weight {weight.shape} has {weight.shape[0]} kernels.")

@@ -11,11 +11,12 @@ from .colour import (check_palette, compose, default_palette, hsv_to_rgb, normal
 from .errors import ClearmapsError
 from .figures import binary_map, heatmap, keep_strong, remove_strong, strong_feature_mask
 from .network import Conv, MaxPool, Network, ReLU, check_input
-from .ops import conv2d, conv_transpose2d, gather_at_switches, max_pool_with_switches, unpool
+from .ops import check_unpool, conv2d, conv_transpose2d, gather_at_switches, max_pool_with_switches, unpool
 
 __all__ = [
     "REDUCTIONS", "Clear", "ClearmapsError", "Conv", "MaxPool", "Network", "ReLU", "Trace",
     "attentive_responses", "backproject", "binary_map", "check_classes", "check_input", "check_palette",
+    "check_unpool",
     "clear_from_trace", "compose", "conv2d", "conv_transpose2d", "default_palette", "dominant", "forward",
     "gather_at_switches", "heatmap", "hsv_to_rgb", "keep_strong", "max_pool_with_switches", "normalise",
     "palette_rgb", "reduce_channels", "remove_strong", "resolve_vmax", "softmax", "strong_feature_mask",

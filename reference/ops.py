@@ -110,6 +110,16 @@ def unpool(y, switches, input_size):
 
     y and switches (B, C, oh, ow) → (B, C, H, W).
     """
+    y, switches, (H, W) = check_unpool(y, switches, input_size)
+    B, C = y.shape[:2]
+    plane = np.zeros((B * C, H * W), dtype=y.dtype)
+    np.add.at(plane, (np.arange(B * C)[:, None], switches.reshape(B * C, -1)), y.reshape(B * C, -1))
+    return plane.reshape(B, C, H, W)
+
+
+def check_unpool(y, switches, input_size):
+    """Validate unpooling's arguments: y and integer switches of one shape (B, C, oh, ow), each switch a flat
+    index into an ``input_size`` plane. Returns (y, switches, (H, W))."""
     y = check_array(y, "y", 4, shape_hint=" of shape (B, C, oh, ow)")
     switches = check_array(switches, "switches", 4, kinds="iu")
     H, W = check_pair(input_size, "input_size", 1)
@@ -118,10 +128,7 @@ def unpool(y, switches, input_size):
     if switches.size and (switches.min() < 0 or switches.max() >= H * W):
         raise ClearmapsError(f"switches range over [{switches.min()}, {switches.max()}], outside a "
                              f"{H}x{W} plane (0 .. {H * W - 1}).")
-    B, C = y.shape[:2]
-    plane = np.zeros((B * C, H * W), dtype=y.dtype)
-    np.add.at(plane, (np.arange(B * C)[:, None], switches.reshape(B * C, -1)), y.reshape(B * C, -1))
-    return plane.reshape(B, C, H, W)
+    return y, switches, (H, W)
 
 
 def gather_at_switches(x, switches):
