@@ -34,7 +34,7 @@ import numpy as np
 from clearmaps.reference import REDUCTIONS, Clear, ClearmapsError, Conv, MaxPool, Network, ReLU, Trace
 from clearmaps.reference import check_classes, check_input, check_palette, resolve_vmax, softmax
 from clearmaps.reference.errors import check_array, check_pair
-from clearmaps.reference.ops import check_unpool
+from clearmaps.reference.ops import check_unpool, transposed_size
 
 from . import _cpu_kernels as K
 
@@ -507,7 +507,7 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     if weight.shape[0] != O:
         raise ClearmapsError(f"y has {O} channels but weight {weight.shape} has {weight.shape[0]} kernels.")
     _, I, kh, kw = weight.shape
-    H, W = _transpose_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
+    H, W = transposed_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
     out = np.empty((B, H, W, I), dtype=np.float32)
     work = oh * ow * O + 1
     K._conv_t_batch(np.ascontiguousarray(y.transpose(0, 2, 3, 1), dtype=np.float32),
@@ -515,18 +515,6 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
                     kh, kw, sh, sw, ph, pw, I, out, np.empty((B, 1, work), np.float32),
                     np.empty((B, 3, work), np.int32))
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-
-
-def _transpose_size(output_size, in_size, kernel, stride, padding):
-    (oh, ow), (kh, kw), (sh, sw), (ph, pw) = in_size, kernel, stride, padding
-    if output_size is None:
-        output_size = ((oh - 1) * sh - 2 * ph + kh, (ow - 1) * sw - 2 * pw + kw)
-    H, W = check_pair(output_size, "output_size", 1)
-    if (_out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)) != (oh, ow):
-        raise ClearmapsError(f"output_size {(H, W)} does not fit: a conv with kernel {(kh, kw)}, stride "
-                             f"{(sh, sw)}, padding {(ph, pw)} maps it to "
-                             f"{(_out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw))}, not {(oh, ow)}.")
-    return H, W
 
 
 def max_pool_with_switches(x, kernel, stride=None, padding=0):
@@ -574,7 +562,7 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     if weight.shape[0] != O:
         raise ClearmapsError(f"y has {O} channels but weight {weight.shape} has {weight.shape[0]} kernels.")
     _, I, kh, kw = weight.shape
-    H, W = _transpose_size(output_size, (Hu, Wu), (kh, kw), (sh, sw), (ph, pw))
+    H, W = transposed_size(output_size, (Hu, Wu), (kh, kw), (sh, sw), (ph, pw))
     shared = bool(rectify) and switches.size and any(
         np.unique(s).size != s.size for s in np.asarray(switches).reshape(B * O, -1))
     if shared:

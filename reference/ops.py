@@ -56,13 +56,7 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     if weight.shape[0] != O:
         raise ClearmapsError(f"y has {O} channels but weight {weight.shape} has {weight.shape[0]} kernels.")
     _, I, kh, kw = weight.shape
-    if output_size is None:
-        output_size = ((oh - 1) * sh - 2 * ph + kh, (ow - 1) * sw - 2 * pw + kw)
-    H, W = check_pair(output_size, "output_size", 1)
-    if (_out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)) != (oh, ow):
-        raise ClearmapsError(f"output_size {(H, W)} does not fit: a conv with kernel {(kh, kw)}, stride "
-                             f"{(sh, sw)}, padding {(ph, pw)} maps it to "
-                             f"{(_out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw))}, not {(oh, ow)}.")
+    H, W = transposed_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
     out = np.zeros((B, I, H + 2 * ph, W + 2 * pw), dtype=np.result_type(y, weight))
     for i in range(kh):
         for j in range(kw):
@@ -71,6 +65,20 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
             out[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += np.einsum(
                 "bohw,oi->bihw", y, weight[:, :, i, j])
     return out[:, :, ph:ph + H, pw:pw + W]
+
+
+def transposed_size(output_size, in_size, kernel, stride, padding) -> tuple[int, int]:
+    """The (H, W) a transposed conv produces from ``in_size``: ``output_size`` checked against the conv it
+    transposes (that conv must map it back to ``in_size``), or by default the smallest such size."""
+    (oh, ow), (kh, kw), (sh, sw), (ph, pw) = in_size, kernel, stride, padding
+    if output_size is None:
+        output_size = ((oh - 1) * sh - 2 * ph + kh, (ow - 1) * sw - 2 * pw + kw)
+    H, W = check_pair(output_size, "output_size", 1)
+    if (_out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)) != (oh, ow):
+        raise ClearmapsError(f"output_size {(H, W)} does not fit: a conv with kernel {(kh, kw)}, stride "
+                             f"{(sh, sw)}, padding {(ph, pw)} maps it to "
+                             f"{(_out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw))}, not {(oh, ow)}.")
+    return H, W
 
 
 def max_pool_with_switches(x, kernel, stride=None, padding=0):
