@@ -33,8 +33,9 @@ import numpy as np
 
 from clearmaps.reference import REDUCTIONS, Clear, ClearmapsError, Conv, MaxPool, Network, ReLU, Trace
 from clearmaps.reference import check_classes, check_input, check_palette, resolve_vmax, softmax
+from clearmaps.reference.colour import check_compose
 from clearmaps.reference.errors import check_array, check_pair
-from clearmaps.reference.ops import check_unpool, transposed_size
+from clearmaps.reference.ops import check_conv_transpose, check_unpool, transposed_size
 
 from . import _cpu_kernels as K
 
@@ -462,14 +463,7 @@ def _compose(index, response, hues, vmax):
 def compose(class_index, response, palette=None, vmax=None, *, num_classes=None) -> np.ndarray:
     """The CLEAR map (Eq. 6): uint8 RGB (B, H, W, 3), byte for byte the reference's
     (:func:`clearmaps.reference.compose`; V is computed in float64 from the given D)."""
-    index = check_array(class_index, "class_index", 3, kinds="iu", finite=False, shape_hint=" of shape (B, H, W)")
-    d = check_array(response, "response", 3, shape_hint=" of shape (B, H, W)")
-    if index.shape != d.shape:
-        raise ClearmapsError(f"class_index {index.shape} and response {d.shape} must have the same shape.")
-    hues = check_palette(palette, num_classes)
-    if index.size and (index.min() < 0 or index.max() >= hues.size):
-        raise ClearmapsError(f"class_index holds {int(index.max()) if index.max() >= hues.size else int(index.min())}"
-                             f"; the palette has {hues.size} entries (0 .. {hues.size - 1}).")
+    index, d, hues = check_compose(class_index, response, palette, num_classes)
     return _compose(index, d, hues, vmax)
 
 
@@ -500,14 +494,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
 def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     """The transpose of :func:`conv2d` with the same weight, stride and padding (the paper's G_l), float32:
     y (B, O, oh, ow), weight (O, I, kh, kw) → (B, I, H, W), (H, W) = ``output_size`` (default the smallest)."""
-    y = check_array(y, "y", 4, shape_hint=" of shape (B, O, oh, ow)")
-    weight = check_array(weight, "weight", 4, shape_hint=" of shape (out, in, kh, kw)")
-    (sh, sw), (ph, pw) = check_pair(stride, "stride", 1), check_pair(padding, "padding", 0)
+    y, weight, (sh, sw), (ph, pw), (H, W) = check_conv_transpose(y, weight, stride, padding, output_size)
     B, O, oh, ow = y.shape
-    if weight.shape[0] != O:
-        raise ClearmapsError(f"y has {O} channels but weight {weight.shape} has {weight.shape[0]} kernels.")
     _, I, kh, kw = weight.shape
-    H, W = transposed_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
     out = np.empty((B, H, W, I), dtype=np.float32)
     work = oh * ow * O + 1
     K._conv_t_batch(np.ascontiguousarray(y.transpose(0, 2, 3, 1), dtype=np.float32),

@@ -93,6 +93,21 @@ def normalise(response, vmax=None) -> np.ndarray:
     return np.where(level > 0, np.clip(d, 0.0, safe) / safe, 0.0)
 
 
+def check_compose(class_index, response, palette, num_classes):
+    """Validate :func:`compose`'s arguments: int positions and float responses of one shape (B, H, W), every
+    position inside the palette. Returns (class_index, response, hues)."""
+    index = check_array(class_index, "class_index", 3, kinds="iu", finite=False,
+                        shape_hint=" of shape (B, H, W)")
+    d = check_array(response, "response", 3, shape_hint=" of shape (B, H, W)")
+    if index.shape != d.shape:
+        raise ClearmapsError(f"class_index {index.shape} and response {d.shape} must have the same shape.")
+    hues = check_palette(palette, num_classes)
+    if index.size and (index.min() < 0 or index.max() >= hues.size):
+        raise ClearmapsError(f"class_index holds {int(index.max()) if index.max() >= hues.size else int(index.min())}"
+                             f"; the palette has {hues.size} entries (0 .. {hues.size - 1}).")
+    return index, d, hues
+
+
 def compose(class_index, response, palette=None, vmax=None, *, num_classes=None) -> np.ndarray:
     """The CLEAR map (Eq. 6): uint8 RGB (B, H, W, 3).
 
@@ -107,15 +122,7 @@ def compose(class_index, response, palette=None, vmax=None, *, num_classes=None)
     vmax : None, number, "batch" or "pNN"
         How D is normalised to V (see :func:`resolve_vmax`).
     """
-    index = check_array(class_index, "class_index", 3, kinds="iu", finite=False,
-                        shape_hint=" of shape (B, H, W)")
-    d = check_array(response, "response", 3, shape_hint=" of shape (B, H, W)")
-    if index.shape != d.shape:
-        raise ClearmapsError(f"class_index {index.shape} and response {d.shape} must have the same shape.")
-    hues = check_palette(palette, num_classes)
-    if index.size and (index.min() < 0 or index.max() >= hues.size):
-        raise ClearmapsError(f"class_index holds {int(index.max()) if index.max() >= hues.size else int(index.min())}"
-                             f"; the palette has {hues.size} entries (0 .. {hues.size - 1}).")
+    index, d, hues = check_compose(class_index, response, palette, num_classes)
     v = normalise(d, vmax)
     return to_bytes(hsv_to_rgb(hues[index], 1.0, v))
 

@@ -49,14 +49,9 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     size. A strided conv maps several input sizes to one output size; ``output_size`` picks which (torch
     calls the difference output padding). Default: the smallest.
     """
-    y = check_array(y, "y", 4, shape_hint=" of shape (B, O, oh, ow)")
-    weight = check_array(weight, "weight", 4, shape_hint=" of shape (out, in, kh, kw)")
-    (sh, sw), (ph, pw) = check_pair(stride, "stride", 1), check_pair(padding, "padding", 0)
+    y, weight, (sh, sw), (ph, pw), (H, W) = check_conv_transpose(y, weight, stride, padding, output_size)
     B, O, oh, ow = y.shape
-    if weight.shape[0] != O:
-        raise ClearmapsError(f"y has {O} channels but weight {weight.shape} has {weight.shape[0]} kernels.")
     _, I, kh, kw = weight.shape
-    H, W = transposed_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw))
     out = np.zeros((B, I, H + 2 * ph, W + 2 * pw), dtype=np.result_type(y, weight))
     for i in range(kh):
         for j in range(kw):
@@ -65,6 +60,17 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
             out[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += np.einsum(
                 "bohw,oi->bihw", y, weight[:, :, i, j])
     return out[:, :, ph:ph + H, pw:pw + W]
+
+
+def check_conv_transpose(y, weight, stride, padding, output_size):
+    """Validate :func:`conv_transpose2d`'s arguments. Returns (y, weight, stride, padding, (H, W))."""
+    y = check_array(y, "y", 4, shape_hint=" of shape (B, O, oh, ow)")
+    weight = check_array(weight, "weight", 4, shape_hint=" of shape (out, in, kh, kw)")
+    stride, padding = check_pair(stride, "stride", 1), check_pair(padding, "padding", 0)
+    if weight.shape[0] != y.shape[1]:
+        raise ClearmapsError(f"y has {y.shape[1]} channels but weight {weight.shape} has {weight.shape[0]} kernels.")
+    size = transposed_size(output_size, y.shape[2:], weight.shape[2:], stride, padding)
+    return y, weight, stride, padding, size
 
 
 def transposed_size(output_size, in_size, kernel, stride, padding) -> tuple[int, int]:
