@@ -40,6 +40,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._vec import vfma, vload, vstore, vsum, vzero
+
 # the steps of the back-projection plan (one row of int64 fields each; see cpu._Plan)
 HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_FEW, HEAD_FOLDED = range(7)
 (F_KIND, F_RECT, F_WOFF, F_O, F_I, F_KH, F_KW, F_SH, F_SW, F_PH, F_PW, F_IN_H, F_IN_W, F_OUT_H, F_OUT_W,
@@ -145,13 +147,18 @@ def _unpool_nchw(y, switches, out):
 _FM = {"contract"}
 
 
-@njit(cache=True, fastmath={"contract", "reassoc"})
+@njit(cache=True, fastmath=_FM)
 def _few_channels_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
     """The transposed conv for few output channels (the first layer: 1–3 image channels), where a length-I
     output row is too short to vectorise: each output value is a dot product over the O input channels,
-    contiguous in the dense src (h, w, O) and in wt[woff:] laid out (I, kh, kw, O). 'reassoc' lets LLVM
-    vectorise those sums. Taps step as in _gather_rows (no division per tap)."""
-    n_o = np.uint64(O)
+    contiguous in the dense src (h, w, O) and in wt[woff:] laid out (I, kh, kw, O), summed eight channels
+    at a time in a vector (_vec) and the last O mod 8 one by one. ``rect`` rectifies src in place first
+    (the plane is this step's input only). Taps step as in _gather_rows (no division per tap)."""
+    if rect:
+        for j in range(h * w * O):
+            if src[j] < 0.0:
+                src[j] = 0.0
+    O8 = O - O % 8
     for oy in range(H):
         ky_first = (oy + ph) % sh
         iy_first = (oy + ph - ky_first) // sh
@@ -159,26 +166,25 @@ def _few_channels_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I
             kx_first = (ox + pw) % sw
             ix_first = (ox + pw - kx_first) // sw
             for i in range(I):
-                acc = np.float32(0.0)
+                acc = vzero()
+                tail = np.float32(0.0)
                 ky, iy = ky_first, iy_first
                 while ky < kh:
                     if 0 <= iy < h:
                         kx, ix = kx_first, ix_first
                         while kx < kw:
                             if 0 <= ix < w:
-                                sb = np.uint64((iy * w + ix) * O)
-                                wb = np.uint64(woff + ((i * kh + ky) * kw + kx) * O)
-                                if rect:
-                                    for o in range(n_o):
-                                        acc += max(src[sb + o], np.float32(0.0)) * wt[wb + o]
-                                else:
-                                    for o in range(n_o):
-                                        acc += src[sb + o] * wt[wb + o]
+                                sb = (iy * w + ix) * O
+                                wb = woff + ((i * kh + ky) * kw + kx) * O
+                                for o in range(0, O8, 8):
+                                    acc = vfma(acc, vload(src, sb + o), vload(wt, wb + o))
+                                for o in range(O8, O):
+                                    tail += src[sb + o] * wt[wb + o]
                             kx += sw
                             ix -= 1
                     ky += sh
                     iy -= 1
-                dst[(oy * W + ox) * I + i] = acc
+                dst[(oy * W + ox) * I + i] = vsum(acc) + tail
 
 
 @njit(cache=True)
@@ -267,75 +273,81 @@ def _gather_rows(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw
     input of size (h, w, O) whose pixel p has entries vals / chans[start[p0 + p]:stop[p0 + p]]; weights
     wt[woff:] laid out (kh, kw, O, I); dst (H, W, I).
 
-    Gather form: output pixel (oy, ox) sums value × weight row (tap, channel) over the non-zero inputs
-    that reach it, tap by tap, eight (then four, then one) at a time, so its output row is loaded and
-    stored once per eight multiply-adds. A convolution's tap (ky, kx) reads input pixel
-    (oy*sh - ph + ky, ...); its transpose reads ((oy + ph - ky) / sh, ...) for the taps where that
-    divides: ky = (oy + ph) mod sh, then every sh-th (no division per tap).
+    Gather form, tap by tap: for tap (ky, kx), every output pixel that the tap connects to an existing input
+    pixel adds value × weight row over that pixel's non-zero entries (zeros cost nothing). A block of 32
+    output channels is summed in four 8-float vectors held in registers over the pixel's entries (_vec),
+    then stored once; then blocks of 8, then single channels. Tap by tap, one tap's weights (O rows of a
+    32-channel block) stay in L1 across all pixels; the output rows go in tiles of at most 512 pixels, so
+    a tile's block of dst stays in L2 across the taps.
 
-    Indexing is flat with unsigned offsets: no negative-index checks, so the row loop vectorises, and no
-    row views, whose reference counting (atomic, on arrays shared by all workers) would serialise threads."""
-    n_i = np.uint64(I)
-    for oy in range(oy0, oy1):
-        if forward:
-            ky_first, iy_first, dky, diy = 0, oy * sh - ph, 1, 1
-        else:
-            ky_first = (oy + ph) % sh
-            iy_first, dky, diy = (oy + ph - ky_first) // sh, sh, -1
-        for ox in range(W):
-            if forward:
-                kx_first, ix_first, dkx, dix = 0, ox * sw - pw, 1, 1
-            else:
-                kx_first = (ox + pw) % sw
-                ix_first, dkx, dix = (ox + pw - kx_first) // sw, sw, -1
-            d = np.uint64((oy * W + ox) * I)
-            for i in range(n_i):
-                dst[d + i] = 0.0
-            ky, iy = ky_first, iy_first
-            while ky < kh:
-                if 0 <= iy < h:
-                    kx, ix = kx_first, ix_first
-                    while kx < kw:
-                        if 0 <= ix < w:
-                            p = p0 + iy * w + ix
-                            base = woff + (ky * kw + kx) * O * I
-                            k = start[p]
-                            e = stop[p]
-                            while k + 7 < e:
-                                va, vb, vc, vd = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-                                ve, vf, vg, vh = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
-                                a = np.uint64(base + chans[k] * I)
-                                b = np.uint64(base + chans[k + 1] * I)
-                                c = np.uint64(base + chans[k + 2] * I)
-                                q = np.uint64(base + chans[k + 3] * I)
-                                f = np.uint64(base + chans[k + 4] * I)
-                                g = np.uint64(base + chans[k + 5] * I)
-                                r = np.uint64(base + chans[k + 6] * I)
-                                t = np.uint64(base + chans[k + 7] * I)
-                                for i in range(n_i):
-                                    dst[d + i] += (va * wt[a + i] + vb * wt[b + i] + vc * wt[c + i]
-                                                   + vd * wt[q + i] + ve * wt[f + i] + vf * wt[g + i]
-                                                   + vg * wt[r + i] + vh * wt[t + i])
-                                k += 8
-                            while k + 3 < e:
-                                va, vb, vc, vd = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-                                a = np.uint64(base + chans[k] * I)
-                                b = np.uint64(base + chans[k + 1] * I)
-                                c = np.uint64(base + chans[k + 2] * I)
-                                q = np.uint64(base + chans[k + 3] * I)
-                                for i in range(n_i):
-                                    dst[d + i] += va * wt[a + i] + vb * wt[b + i] + vc * wt[c + i] + vd * wt[q + i]
-                                k += 4
-                            while k < e:
-                                va = vals[k]
-                                a = np.uint64(base + chans[k] * I)
-                                for i in range(n_i):
-                                    dst[d + i] += va * wt[a + i]
-                                k += 1
-                        kx += dkx
-                        ix += dix
-                ky += dky
-                iy += diy
+    A convolution's tap (ky, kx) reads input pixel (oy*sh - ph + ky, ...); its transpose reaches output
+    rows oy ≡ ky - ph (mod sh), from input row (oy + ph - ky) / sh (no division per pixel)."""
+    for j in range(oy0 * W * I, oy1 * W * I):
+        dst[j] = 0.0
+    rows = max(1, 512 // W)
+    for t0 in range(oy0, oy1, rows):
+        t1 = min(oy1, t0 + rows)
+        i = 0
+        while i < I:
+            lanes = 32 if i + 32 <= I else (8 if i + 8 <= I else 1)
+            for ky in range(kh):
+                if forward:
+                    oy_s, soy, iy_s, siy = t0, 1, t0 * sh - ph + ky, sh
+                else:
+                    oy_s = t0 + (ky - ph - t0) % sh
+                    soy, iy_s, siy = sh, (oy_s + ph - ky) // sh, 1
+                for kx in range(kw):
+                    if forward:
+                        ox_s, sox, ix_s, six = 0, 1, kx - pw, sw
+                    else:
+                        ox_s = (kx - pw) % sw
+                        sox, ix_s, six = sw, (ox_s + pw - kx) // sw, 1
+                    base = woff + (ky * kw + kx) * O * I + i
+                    oy, iy = oy_s, iy_s
+                    while oy < t1:
+                        if 0 <= iy < h:
+                            ox, ix = ox_s, ix_s
+                            while ox < W:
+                                if 0 <= ix < w:
+                                    p = p0 + iy * w + ix
+                                    k0, k1 = start[p], stop[p]
+                                    if k0 < k1:
+                                        _add_terms(vals, chans, k0, k1, wt, base, I, lanes, dst,
+                                                   (oy * W + ox) * I + i)
+                                ox += sox
+                                ix += six
+                        oy += soy
+                        iy += siy
+            i += lanes
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _add_terms(vals, chans, k0, k1, wt, base, I, lanes, dst, d):
+    """dst[d:d+lanes] += sum over k in [k0, k1) of vals[k] × wt[base + chans[k]*I:...+lanes] (lanes 32, 8
+    or 1), the 32 or 8 lanes in registers (_vec) across the terms."""
+    if lanes == 32:
+        a0, a1, a2, a3 = vload(dst, d), vload(dst, d + 8), vload(dst, d + 16), vload(dst, d + 24)
+        for k in range(k0, k1):
+            v = vals[k]
+            a = base + chans[k] * I
+            a0 = vfma(a0, vload(wt, a), v)
+            a1 = vfma(a1, vload(wt, a + 8), v)
+            a2 = vfma(a2, vload(wt, a + 16), v)
+            a3 = vfma(a3, vload(wt, a + 24), v)
+        vstore(dst, d, a0)
+        vstore(dst, d + 8, a1)
+        vstore(dst, d + 16, a2)
+        vstore(dst, d + 24, a3)
+    elif lanes == 8:
+        a0 = vload(dst, d)
+        for k in range(k0, k1):
+            a0 = vfma(a0, vload(wt, base + chans[k] * I), vals[k])
+        vstore(dst, d, a0)
+    else:
+        acc = dst[d]
+        for k in range(k0, k1):
+            acc += vals[k] * wt[base + chans[k] * I]
+        dst[d] = acc
 
 
 @njit(cache=True)

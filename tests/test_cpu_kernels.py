@@ -35,7 +35,7 @@ def any_order_networks(draw):
         if kind == "conv":
             k, s = draw(st.sampled_from([1, 3])), draw(st.integers(1, 2))
             p = draw(st.integers(0, k // 2))
-            width = draw(st.sampled_from([1, 3, 8, 12]))
+            width = draw(st.sampled_from([1, 3, 8, 12, 41]))  # 41: every lane path (32, 8, 1) of _cpu_kernels
             if (h + 2 * p - k) // s + 1 < 2:
                 continue
             layers.append(Conv(rng.normal(size=(width, channels, k, k)) / np.sqrt(channels * k * k),
@@ -86,6 +86,53 @@ def test_fused_unpool_rectify_conv_transpose(seed, pool, conv, size, c_out, rect
     want = ref.conv_transpose2d(np.maximum(plane, 0) if rectify else plane, weight, s, p, (H, H))
     got = cpu.unpool_conv_transpose2d(y, switches, (size, size), weight, s, p, (H, H), rectify)
     assert_close(got, want, RTOL_F32, "fused unpool + rectify + transposed conv")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 3, 5]), st.integers(1, 3), st.integers(0, 2),
+       st.integers(4, 12), st.sampled_from([1, 8, 9, 32, 33, 41, 64, 71]), st.sampled_from([2, 5, 40]))
+def test_every_lane_path_of_the_transposed_conv(seed, k, stride, padding, size, c_in, c_out):
+    """conv_transpose2d and the fused unpool + transposed conv into c_in channels, where the kernels sum
+    32 channels at a time in vectors, then 8, then one: c_in 1, 8, 9, 32, 33, 41, 64, 71 takes every mix of
+    those paths, with strides 1–3 (output rows reached every stride-th tap) and output padding."""
+    rng = np.random.default_rng(seed)
+    padding = min(padding, k // 2)
+    H = (size - 1) * stride - 2 * padding + k + rng.integers(0, stride)  # output padding 0 .. stride-1
+    weight = rng.normal(size=(c_out, c_in, k, k))
+    y = np.maximum(rng.normal(size=(2, c_out, size, size)), 0)
+    assert_close(cpu.conv_transpose2d(y, weight, stride, padding, (H, H)),
+                 ref.conv_transpose2d(y, weight, stride, padding, (H, H)), RTOL_F32, "conv_transpose2d")
+    x = rng.normal(size=(2, c_out, 2 * size, 2 * size))
+    pooled, switches = ref.max_pool_with_switches(x, 2, 2)
+    g = rng.normal(size=pooled.shape)
+    want = ref.conv_transpose2d(np.maximum(ref.unpool(g, switches, (2 * size, 2 * size)), 0), weight, 1, padding,
+                                (2 * size + k - 1 - 2 * padding,) * 2)
+    got = cpu.unpool_conv_transpose2d(g, switches, (2 * size, 2 * size), weight, 1, padding,
+                                      (2 * size + k - 1 - 2 * padding,) * 2)
+    assert_close(got, want, RTOL_F32, "fused unpool + rectify + transposed conv")
+
+
+def test_vector_operations_equal_numpy():
+    """The 8-float vector type of _vec: load, multiply-add with a scalar and with a vector, sum, store."""
+    from numba import njit
+
+    from clearmaps.kernels._vec import vfma, vload, vstore, vsum, vzero
+
+    @njit
+    def run(a, b, s, out):
+        acc = vfma(vzero(), vload(a, 3), s)           # a[3:11] * s
+        acc = vfma(acc, vload(a, 11), vload(b, 0))    # + a[11:19] * b[0:8]
+        vstore(out, 1, acc)
+        return vsum(acc)
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=24).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    out = np.zeros(10, np.float32)
+    total = run(a, b, np.float32(1.5), out)
+    want = a[3:11] * np.float32(1.5) + a[11:19] * b
+    assert_close(out[1:9], want, RTOL_F32, "vfma / vstore")
+    assert out[0] == 0 and out[9] == 0, "vstore wrote outside its eight floats"
+    assert abs(total - want.sum()) <= 1e-5 * np.abs(want).sum(), "vsum"
 
 
 def test_composite_only_runs_in_chunks_and_equals_the_full_run(monkeypatch):
