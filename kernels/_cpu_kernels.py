@@ -4,8 +4,7 @@ What they compute
 -----------------
 _conv_sparse_nhwc   a forward convolution skipping zero inputs: each image row's non-zero entries listed,
                     then each output row sums value × weight row (_gather_rows) — convs with few outputs
-_im2col_nhwc        the patches of a convolution, one row per output pixel (wider forward convs are then one
-                    BLAS GEMM per block of rows, done by NumPy in ``cpu.py``)
+_conv_dense_nhwc    a dense forward convolution, register-blocked: 3 output pixels × 32 channels in vectors
 _max_pool_nhwc      max pooling with switches: flat index row*W+col into the input plane of each window's
                     first maximum in row-major window order (strict '>': torch's tie rule)
 _unpool_nchw        switch unpooling, values *added* at the switches
@@ -49,28 +48,140 @@ HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_FEW, HEAD_FOLDED = range(7)
 NFIELDS = 21
 REDUCE_NONE, REDUCE_SUM, REDUCE_MAX, REDUCE_NORM = 0, 1, 2, 3
 
+# 'contract' lets LLVM fuse multiply-adds (FMA): one rounding instead of two, never less accurate
+_FM = {"contract"}
 
-@njit(cache=True)
-def _im2col_nhwc(x, r0, r1, kh, kw, sh, sw, ph, pw, oh, ow, cols):
-    """cols[r - r0, (ky*kw + kx)*C + c] = x[b, oy*sh - ph + ky, ox*sw - pw + kx, c] (0 outside), for the
-    output pixels r = (b*oh + oy)*ow + ox in [r0, r1)."""
-    H, W, C = x.shape[1], x.shape[2], x.shape[3]
-    for r in range(r0, r1):  # serial: it alternates with BLAS GEMMs, and two thread pools spinning fight
-        b = r // (oh * ow)
-        oy = (r // ow) % oh
-        ox = r % ow
-        row = r - r0
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _conv_dense_nhwc(x, wt, bias, kh, kw, sh, sw, ph, pw, out):
+    """A dense convolution of channel-last x (B, H, W, C) into out (B, oh, ow, O), bias added; wt flat
+    (kh, kw, C, O). One task per output row (prange). Register-blocked like a GEMM microkernel: three
+    output pixels × 32 output channels are held in twelve 8-float vectors (_vec) while every tap and input
+    channel adds broadcast(value) × weight row, so each weight load serves three pixels and each value
+    four vectors; then 8 channels at a time, then one. Pixels whose taps would leave the image (the
+    borders) go one at a time with bounds checks."""
+    B, H, W, C = x.shape
+    oh, ow, O = out.shape[1], out.shape[2], out.shape[3]
+    xf = x.reshape(B * H * W * C)
+    of = out.reshape(B * oh * ow * O)
+    # the output columns whose every tap is inside the image: ox*sw - pw >= 0 and ox*sw - pw + kw - 1 < W
+    lo = min(ow, (pw + sw - 1) // sw)
+    hi = max(lo, min(ow, (W - kw + pw) // sw + 1))
+    for t in prange(B * oh):
+        b = t // oh
+        oy = t % oh
+        row = (b * oh + oy) * ow
+        ox = 0
+        while ox < ow:
+            if lo <= ox and ox + 3 <= hi:
+                _dense_block3(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, (row + ox) * O)
+                ox += 3
+            else:
+                _dense_pixel(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, (row + ox) * O)
+                ox += 1
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _dense_block3(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, d):
+    """Output pixels ox, ox+1, ox+2 of row oy, all of whose taps are inside the image columns."""
+    step = sw * C  # from one pixel's input to the next one's
+    i = 0
+    while i < O:
+        lanes = 32 if i + 32 <= O else (8 if i + 8 <= O else 1)
+        if lanes == 32:
+            a0, a1, a2, a3 = vload(bias, i), vload(bias, i + 8), vload(bias, i + 16), vload(bias, i + 24)
+            b0, b1, b2, b3 = a0, a1, a2, a3
+            c0, c1, c2, c3 = a0, a1, a2, a3
+            for ky in range(kh):
+                iy = oy * sh - ph + ky
+                if iy < 0 or iy >= H:
+                    continue
+                for kx in range(kw):
+                    p = ((b * H + iy) * W + ox * sw - pw + kx) * C
+                    wb = (ky * kw + kx) * C * O + i
+                    for c in range(C):
+                        u, v, z = xf[p + c], xf[p + step + c], xf[p + 2 * step + c]
+                        q = wb + c * O
+                        w0, w1, w2, w3 = vload(wt, q), vload(wt, q + 8), vload(wt, q + 16), vload(wt, q + 24)
+                        a0, a1, a2, a3 = vfma(a0, w0, u), vfma(a1, w1, u), vfma(a2, w2, u), vfma(a3, w3, u)
+                        b0, b1, b2, b3 = vfma(b0, w0, v), vfma(b1, w1, v), vfma(b2, w2, v), vfma(b3, w3, v)
+                        c0, c1, c2, c3 = vfma(c0, w0, z), vfma(c1, w1, z), vfma(c2, w2, z), vfma(c3, w3, z)
+            vstore(of, d + i, a0), vstore(of, d + i + 8, a1), vstore(of, d + i + 16, a2), vstore(of, d + i + 24, a3)
+            e = d + O + i
+            vstore(of, e, b0), vstore(of, e + 8, b1), vstore(of, e + 16, b2), vstore(of, e + 24, b3)
+            e += O
+            vstore(of, e, c0), vstore(of, e + 8, c1), vstore(of, e + 16, c2), vstore(of, e + 24, c3)
+        elif lanes == 8:
+            a0 = vload(bias, i)
+            b0, c0 = a0, a0
+            for ky in range(kh):
+                iy = oy * sh - ph + ky
+                if iy < 0 or iy >= H:
+                    continue
+                for kx in range(kw):
+                    p = ((b * H + iy) * W + ox * sw - pw + kx) * C
+                    wb = (ky * kw + kx) * C * O + i
+                    for c in range(C):
+                        w0 = vload(wt, wb + c * O)
+                        a0 = vfma(a0, w0, xf[p + c])
+                        b0 = vfma(b0, w0, xf[p + step + c])
+                        c0 = vfma(c0, w0, xf[p + 2 * step + c])
+            vstore(of, d + i, a0), vstore(of, d + O + i, b0), vstore(of, d + 2 * O + i, c0)
+        else:
+            for j in range(3):
+                acc = bias[i]
+                for ky in range(kh):
+                    iy = oy * sh - ph + ky
+                    if iy < 0 or iy >= H:
+                        continue
+                    for kx in range(kw):
+                        p = ((b * H + iy) * W + (ox + j) * sw - pw + kx) * C
+                        wb = (ky * kw + kx) * C * O + i
+                        for c in range(C):
+                            acc += xf[p + c] * wt[wb + c * O]
+                of[d + j * O + i] = acc
+        i += lanes
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _dense_pixel(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, d):
+    """One output pixel, taps outside the image skipped."""
+    i = 0
+    while i < O:
+        lanes = 32 if i + 32 <= O else (8 if i + 8 <= O else 1)
+        a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+        if lanes == 32:
+            a0, a1, a2, a3 = vload(bias, i), vload(bias, i + 8), vload(bias, i + 16), vload(bias, i + 24)
+        elif lanes == 8:
+            a0 = vload(bias, i)
+        acc = bias[i]
         for ky in range(kh):
             iy = oy * sh - ph + ky
+            if iy < 0 or iy >= H:
+                continue
             for kx in range(kw):
                 ix = ox * sw - pw + kx
-                base = (ky * kw + kx) * C
-                if iy < 0 or iy >= H or ix < 0 or ix >= W:
-                    for c in range(C):
-                        cols[row, base + c] = 0.0
-                else:
-                    for c in range(C):
-                        cols[row, base + c] = x[b, iy, ix, c]
+                if ix < 0 or ix >= W:
+                    continue
+                p = ((b * H + iy) * W + ix) * C
+                wb = (ky * kw + kx) * C * O + i
+                for c in range(C):
+                    u = xf[p + c]
+                    q = wb + c * O
+                    if lanes == 32:
+                        a0, a1 = vfma(a0, vload(wt, q), u), vfma(a1, vload(wt, q + 8), u)
+                        a2, a3 = vfma(a2, vload(wt, q + 16), u), vfma(a3, vload(wt, q + 24), u)
+                    elif lanes == 8:
+                        a0 = vfma(a0, vload(wt, q), u)
+                    else:
+                        acc += u * wt[q]
+        if lanes == 32:
+            vstore(of, d + i, a0), vstore(of, d + i + 8, a1), vstore(of, d + i + 16, a2), vstore(of, d + i + 24, a3)
+        elif lanes == 8:
+            vstore(of, d + i, a0)
+        else:
+            of[d + i] = acc
+        i += lanes
 
 
 @njit(cache=True, parallel=True)
@@ -143,8 +254,6 @@ def _unpool_nchw(y, switches, out):
             out[b, c, switches[b, c, j]] += y[b, c, j]
 
 
-# 'contract' lets LLVM fuse multiply-adds (FMA): one rounding instead of two, never less accurate
-_FM = {"contract"}
 
 
 @njit(cache=True, fastmath=_FM)

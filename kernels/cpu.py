@@ -5,10 +5,10 @@ with the same switches (first maximum in row-major window order) and the same co
 
 How it runs
 -----------
-- forward: images go channel-last (B, H, W, C); a conv with fewer than 128 outputs is a Numba sparse
-  gather (inputs listed without their zeros, then each output row sums value × weight row), a wider one
-  a Numba im2col into a bounded block of rows and one BLAS GEMM per block (NumPy's ``matmul``); max
-  pooling records switches in a Numba kernel.
+- forward: images go channel-last (B, H, W, C); a conv is a Numba sparse gather (inputs listed without
+  their zeros, then each output pixel sums value × weight row), or on the image itself (fewer than 8
+  channels, no zeros to skip) a register-blocked dense kernel; max pooling records switches in a Numba
+  kernel. No BLAS anywhere: its thread pool would spin against Numba's.
 - back-projection: every (image, class) signal runs the whole plan of :func:`_plan` inside one Numba
   call, the pairs spread over ``numba.get_num_threads()`` workers, each with two ping-pong planes.
   A transposed conv first lists its input's non-zero entries as compressed sparse rows (after a
@@ -45,10 +45,9 @@ __all__ = [
     "unpool_conv_transpose2d",
 ]
 
-_IM2COL_FLOATS = 1 << 23       # an im2col block holds at most this many floats (32 MiB)
 _CHUNK_BYTES = 8 << 20         # keep_responses=False: a chunk's reduced maps take at most this
 _CHUNK_PARTS = 4               # ... and at most 1/4 of the (image, class) pairs
-_GEMM_FROM = 8                 # forward convs with this many input channels or more use BLAS GEMMs
+_DENSE_BELOW = 8               # forward convs with fewer input channels use the dense kernel
 _FEW_CHANNELS = 8             # transposed convs to fewer channels than this take dot products instead
 _REDUCE = {"sum": K.REDUCE_SUM, "max": K.REDUCE_MAX, "norm": K.REDUCE_NORM}
 
@@ -70,7 +69,7 @@ class _Prepared:
     """A network's weights in the layouts the kernels read, made once per Network object."""
 
     def __init__(self, net: Network):
-        self.gemm = {}      # conv i → (kh*kw*I, O) float32 GEMM matrix and (O,) bias
+        self.fwd = {}       # conv i → its (kh, kw, I, O) weights as a (kh*kw*I, O) float32 matrix, and (O,) bias
         self.offset = {}    # conv i → offset of its weights in ``flat``, laid out (kh, kw, O, I), and
                             # for the head (N, kh, kw, I): kernel c's block is a (kh, kw, 1, I) layer
         self.few = {}       # conv i with few input channels → offset of its (I, kh, kw, O) weights
@@ -79,7 +78,7 @@ class _Prepared:
             if isinstance(layer, Conv):
                 w = np.asarray(layer.weight, dtype=np.float32)
                 o = w.shape[0]
-                self.gemm[i] = (np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, o)),
+                self.fwd[i] = (np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, o)),
                                 np.asarray(layer.bias, dtype=np.float32))
                 layout = (0, 2, 3, 1) if i == net.head_index else (2, 3, 0, 1)
                 parts.append(np.ascontiguousarray(w.transpose(*layout)).ravel())
@@ -138,39 +137,27 @@ def _prepared(net: Network) -> _Prepared:
 
 # ------------------------------------------------------------------------------------------------ forward
 def _conv_nhwc(a, layer: Conv, wmat, bias):
-    """Conv of channel-last a (B, H, W, C) → (B, oh, ow, O).
+    """Conv of channel-last a (B, H, W, C) → (B, oh, ow, O), in Numba only (no BLAS: its thread pool and
+    Numba's spin against each other on a small machine — mixing them cost the forward pass ~40% on the
+    2-core EPYC).
 
-    Fewer than _GEMM_FROM input channels (the image's): the Numba sparse gather, whose term lists are then
-    a few entries long; from there on im2col in row blocks and one BLAS GEMM per block, which on the
-    allcnn-mnist benchmark (2-core EPYC) ran the forward pass in half the time the sparse gather took: the
-    gather skips the zeros a ReLU leaves, but its accumulation loop runs at a quarter of BLAS's
-    multiply-add rate."""
+    Fewer than _DENSE_BELOW input channels (the image): the register-blocked dense kernel; from there on
+    the sparse gather, which skips the zeros a ReLU leaves (about half). Per layer on the 2-core EPYC
+    (allcnn-mnist batch 64, vgg16-fcn 64×64) the dense kernel won only on the image layer (1.2 vs 3.9 ms)."""
     B, H, W, C = a.shape
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
     oh, ow = _out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)
     O = wmat.shape[1]
-    if C < _GEMM_FROM:
-        out4 = np.empty((B, oh, ow, O), dtype=np.float32)
-        n = a.size
-        T = max(1, min(numba.get_num_threads(), B * max(H, oh)))
-        K._conv_sparse_nhwc(a, wmat.reshape(-1), kh, kw, sh, sw, ph, pw, out4, np.empty(n, np.float32),
-                            np.empty(n, np.int64), np.empty(B * H * W, np.int64), np.empty(B * H * W, np.int64), T)
-        out4 += bias
+    out4 = np.empty((B, oh, ow, O), dtype=np.float32)
+    if C < _DENSE_BELOW:
+        K._conv_dense_nhwc(a, wmat.reshape(-1), bias, kh, kw, sh, sw, ph, pw, out4)
         return out4
-    rows = B * oh * ow
-    out = np.empty((rows, O), dtype=np.float32)
-    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
-        np.matmul(a.reshape(rows, C), wmat, out=out)
-    else:
-        depth = kh * kw * C
-        block = max(1, min(rows, _IM2COL_FLOATS // depth))
-        cols = np.empty((block, depth), dtype=np.float32)
-        for r0 in range(0, rows, block):
-            r1 = min(rows, r0 + block)
-            K._im2col_nhwc(a, r0, r1, kh, kw, sh, sw, ph, pw, oh, ow, cols)
-            np.matmul(cols[:r1 - r0], wmat, out=out[r0:r1])
-    out += bias
-    return out.reshape(B, oh, ow, -1)
+    n = a.size
+    T = max(1, min(numba.get_num_threads(), B * max(H, oh)))
+    K._conv_sparse_nhwc(a, wmat.reshape(-1), kh, kw, sh, sw, ph, pw, out4, np.empty(n, np.float32),
+                        np.empty(n, np.int64), np.empty(B * H * W, np.int64), np.empty(B * H * W, np.int64), T)
+    out4 += bias
+    return out4
 
 
 def _pool_nhwc(a, layer: MaxPool):
@@ -198,7 +185,7 @@ def forward(net: Network, x) -> Trace:
     for i, layer in enumerate(net.layers):
         sizes.append(tuple(int(s) for s in a.shape[1:3]))
         if isinstance(layer, Conv):
-            a = _conv_nhwc(a, layer, *prep.gemm[i])
+            a = _conv_nhwc(a, layer, *prep.fwd[i])
         elif isinstance(layer, ReLU):
             np.maximum(a, 0, out=a)
         else:
@@ -489,7 +476,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     w = np.asarray(weight, dtype=np.float32)
     wmat = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, O))
     a = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
-    out = _conv_nhwc(a, layer, wmat, np.asarray(b, dtype=np.float32))
+    out = _conv_nhwc(a, layer, wmat, np.ascontiguousarray(b, dtype=np.float32))
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 

@@ -112,6 +112,25 @@ def test_every_lane_path_of_the_transposed_conv(seed, k, stride, padding, size, 
     assert_close(got, want, RTOL_F32, "fused unpool + rectify + transposed conv")
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 3, 5]), st.integers(1, 3), st.integers(0, 2),
+       st.integers(1, 13), st.sampled_from([1, 3, 8, 12]), st.sampled_from([1, 7, 8, 9, 32, 33, 41, 64, 71]))
+def test_every_path_of_the_forward_conv(seed, k, stride, padding, size, c_in, c_out):
+    """conv2d into c_out channels: the dense kernel (fewer than 8 input channels; three pixels at a time
+    inside, one at a time at the borders) and the sparse gather (8 or more), every lane path (32, 8, 1),
+    strides 1–3, images narrower than three pixels, inputs with and without zeros."""
+    rng = np.random.default_rng(seed)
+    padding = min(padding, k // 2)
+    if size + 2 * padding < k:
+        return
+    x = rng.normal(size=(2, c_in, size, size + 2))
+    if seed % 2:
+        x = np.maximum(x, 0)  # half zeros, as after a ReLU
+    weight, bias = rng.normal(size=(c_out, c_in, k, k)), rng.normal(size=c_out)
+    assert_close(cpu.conv2d(x, weight, bias, stride, padding), ref.conv2d(x, weight, bias, stride, padding),
+                 RTOL_F32, "conv2d")
+
+
 def test_vector_operations_equal_numpy():
     """The 8-float vector type of _vec: load, multiply-add with a scalar and with a vector, sum, store."""
     from numba import njit
