@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 
+from clearmaps.kernels.fold import fold_head
 from clearmaps.reference import Conv, MaxPool, ReLU
 
 from .cases import count_flops
@@ -32,6 +33,9 @@ INSTR = {
     ("direct", "dense", 9): {1: 84, 3: 120}, ("direct", "unpooled", 9): {1: 124, 3: 168},
     ("forward", "dense", 9): 132, ("forward", "dense", 1): 31,
     ("head", 1): 29,  # per output element of a 1x1 head
+    # per output element of the folded head (kernels/fold.py) over a 3x3 conv: ~6 per tap (two loads, max,
+    # min, two FMAs) + the store; an estimate, not yet read off the SASS
+    ("head folded", 9): 60, ("head folded", 1): 12,
 }
 
 
@@ -62,13 +66,21 @@ def steps(net, size, B, K, direct_max=4):
         elif isinstance(layer, MaxPool):
             out.append((f"fwd pool {i}", 0, 0, F * C * B * (H * W + oh * ow) + 8 * C * B * oh * ow, 0))
     n = B * K
-    hi = net.head_index
-    H, W = sizes[hi]
-    I = net.head.in_channels
-    out.append(("back head", 0, 0, F * n * I * H * W, INSTR[("head", 1)] * n * I * H * W / 32))
+    top = net.head_index
+    folded = fold_head(net)
+    if folded is None:
+        H, W = sizes[top]
+        I = net.head.in_channels
+        out.append(("back head", 0, 0, F * n * I * H * W, INSTR[("head", 1)] * n * I * H * W / 32))
+    else:  # the head, its ReLUs and conv j in one kernel (two input channels: z+, z-)
+        top = folded[0]
+        (H, W), (kh, kw) = sizes[top], net.layers[top].kernel
+        I = net.layers[top].in_channels
+        out.append((f"back head folded into conv {top} ->{I} @{H}x{W}", 0, 0, F * n * I * H * W,
+                    INSTR[("head folded", kh * kw)] * n * I * H * W / 32))
     pooled = False
     current = I * H * W
-    for i in range(hi - 1, -1, -1):
+    for i in range(top - 1, -1, -1):
         layer = net.layers[i]
         if isinstance(layer, ReLU):
             continue

@@ -240,10 +240,17 @@ def run_method(method: Method, case, oracle: Output, repeats: int, warmup: int, 
     return res
 
 
+SETTLE_S = 0.25  # pause before each timed run (see run_methods)
+
+
 def run_methods(methods, case, oracle: Output, repeats: int, warmup: int, log=print) -> list:
     """Every method on one case, timed INTERLEAVED: round r runs each method once, so a change in the
     machine's load (a shared machine) hits all methods alike and the ratios stay fair. A method with its
-    own ``repeats`` (a slow one) takes part in that many rounds only."""
+    own ``repeats`` (a slow one) takes part in that many rounds only.
+
+    Each timed run starts SETTLE_S after the previous one ended: thread pools keep spinning for a while
+    after their work (OpenBLAS's ~0.1 s, OpenMP's — Numba's and torch's — less), and on a 2-core machine
+    a pool the previous method left spinning takes a core from the next one."""
     prepared = []
     for method in methods:
         log(f"  {method.name}: setup, first call, check ...")
@@ -260,6 +267,7 @@ def run_methods(methods, case, oracle: Output, repeats: int, warmup: int, log=pr
     for round_ in range(max([m.repeats or repeats for m, _, _ in live], default=0)):
         for m, r, p in live:
             if round_ < (m.repeats or repeats) and r.status == "ok":
+                time.sleep(SETTLE_S)
                 try:
                     r.times_s += [float(t) for t in _timer(p)(p.run, 1)]
                 except Exception as exc:

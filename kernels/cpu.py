@@ -38,6 +38,7 @@ from clearmaps.reference.errors import check_array, check_pair
 from clearmaps.reference.ops import check_conv_transpose, check_unpool, transposed_size
 
 from . import _cpu_kernels as K
+from .fold import fold_head
 
 __all__ = [
     "attentive_dominant", "backproject", "clear_from_trace", "compose", "conv2d", "conv_transpose2d",
@@ -93,30 +94,12 @@ class _Prepared:
 
     @staticmethod
     def _fold_head(net: Network, parts, total):
-        """A 1×1 head followed (walking down) by ReLUs and a conv folds into that conv.
-
-        G_L^c z_L of a 1×1 head is the outer product z_c ⊗ w_c (w_c = head kernel c); rectified, it is
-        z⁺ ⊗ w_c⁺ + z⁻ ⊗ w_c⁻ (the product of two numbers is positive exactly when their signs agree), so the
-        conv's transpose of it is the transpose of the TWO-channel plane (z⁺, z⁻) with the kernels
-        V_c± = Σ_m w_c±[m] · weight[m] — instead of the conv's many input channels. Without rectification
-        both kernels are Σ_m w_c[m] · weight[m]. Returns (conv index, offset rectified, offset linear) or None.
-        """
-        hi, head = net.head_index, net.head
-        if head.kernel != (1, 1) or head.stride != (1, 1) or head.padding != (0, 0):
+        """The folded head (kernels/fold.py) in this backend's weight layout (kh, kw, 2, I) per class:
+        (conv index, offset rectified, offset linear) or None."""
+        folded = fold_head(net, _FEW_CHANNELS)
+        if folded is None:
             return None
-        j = hi - 1
-        while j >= 0 and isinstance(net.layers[j], ReLU):
-            j -= 1
-        if j < 0 or not isinstance(net.layers[j], Conv) or net.layers[j].in_channels < _FEW_CHANNELS:
-            return None
-        w = np.asarray(head.weight, dtype=np.float64)[:, :, 0, 0]          # (N, M)
-        conv = np.asarray(net.layers[j].weight, dtype=np.float64)          # (M, I, kh, kw)
-        fold = lambda a: np.einsum("cm,mjyx->cyxj", a, conv)  # noqa: E731   (N, kh, kw, I)
-        rectified = np.stack([fold(np.maximum(w, 0)), fold(np.minimum(w, 0))], axis=3)
-        full = fold(w)
-        linear = np.stack([full, full], axis=3)
-        if hi - 1 == j:  # no ReLU in between: nothing to rectify
-            rectified = linear
+        j, rectified, linear = folded
         offsets = []
         for v in (rectified, linear):
             parts.append(np.ascontiguousarray(v, dtype=np.float32).ravel())

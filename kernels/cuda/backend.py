@@ -4,11 +4,13 @@ Data flow (all float32, channel-major (C, n, H, W) inside):
 
     forward         per conv: gather columns (rectifying a pending ReLU as it reads) + one cuBLAS GEMM
                     with the bias in it; per max pool: one kernel writing pooled values and int64 switches.
-    back-projection G_L^c z_L for every (image, class) pair at once (B*K signals), then per layer below
-                    the head: ReLU → a flag (rectify as the next kernel reads), MaxPool → a flag (the next
-                    kernel reads through the switches), Conv → a transposed conv: the fused gather of its
-                    columns from the (unpooled, rectified) source + one GEMM, or, when it has few output
-                    channels (the input layer), one direct kernel.
+    back-projection G_L^c z_L for every (image, class) pair at once (B*K signals) — or, for a 1×1 head over
+                    ReLUs and a conv, that conv's transpose of it in one step (the folded head,
+                    kernels/fold.py: two input channels instead of the conv's) — then per layer below:
+                    ReLU → a flag (rectify as the next kernel reads), MaxPool → a flag (the next kernel
+                    reads through the switches), Conv → a transposed conv: the fused gather of its columns
+                    from the (unpooled, rectified) source + one GEMM, or, when it has few output channels
+                    (the input layer), one direct kernel.
     epilogue        one pass per chunk: channel reduction, argmax over classes, max, and HSV when the
                     normaliser is known (see epilogue.py).
 
@@ -28,6 +30,7 @@ import numpy as np
 
 from ...reference import (REDUCTIONS, Clear, ClearmapsError, Conv, MaxPool, Network, ReLU, Trace,
                           check_classes, check_input, check_palette, resolve_vmax)
+from ..fold import fold_head
 from . import backproject_kernels as bk
 from . import device as dv
 from . import epilogue as ek
@@ -132,6 +135,11 @@ def _plan(net: Network) -> dict:
                 fwd = np.concatenate([w.reshape(O, -1), layer.bias.astype(np.float32)[:, None]], axis=1)
                 plan[i] = _ConvPlan(dv.asdevice(w), dv.asdevice(fwd),
                                     dv.asdevice(np.ascontiguousarray(w.transpose(1, 0, 2, 3).reshape(I, -1))))
+        # the folded head (kernels/fold.py): conv index, then its kernels for rectify=True / False laid out
+        # (N, 2, I, kh, kw) as head_signal(folded=True) reads them
+        folded = fold_head(net)
+        plan["fold"] = None if folded is None else (folded[0], *(
+            dv.asdevice(np.ascontiguousarray(v.transpose(0, 3, 4, 1, 2), dtype=np.float32)) for v in folded[1:]))
         _PLANS[net] = plan
     return plan
 
@@ -403,18 +411,22 @@ def _backproject_chunk(net, plan, sizes, z, classes, switches, b0, bc, k0, kc, r
     """R(x|c) of images b0 .. b0+bc-1 and class positions k0 .. k0+kc-1: (C, bc*kc, H, W) and whether a
     rectification is still pending on it."""
     head_i = net.head_index
-    head = net.head
     n = bc * kc
-    H, W = sizes[head_i]
-    I = head.in_channels
-    signal = xp.empty((I, n, H, W), dtype=np.float32)
     B, N, h, w = z.shape
-    launch(bk.head_signal(*_geometry(head)), ceil_div(n * H * W, THREADS), THREADS,
-           z.reshape(-1), classes.reshape(-1), plan[head_i].weight.reshape(-1), signal.reshape(-1),
+    if plan["fold"] is not None:  # the head, its ReLUs and conv j as one two-channel step (kernels/fold.py)
+        top, weight = plan["fold"][0], plan["fold"][1 if rectify else 2]
+        layer, folded = net.layers[top], True
+    else:
+        top, weight, layer, folded = head_i, plan[head_i].weight, net.head, False
+    H, W = sizes[top]
+    I = layer.in_channels
+    signal = xp.empty((I, n, H, W), dtype=np.float32)
+    launch(bk.head_signal(*_geometry(layer), folded), ceil_div(n * H * W, THREADS), THREADS,
+           z.reshape(-1), classes.reshape(-1), weight.reshape(-1), signal.reshape(-1),
            N, classes.shape[1], h, w, I, n, H, W, b0, k0, kc)
     src = _Source(bk.DENSE, signal, (H, W))
-    _mark(f"back {head_i} head")
-    for i in range(head_i - 1, -1, -1):
+    _mark(f"back {head_i} head" + (f" folded into {top}" if folded else ""))
+    for i in range(top - 1, -1, -1):
         layer = net.layers[i]
         if isinstance(layer, ReLU):
             if rectify:

@@ -197,12 +197,15 @@ def _transposed_taps(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, kind:
 
 
 @lru_cache(maxsize=None)
-def head_signal(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
-    """Kernel: G_L^c z_L for the (image, class) pairs of a chunk.
+def head_signal(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, folded: bool = False):
+    """Kernel: G_L^c z_L for the (image, class) pairs of a chunk, or with ``folded`` the folded head
+    (kernels/fold.py): the transposed conv j of (z⁺, z⁻) with class c's two folded kernels, which equals
+    conv j's transpose of the rectified G_L^c z_L. The geometry is the head's, or conv j's when folded.
 
-    z (B, N, h, w) float32 flat, classes (B, K) int64 flat, weight (N, I, kh, kw) flat, out (I, n, H, W)
-    flat; pair t = (b - b0)*kc + (k - k0). One thread per output pixel (t, y, x), looping over the I
-    output channels with the pixel's kh*kw z values in registers."""
+    z (B, N, h, w) float32 flat, classes (B, K) int64 flat, weight (N, I, kh, kw) flat — folded:
+    (N, 2, I, kh, kw), the z⁺ kernels then the z⁻ ones — out (I, n, H, W) flat; pair t = (b - b0)*kc +
+    (k - k0). One thread per output pixel (t, y, x), looping over the I output channels with the pixel's
+    kh*kw z values in registers."""
     taps = kh * kw
 
     @cuda.jit
@@ -229,16 +232,25 @@ def head_signal(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
                 ok = ok_u and nv >= 0 and nv - v * sw == 0 and v < w
                 val = z[_ix(zbase + (u * w + v if ok else 0))]
                 vals[ky * kw + kx] = val if ok else zero
-        wbase = c * I * taps
         plane = H * W
         obase = t * plane + y * W + x
-        for i in range(I):
-            acc = zero
-            for k in range(taps):
-                acc += vals[k] * weight[_ix(wbase + i * taps + k)]
-            out[_ix(obase + i * n * plane)] = acc
+        if folded:
+            wbase = c * 2 * I * taps
+            for i in range(I):
+                acc = zero
+                for k in range(taps):
+                    acc += max(vals[k], zero) * weight[_ix(wbase + i * taps + k)]
+                    acc += min(vals[k], zero) * weight[_ix(wbase + (I + i) * taps + k)]
+                out[_ix(obase + i * n * plane)] = acc
+        else:
+            wbase = c * I * taps
+            for i in range(I):
+                acc = zero
+                for k in range(taps):
+                    acc += vals[k] * weight[_ix(wbase + i * taps + k)]
+                out[_ix(obase + i * n * plane)] = acc
 
-    kernel.__name__ = f"head_signal_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}"
+    kernel.__name__ = f"head_signal_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}" + ("_folded" if folded else "")
     return kernel
 
 

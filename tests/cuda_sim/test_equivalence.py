@@ -107,6 +107,26 @@ def test_more_pool_sources(monkeypatch, direct):
     check_against_reference(net, x, np.array([[0, 2, 1]]), integer=True)
 
 
+@pytest.mark.parametrize("rectify", [True, False])
+@pytest.mark.parametrize("head_relu", [True, False])
+@pytest.mark.parametrize("below", ["relu", "none"])
+def test_folded_head_equals_reference(rectify, head_relu, below):
+    """A 1x1 head over a conv (through a ReLU, or directly) runs as one two-channel step: z+ and z- through
+    class c's folded kernels (kernels/fold.py) in head_signal(folded=True), with conv j's stride 2 and
+    padding; the maps are the reference's with and without rectification and a head ReLU."""
+    rng = np.random.default_rng(5)
+    layers = [Conv(rng.normal(size=(5, 2, 3, 3)), rng.normal(size=5), 1, 1), ReLU(), MaxPool(2),
+              Conv(rng.normal(size=(6, 5, 3, 3)) / 3, rng.normal(size=6), 2, 1)] + (
+        [ReLU()] if below == "relu" else []) + [Conv(rng.normal(size=(3, 6, 1, 1)), rng.normal(size=3))] + (
+        [ReLU()] if head_relu else [])
+    net = Network(layers)
+    assert backend._plan(net)["fold"][0] == 3
+    x = rng.normal(size=(2, 2, 11, 9))
+    trace = kc.forward(net, x)
+    want = ref.backproject(net, ref.forward(net, x), None, rectify)
+    assert_close(host(kc.backproject(net, trace, None, rectify)), want, RTOL_F32, "R(x|c) through the folded head")
+
+
 def test_a_foreign_trace_with_bad_switches_is_refused():
     net, x = _net(), np.random.default_rng(12).normal(size=(1, 3, 11, 10))
     trace = ref.forward(net, x)
