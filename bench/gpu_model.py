@@ -33,9 +33,9 @@ INSTR = {
     ("direct", "dense", 9): {1: 84, 3: 120}, ("direct", "unpooled", 9): {1: 124, 3: 168},
     ("forward", "dense", 9): 132, ("forward", "dense", 1): 31,
     ("head", 1): 29,  # per output element of a 1x1 head
-    # per output element of the folded head (kernels/fold.py) over a 3x3 conv: ~6 per tap (two loads, max,
-    # min, two FMAs) + the store; an estimate, not yet read off the SASS
-    ("head folded", 9): 60, ("head folded", 1): 12,
+    # per output element of the folded head (kernels/fold.py): the loop body over output channels, 3x3
+    # (18 weight loads, 18 FMAs, 1 store) and 1x1 (unrolled by 4: 151 per 4)
+    ("head folded", 9): 51, ("head folded", 1): 38,
 }
 
 

@@ -104,6 +104,7 @@ def kernels():
         out.append((f"forward_columns_{tag}", fk.forward_columns(*g), (f1, f1) + (i,) * 8 + (b, b)))
         out.append((f"max_pool_{tag}", fk.max_pool(*g), (f4, f4, l4, i, b)))
         out.append((f"head_signal_{tag}", bk.head_signal(*g), (f1, l1, f1, f1) + (i,) * 11))
+        out.append((f"head_signal_{tag}_folded", bk.head_signal(*g, True), (f1, l1, f1, f1) + (i,) * 11))
         for kind, pool in sources:
             out.append((bk.gather_columns(*g, kind, pool).__name__, bk.gather_columns(*g, kind, pool),
                         (f1, i1, f1) + (i,) * 12 + (b, b)))
