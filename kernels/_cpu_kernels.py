@@ -58,8 +58,8 @@ def _conv_dense_nhwc(x, wt, bias, kh, kw, sh, sw, ph, pw, out):
     (kh, kw, C, O). One task per output row (prange). Register-blocked like a GEMM microkernel: three
     output pixels × 32 output channels are held in twelve 8-float vectors (_vec) while every tap and input
     channel adds broadcast(value) × weight row, so each weight load serves three pixels and each value
-    four vectors; then 8 channels at a time, then one. Pixels whose taps would leave the image (the
-    borders) go one at a time with bounds checks."""
+    four vectors. Pixels whose taps would leave the image (the borders), and the last O mod 32 channels,
+    go one pixel at a time (_dense_pixel), the borders with bounds checks."""
     B, H, W, C = x.shape
     oh, ow, O = out.shape[1], out.shape[2], out.shape[3]
     xf = x.reshape(B * H * W * C)
@@ -77,76 +77,50 @@ def _conv_dense_nhwc(x, wt, bias, kh, kw, sh, sw, ph, pw, out):
                 _dense_block3(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, (row + ox) * O)
                 ox += 3
             else:
-                _dense_pixel(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, (row + ox) * O)
+                _dense_pixel(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, (row + ox) * O, 0)
                 ox += 1
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
 def _dense_block3(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, d):
-    """Output pixels ox, ox+1, ox+2 of row oy, all of whose taps are inside the image columns."""
+    """Output pixels ox, ox+1, ox+2 of row oy, all of whose taps are inside the image columns: every block
+    of 32 output channels in twelve vectors, the last O mod 32 channels pixel by pixel (_dense_pixel)."""
     step = sw * C  # from one pixel's input to the next one's
     i = 0
-    while i < O:
-        lanes = 32 if i + 32 <= O else (8 if i + 8 <= O else 1)
-        if lanes == 32:
-            a0, a1, a2, a3 = vload(bias, i), vload(bias, i + 8), vload(bias, i + 16), vload(bias, i + 24)
-            b0, b1, b2, b3 = a0, a1, a2, a3
-            c0, c1, c2, c3 = a0, a1, a2, a3
-            for ky in range(kh):
-                iy = oy * sh - ph + ky
-                if iy < 0 or iy >= H:
-                    continue
-                for kx in range(kw):
-                    p = ((b * H + iy) * W + ox * sw - pw + kx) * C
-                    wb = (ky * kw + kx) * C * O + i
-                    for c in range(C):
-                        u, v, z = xf[p + c], xf[p + step + c], xf[p + 2 * step + c]
-                        q = wb + c * O
-                        w0, w1, w2, w3 = vload(wt, q), vload(wt, q + 8), vload(wt, q + 16), vload(wt, q + 24)
-                        a0, a1, a2, a3 = vfma(a0, w0, u), vfma(a1, w1, u), vfma(a2, w2, u), vfma(a3, w3, u)
-                        b0, b1, b2, b3 = vfma(b0, w0, v), vfma(b1, w1, v), vfma(b2, w2, v), vfma(b3, w3, v)
-                        c0, c1, c2, c3 = vfma(c0, w0, z), vfma(c1, w1, z), vfma(c2, w2, z), vfma(c3, w3, z)
-            vstore(of, d + i, a0), vstore(of, d + i + 8, a1), vstore(of, d + i + 16, a2), vstore(of, d + i + 24, a3)
-            e = d + O + i
-            vstore(of, e, b0), vstore(of, e + 8, b1), vstore(of, e + 16, b2), vstore(of, e + 24, b3)
-            e += O
-            vstore(of, e, c0), vstore(of, e + 8, c1), vstore(of, e + 16, c2), vstore(of, e + 24, c3)
-        elif lanes == 8:
-            a0 = vload(bias, i)
-            b0, c0 = a0, a0
-            for ky in range(kh):
-                iy = oy * sh - ph + ky
-                if iy < 0 or iy >= H:
-                    continue
-                for kx in range(kw):
-                    p = ((b * H + iy) * W + ox * sw - pw + kx) * C
-                    wb = (ky * kw + kx) * C * O + i
-                    for c in range(C):
-                        w0 = vload(wt, wb + c * O)
-                        a0 = vfma(a0, w0, xf[p + c])
-                        b0 = vfma(b0, w0, xf[p + step + c])
-                        c0 = vfma(c0, w0, xf[p + 2 * step + c])
-            vstore(of, d + i, a0), vstore(of, d + O + i, b0), vstore(of, d + 2 * O + i, c0)
-        else:
-            for j in range(3):
-                acc = bias[i]
-                for ky in range(kh):
-                    iy = oy * sh - ph + ky
-                    if iy < 0 or iy >= H:
-                        continue
-                    for kx in range(kw):
-                        p = ((b * H + iy) * W + (ox + j) * sw - pw + kx) * C
-                        wb = (ky * kw + kx) * C * O + i
-                        for c in range(C):
-                            acc += xf[p + c] * wt[wb + c * O]
-                of[d + j * O + i] = acc
-        i += lanes
+    while i + 32 <= O:
+        a0, a1, a2, a3 = vload(bias, i), vload(bias, i + 8), vload(bias, i + 16), vload(bias, i + 24)
+        b0, b1, b2, b3 = a0, a1, a2, a3
+        c0, c1, c2, c3 = a0, a1, a2, a3
+        for ky in range(kh):
+            iy = oy * sh - ph + ky
+            if iy < 0 or iy >= H:
+                continue
+            for kx in range(kw):
+                p = ((b * H + iy) * W + ox * sw - pw + kx) * C
+                wb = (ky * kw + kx) * C * O + i
+                for c in range(C):
+                    u, v, z = xf[p + c], xf[p + step + c], xf[p + 2 * step + c]
+                    q = wb + c * O
+                    w0, w1, w2, w3 = vload(wt, q), vload(wt, q + 8), vload(wt, q + 16), vload(wt, q + 24)
+                    a0, a1, a2, a3 = vfma(a0, w0, u), vfma(a1, w1, u), vfma(a2, w2, u), vfma(a3, w3, u)
+                    b0, b1, b2, b3 = vfma(b0, w0, v), vfma(b1, w1, v), vfma(b2, w2, v), vfma(b3, w3, v)
+                    c0, c1, c2, c3 = vfma(c0, w0, z), vfma(c1, w1, z), vfma(c2, w2, z), vfma(c3, w3, z)
+        vstore(of, d + i, a0), vstore(of, d + i + 8, a1), vstore(of, d + i + 16, a2), vstore(of, d + i + 24, a3)
+        e = d + O + i
+        vstore(of, e, b0), vstore(of, e + 8, b1), vstore(of, e + 16, b2), vstore(of, e + 24, b3)
+        e += O
+        vstore(of, e, c0), vstore(of, e + 8, c1), vstore(of, e + 16, c2), vstore(of, e + 24, c3)
+        i += 32
+    if i < O:
+        for j in range(3):
+            _dense_pixel(xf, wt, bias, b, oy, ox + j, H, W, C, O, kh, kw, sh, sw, ph, pw, of, d + j * O, i)
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _dense_pixel(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, d):
-    """One output pixel, taps outside the image skipped."""
-    i = 0
+def _dense_pixel(xf, wt, bias, b, oy, ox, H, W, C, O, kh, kw, sh, sw, ph, pw, of, d, i0):
+    """Output channels i0 .. O-1 of one output pixel (32, then 8, then 1 at a time), taps outside the image
+    skipped."""
+    i = i0
     while i < O:
         lanes = 32 if i + 32 <= O else (8 if i + 8 <= O else 1)
         a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()

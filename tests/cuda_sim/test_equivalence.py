@@ -51,7 +51,9 @@ def check_against_reference(net, x, classes, rectify=True, reduce="sum", vmax=No
     assert_equal(index[mask], want.dominant_index[mask], "dominant class on decisive pixels")
     diff = np.abs(rgb.astype(np.int16) - want.rgb.astype(np.int16))
     assert diff[mask].max(initial=0) <= 1, f"rgb differs by {diff[mask].max()} on a decisive pixel"
-    if integer:  # small integers: float32 is exact, so everything is equal, ties included
+    if integer and reduce != "norm":  # small integers: float32 is exact, so everything is equal, ties
+        # included — but not through the L2 norm's square root, which float32 rounds (a composite byte at a
+        # .5 boundary can then differ by one, as hypothesis found)
         assert_equal(index, want.dominant_index, "dominant class (integer case)")
         assert_equal(rgb, want.rgb, "rgb (integer case)")
     return got, want
