@@ -50,6 +50,9 @@ REDUCE_NONE, REDUCE_SUM, REDUCE_MAX, REDUCE_NORM = 0, 1, 2, 3
 
 # 'contract' lets LLVM fuse multiply-adds (FMA): one rounding instead of two, never less accurate
 _FM = {"contract"}
+# input channels per pass of the gather over sorted rows: one tap's weights for a 32-channel output block,
+# SPAN rows of 128 bytes, then fit in a 32 KB L1 (a 512-channel VGG layer's would take 64 KB)
+SPAN = 256
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -185,7 +188,7 @@ def _conv_sparse_nhwc(x, wt, kh, kw, sh, sw, ph, pw, out, vals, chans, start, st
             b = t // oh
             oy = t % oh
             _gather_rows(vals, chans, start, stop, b * H * W, H, W, C, wt, 0, kh, kw, sh, sw, ph, pw, O, out2[b],
-                         oh, ow, oy, oy + 1, True)
+                         oh, ow, oy, oy + 1, True, min(C, SPAN))
 
 
 @njit(cache=True, parallel=True)
@@ -342,16 +345,16 @@ def _csr_pooled(src, h, w, O, rect, sws, swoff, Hu, Wu, vals, chans, start, curs
 
 
 @njit(cache=True, fastmath=_FM)
-def _gather_csr_conv_t(vals, chans, start, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
+def _gather_csr_conv_t(vals, chans, start, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, span):
     """dst[(H, W, I)] = conv_transpose of the sparse input (vals, chans, start) of size (h, w, O), with
     wt[woff:] laid out (kh, kw, O, I) (see _gather_rows)."""
     _gather_rows(vals, chans, start, start[1:], 0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, 0, H,
-                 False)
+                 False, span)
 
 
 @njit(cache=True, fastmath=_FM)
 def _gather_rows(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, oy0, oy1,
-                 forward):
+                 forward, span):
     """Output rows oy0 .. oy1-1 of a convolution (``forward``) or a transposed convolution of the sparse
     input of size (h, w, O) whose pixel p has entries vals / chans[start[p0 + p]:stop[p0 + p]]; weights
     wt[woff:] laid out (kh, kw, O, I); dst (H, W, I).
@@ -361,7 +364,8 @@ def _gather_rows(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw
     output channels is summed in four 8-float vectors held in registers over the pixel's entries (_vec),
     then stored once; then blocks of 8, then single channels. Tap by tap, one tap's weights (O rows of a
     32-channel block) stay in L1 across all pixels; the output rows go in tiles of at most 512 pixels, so
-    a tile's block of dst stays in L2 across the taps.
+    a tile's block of dst stays in L2 across the taps. ``span`` < O splits the input channels into passes of
+    ``span`` (rows sorted by channel only: see SPAN), so that a wide layer's weight block fits in L1 too.
 
     A convolution's tap (ky, kx) reads input pixel (oy*sh - ph + ky, ...); its transpose reaches output
     rows oy ≡ ky - ph (mod sh), from input row (oy + ph - ky) / sh (no division per pixel)."""
@@ -373,35 +377,59 @@ def _gather_rows(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw
         i = 0
         while i < I:
             lanes = 32 if i + 32 <= I else (8 if i + 8 <= I else 1)
-            for ky in range(kh):
-                if forward:
-                    oy_s, soy, iy_s, siy = t0, 1, t0 * sh - ph + ky, sh
-                else:
-                    oy_s = t0 + (ky - ph - t0) % sh
-                    soy, iy_s, siy = sh, (oy_s + ph - ky) // sh, 1
-                for kx in range(kw):
-                    if forward:
-                        ox_s, sox, ix_s, six = 0, 1, kx - pw, sw
-                    else:
-                        ox_s = (kx - pw) % sw
-                        sox, ix_s, six = sw, (ox_s + pw - kx) // sw, 1
-                    base = woff + (ky * kw + kx) * O * I + i
-                    oy, iy = oy_s, iy_s
-                    while oy < t1:
-                        if 0 <= iy < h:
-                            ox, ix = ox_s, ix_s
-                            while ox < W:
-                                if 0 <= ix < w:
-                                    p = p0 + iy * w + ix
-                                    k0, k1 = start[p], stop[p]
-                                    if k0 < k1:
-                                        _add_terms(vals, chans, k0, k1, wt, base, I, lanes, dst,
-                                                   (oy * W + ox) * I + i)
-                                ox += sox
-                                ix += six
-                        oy += soy
-                        iy += siy
+            for c0 in range(0, O, span):
+                _gather_taps(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, W,
+                             t0, t1, forward, i, lanes, c0, c0 + span, span < O)
             i += lanes
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _gather_taps(vals, chans, start, stop, p0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, W, t0, t1,
+                 forward, i, lanes, c0, c1, split):
+    """One pass of _gather_rows: output rows t0 .. t1-1, output channels i .. i+lanes-1, the entries of input
+    channels c0 .. c1-1 (found by bisection in each sorted row when ``split``, else the whole row)."""
+    for ky in range(kh):
+        if forward:
+            oy_s, soy, iy_s, siy = t0, 1, t0 * sh - ph + ky, sh
+        else:
+            oy_s = t0 + (ky - ph - t0) % sh
+            soy, iy_s, siy = sh, (oy_s + ph - ky) // sh, 1
+        for kx in range(kw):
+            if forward:
+                ox_s, sox, ix_s, six = 0, 1, kx - pw, sw
+            else:
+                ox_s = (kx - pw) % sw
+                sox, ix_s, six = sw, (ox_s + pw - kx) // sw, 1
+            base = woff + (ky * kw + kx) * O * I + i
+            oy, iy = oy_s, iy_s
+            while oy < t1:
+                if 0 <= iy < h:
+                    ox, ix = ox_s, ix_s
+                    while ox < W:
+                        if 0 <= ix < w:
+                            p = p0 + iy * w + ix
+                            k0, k1 = start[p], stop[p]
+                            if split:
+                                k0 = _first_at_least(chans, k0, k1, c0)
+                                k1 = _first_at_least(chans, k0, k1, c1)
+                            if k0 < k1:
+                                _add_terms(vals, chans, k0, k1, wt, base, I, lanes, dst, (oy * W + ox) * I + i)
+                        ox += sox
+                        ix += six
+                oy += soy
+                iy += siy
+
+
+@njit(cache=True, inline="always")
+def _first_at_least(chans, lo, hi, c):
+    """The first k in [lo, hi) with chans[k] >= c (hi if none), chans ascending there."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if chans[mid] < c:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
@@ -452,7 +480,7 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
             _csr_dense(z[b * st[F_O] + cls], st[F_IN_H], st[F_IN_W], 1, False, vals, chans, start)
             _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 1, wt, st[F_WOFF] + cls * kk, st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
-                               st[F_OUT_W])
+                               st[F_OUT_W], 1)
             cur = 0
             continue
         if kind == HEAD_FOLDED:
@@ -461,7 +489,7 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
             _csr_signs(z[b * st[F_O] + cls], st[F_IN_H] * st[F_IN_W], vals, chans, start)
             _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 2, wt, st[F_WOFF] + cls * kk, st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
-                               st[F_OUT_W])
+                               st[F_OUT_W], 2)
             cur = 0
             continue
         if kind == RECTIFY:
@@ -473,7 +501,7 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
             _csr_dense(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, vals, chans, start)
             _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], st[F_O], wt, st[F_WOFF], st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
-                               st[F_OUT_W])
+                               st[F_OUT_W], min(st[F_O], SPAN))
         elif kind == CONV_T_FEW:
             _few_channels_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF_FEW],
                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
@@ -481,9 +509,10 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
         elif kind == CONV_T_POOLED:
             _csr_pooled(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws, st[F_SWOFF] + b * st[F_SWCOUNT],
                         st[F_UH], st[F_UW], vals, chans, start, cursor)
+            # one pass: rows built through overlapping windows need not be sorted by channel
             _gather_csr_conv_t(vals, chans, start, st[F_UH], st[F_UW], st[F_O], wt, st[F_WOFF], st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
-                               st[F_OUT_W])
+                               st[F_OUT_W], st[F_O])
         else:  # UNPOOL
             _unpool_plane(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws,
                           st[F_SWOFF] + b * st[F_SWCOUNT], st[F_UH], st[F_UW], dst)
@@ -598,4 +627,5 @@ def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out, wsf, wsi):
     out2 = out.reshape(N, H * W * I)
     for n in prange(N):
         _csr_dense(y2[n], h, w, O, False, wsf[n, 0], wsi[n, 0], wsi[n, 1])
-        _gather_csr_conv_t(wsf[n, 0], wsi[n, 0], wsi[n, 1], h, w, O, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W)
+        _gather_csr_conv_t(wsf[n, 0], wsi[n, 0], wsi[n, 1], h, w, O, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W,
+                           min(O, SPAN))

@@ -90,11 +90,12 @@ def test_fused_unpool_rectify_conv_transpose(seed, pool, conv, size, c_out, rect
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 3, 5]), st.integers(1, 3), st.integers(0, 2),
-       st.integers(4, 12), st.sampled_from([1, 8, 9, 32, 33, 41, 64, 71]), st.sampled_from([2, 5, 40]))
+       st.integers(4, 12), st.sampled_from([1, 8, 9, 32, 33, 41, 64, 71]), st.sampled_from([2, 5, 40, 300]))
 def test_every_lane_path_of_the_transposed_conv(seed, k, stride, padding, size, c_in, c_out):
     """conv_transpose2d and the fused unpool + transposed conv into c_in channels, where the kernels sum
     32 channels at a time in vectors, then 8, then one: c_in 1, 8, 9, 32, 33, 41, 64, 71 takes every mix of
-    those paths, with strides 1–3 (output rows reached every stride-th tap) and output padding."""
+    those paths, with strides 1–3 (output rows reached every stride-th tap) and output padding; 300 input
+    channels take two passes over the channels (_cpu_kernels.SPAN)."""
     rng = np.random.default_rng(seed)
     padding = min(padding, k // 2)
     H = (size - 1) * stride - 2 * padding + k + rng.integers(0, stride)  # output padding 0 .. stride-1
@@ -114,11 +115,12 @@ def test_every_lane_path_of_the_transposed_conv(seed, k, stride, padding, size, 
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 3, 5]), st.integers(1, 3), st.integers(0, 2),
-       st.integers(1, 13), st.sampled_from([1, 3, 8, 12]), st.sampled_from([1, 7, 8, 9, 32, 33, 41, 64, 71]))
+       st.integers(1, 13), st.sampled_from([1, 3, 8, 12, 300]), st.sampled_from([1, 7, 8, 9, 32, 33, 41, 64, 71]))
 def test_every_path_of_the_forward_conv(seed, k, stride, padding, size, c_in, c_out):
     """conv2d into c_out channels: the dense kernel (fewer than 8 input channels; three pixels at a time
-    inside, one at a time at the borders) and the sparse gather (8 or more), every lane path (32, 8, 1),
-    strides 1–3, images narrower than three pixels, inputs with and without zeros."""
+    inside, one at a time at the borders) and the sparse gather (8 or more; 300 in two channel passes),
+    every lane path (32, 8, 1), strides 1–3, images narrower than three pixels, inputs with and without
+    zeros."""
     rng = np.random.default_rng(seed)
     padding = min(padding, k // 2)
     if size + 2 * padding < k:
