@@ -347,7 +347,7 @@ def _csr_pooled(src, h, w, O, rect, sws, swoff, Hu, Wu, vals, chans, start, curs
 @njit(cache=True, fastmath=_FM)
 def _gather_csr_conv_t(vals, chans, start, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, span):
     """dst[(H, W, I)] = conv_transpose of the sparse input (vals, chans, start) of size (h, w, O), with
-    wt[woff:] laid out (kh, kw, O, I) (see _gather_rows)."""
+    wt[woff:] laid out (kh, kw, O, I), input channels in passes of ``span`` (see _gather_rows)."""
     _gather_rows(vals, chans, start, start[1:], 0, h, w, O, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W, 0, H,
                  False, span)
 

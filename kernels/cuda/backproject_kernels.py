@@ -234,21 +234,16 @@ def head_signal(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, folded: bo
                 vals[ky * kw + kx] = val if ok else zero
         plane = H * W
         obase = t * plane + y * W + x
-        if folded:
-            wbase = c * 2 * I * taps
-            for i in range(I):
-                acc = zero
-                for k in range(taps):
+        wbase = c * (2 if folded else 1) * I * taps
+        for i in range(I):
+            acc = zero
+            for k in range(taps):
+                if folded:  # a constant of this specialisation: no branch in the compiled loop
                     acc += max(vals[k], zero) * weight[_ix(wbase + i * taps + k)]
                     acc += min(vals[k], zero) * weight[_ix(wbase + (I + i) * taps + k)]
-                out[_ix(obase + i * n * plane)] = acc
-        else:
-            wbase = c * I * taps
-            for i in range(I):
-                acc = zero
-                for k in range(taps):
+                else:
                     acc += vals[k] * weight[_ix(wbase + i * taps + k)]
-                out[_ix(obase + i * n * plane)] = acc
+            out[_ix(obase + i * n * plane)] = acc
 
     kernel.__name__ = f"head_signal_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}" + ("_folded" if folded else "")
     return kernel
