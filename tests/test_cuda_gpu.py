@@ -98,6 +98,27 @@ def test_vgg16_fcn_against_the_torch_oracle(kc):
     assert_close(cp.asnumpy(R), torch_responses(net, x, classes[0]), RTOL_F32, "R(x|c)")
 
 
+@pytest.mark.parametrize("route", ["default", "sparse-everywhere", "8x8-tiles", "gemm"])
+def test_every_conv_route_on_the_gpu(kc, monkeypatch, route):
+    """vgg16-fcn at 64x64 through each routing the benchmark compares (the sparse kernel for every stride-1
+    conv; on 8x8 tiles; columns + GEMM everywhere; the default mix), compiled for the real GPU: R(x|c)
+    against the float64 torch oracle."""
+    from clearmaps.kernels.cuda import backend, sparse_kernels
+
+    from .oracle import torch_responses
+
+    if route == "sparse-everywhere":
+        monkeypatch.setattr(sparse_kernels, "DENSE_MAX_CHANNELS", 1 << 30)
+    elif route == "8x8-tiles":
+        monkeypatch.setattr(sparse_kernels, "TILE_ROWS", 8)
+    elif route == "gemm":
+        monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", False)
+    net = _preset("vgg16-fcn")
+    x = np.random.default_rng(3).uniform(size=(2, 3, 64, 64))
+    R = kc.backproject(net, kc.forward(net, x), np.arange(10)[None].repeat(2, 0))
+    assert_close(R, torch_responses(net, x, np.arange(10)), RTOL_F32, f"R(x|c), {route}")
+
+
 def test_memory_splitting_on_the_gpu(kc, monkeypatch):
     """A limit that holds fewer (image, class) signals than one image's ten classes: the work is split over
     images and classes, with the same maps as one pass, on CuPy's allocator."""

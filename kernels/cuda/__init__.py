@@ -9,9 +9,11 @@ float32 on the GPU:
     set_precision("exact" | "tf32"), agreement      the exact default and the fast mode
     set_memory_limit                                cap on the GPU memory a call plans to use
 
-Kernel files: forward_kernels.py (columns, max pool with switches), backproject_kernels.py (G_L^c z_L, the fused
-unpool + rectify + transposed-conv gather, the direct transposed conv), epilogue.py (channel reduction +
-argmax + max + HSV), device.py (CuPy or, under ``NUMBA_ENABLE_CUDASIM=1``, NumPy; the GEMM).
+Kernel files: sparse_kernels.py (stride-1 convs, forward and transposed, as a tiled kernel that skips
+zeros and reads an unpooled plane through the switches), forward_kernels.py (columns, max pool with
+switches), backproject_kernels.py (G_L^c z_L, the fused unpool + rectify + transposed-conv gather, the
+direct transposed conv), epilogue.py (channel reduction + argmax + max + HSV), device.py (CuPy or, under
+``NUMBA_ENABLE_CUDASIM=1``, NumPy; the GEMM).
 
 Importing this package is cheap and never fails: ``is_available()`` says whether the backend can run here
 and ``why_unavailable()`` why not. Under Numba's CUDA simulator the backend runs (slowly) on the CPU with

@@ -2,15 +2,19 @@
 
 Data flow (all float32, channel-major (C, n, H, W) inside):
 
-    forward         per conv: gather columns (rectifying a pending ReLU as it reads) + one cuBLAS GEMM
+    forward         per stride-1 conv of at most sparse_kernels.DENSE_MAX_CHANNELS output channels: the
+                    sparse kernel (the transposed conv of its flipped kernels, bias added, zeros skipped);
+                    per other conv: gather columns (rectifying a pending ReLU as it reads) + one cuBLAS GEMM
                     with the bias in it; per max pool: one kernel writing pooled values and int64 switches.
     back-projection G_L^c z_L for every (image, class) pair at once (B*K signals) — or, for a 1×1 head over
                     ReLUs and a conv, that conv's transpose of it in one step (the folded head,
                     kernels/fold.py: two input channels instead of the conv's) — then per layer below:
                     ReLU → a flag (rectify as the next kernel reads), MaxPool → a flag (the next kernel
-                    reads through the switches), Conv → a transposed conv: the fused gather of its columns
-                    from the (unpooled, rectified) source + one GEMM, or, when it has few output channels
-                    (the input layer), one direct kernel.
+                    reads through the switches), Conv → a transposed conv: for stride 1, the sparse kernel
+                    (sparse_kernels.py: unpooling, rectification and the transposed conv in one pass that
+                    skips zeros; on a dense source only up to DENSE_MAX_CHANNELS output channels); else
+                    the fused gather of its columns from the (unpooled, rectified) source + one GEMM; or,
+                    when it has few output channels (the input layer), one direct kernel.
     epilogue        one pass per chunk: channel reduction, argmax over classes, max, and HSV when the
                     normaliser is known (see epilogue.py).
 
@@ -35,6 +39,7 @@ from . import backproject_kernels as bk
 from . import device as dv
 from . import epilogue as ek
 from . import forward_kernels as fk
+from . import sparse_kernels as sk
 from .device import THREADS, ceil_div, launch, xp
 
 # A transposed conv with at most this many output channels (the input layer: grey or RGB) runs as one
@@ -42,6 +47,12 @@ from .device import THREADS, ceil_div, launch, xp
 DIRECT_MAX_CHANNELS = 4
 # Bytes of GEMM columns built at once (a conv's columns are kh*kw times its input).
 COLUMN_BYTES = 256 << 20
+# Stride-1 convs run as the tiled kernel that skips zeros (sparse_kernels.py): the transposed ones of the
+# back-projection, read from a dense plane or through a pool's switches, and the forward ones (a conv is the
+# transposed conv of its flipped kernels). No columns, no GEMM, exact float32 in either precision.
+# False: the columns + GEMM path for every one of them (bench/methods_cuda.py's "cuda-gemm" compares both).
+# Convs on a dense input take it only up to sparse_kernels.DENSE_MAX_CHANNELS output channels.
+SPARSE_TRANSPOSE = os.environ.get("CLEARMAPS_CUDA_SPARSE", "1") != "0"
 
 _PRECISIONS = ("exact", "tf32")
 _state = {
@@ -118,6 +129,21 @@ class _ConvPlan:
     weight: object      # (O, I, kh, kw) float32 on the device
     forward: object     # (O, I*kh*kw + 1): weight rows with the bias as last column
     transposed: object  # (I, O*kh*kw): weight[o, i, ky, kx] at [i, (o*kh + ky)*kw + kx]
+    sparse: object      # (O, kh, kw, I): what sparse_kernels.sparse_transpose reads
+    flipped: object     # (I, kh, kw, O): weight[o, i, kh-1-ky, kw-1-kx] at [i, ky, kx, o], the forward conv's
+    bias: object        # (O,)
+
+    @classmethod
+    def of(cls, layer: Conv) -> "_ConvPlan":
+        """Device copies of a conv's weight in the layouts the kernels read."""
+        w = layer.weight.astype(np.float32)
+        O, I = w.shape[:2]
+        fwd = np.concatenate([w.reshape(O, -1), layer.bias.astype(np.float32)[:, None]], axis=1)
+        return cls(dv.asdevice(w), dv.asdevice(fwd),
+                   dv.asdevice(np.ascontiguousarray(w.transpose(1, 0, 2, 3).reshape(I, -1))),
+                   dv.asdevice(np.ascontiguousarray(w.transpose(0, 2, 3, 1))),
+                   dv.asdevice(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))),
+                   dv.asdevice(layer.bias.astype(np.float32)))
 
 
 _PLANS: "weakref.WeakKeyDictionary[Network, dict]" = weakref.WeakKeyDictionary()
@@ -130,11 +156,7 @@ def _plan(net: Network) -> dict:
         plan = {}
         for i, layer in enumerate(net.layers):
             if isinstance(layer, Conv):
-                w = layer.weight.astype(np.float32)
-                O, I = w.shape[:2]
-                fwd = np.concatenate([w.reshape(O, -1), layer.bias.astype(np.float32)[:, None]], axis=1)
-                plan[i] = _ConvPlan(dv.asdevice(w), dv.asdevice(fwd),
-                                    dv.asdevice(np.ascontiguousarray(w.transpose(1, 0, 2, 3).reshape(I, -1))))
+                plan[i] = _ConvPlan.of(layer)
         # the folded head (kernels/fold.py): conv index, then its kernels for rectify=True / False laid out
         # (N, 2, I, kh, kw) as head_signal(folded=True) reads them
         folded = fold_head(net)
@@ -187,12 +209,31 @@ class CudaTrace(Trace):
     device: dict = field(default=None, repr=False)
 
 
+def _sparse_forward(layer: Conv) -> bool:
+    """Whether a forward conv runs as the sparse kernel: stride 1, padding < kernel (the flipped conv's
+    padding kh - 1 - ph must not be negative)."""
+    (kh, kw), (ph, pw) = layer.kernel, layer.padding
+    return (SPARSE_TRANSPOSE and layer.out_channels <= sk.DENSE_MAX_CHANNELS and ph < kh and pw < kw
+            and sk.supports(kh, kw, *layer.stride, None))
+
+
 def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
     """a (I, Bc, H, W) → conv output (O, Bc, oh, ow) with bias; ``rect`` rectifies a pending ReLU."""
     I, Bc, H, W = a.shape
     O = layer.out_channels
     kh, kw = layer.kernel
     oh, ow = layer.output_size((H, W))
+    if _sparse_forward(layer):  # the transposed conv of the flipped kernels, input channels as its "O"
+        out = xp.empty((O, Bc, oh, ow), dtype=np.float32)
+        threads = sk.block_threads(O)
+        TY, TX = tile = sk.tile_shape(None)
+        tiles_y, tiles_x = ceil_div(oh, TY), ceil_div(ow, TX)
+        kernel = sk.sparse_transpose(kh, kw, kh - 1 - layer.padding[0], kw - 1 - layer.padding[1], None, threads,
+                                     True, tile)
+        launch(kernel, (Bc * tiles_y * tiles_x, ceil_div(O, threads)), threads, a.reshape(-1), _dummy_switches(),
+               plan.flipped.reshape(-1), plan.bias, out.reshape(-1), I, O, Bc, H, W, oh, ow, tiles_x, tiles_y, 0, 1,
+               rect)
+        return out
     rows = I * kh * kw + 1
     ncols = Bc * oh * ow
     out = xp.empty((O, ncols), dtype=np.float32)
@@ -326,22 +367,49 @@ def _trace_device(net: Network, trace) -> tuple:
                 if s.size and (int(s.min()) < 0 or int(s.max()) >= plane):
                     raise ClearmapsError(f"trace.switches[{i}] ranges over [{int(s.min())}, {int(s.max())}], "
                                          f"outside the {sizes[i][0]}x{sizes[i][1]} plane it indexes (0 .. {plane - 1}).")
-        sw32 = {i: xp.ascontiguousarray(s.astype(np.int32)) for i, s in switches.items()}
+        sw32 = {}
+        for i, s in switches.items():
+            s32 = xp.ascontiguousarray(s.astype(np.int32))
+            # and each switch's offset in its window: what the sparse kernel dispatches a window's value on
+            pool = _geometry(net.layers[i])
+            offsets, inside = sk.window_offsets(s32, pool, sizes[i], xp)
+            if not inside:
+                raise ClearmapsError(f"trace.switches[{i}] has a switch outside its pool window: a max pool "
+                                     f"{net.layers[i].kernel} with stride {net.layers[i].stride} and padding "
+                                     f"{net.layers[i].padding} cannot have made it; pass the trace forward() made "
+                                     "for this network.")
+            sw32[i] = _Switches(s32, offsets)
         if cached is not None:
             cached["switches32"] = sw32
     return z, sw32, sizes
 
 
+@dataclass(frozen=True)
+class _Switches:
+    """A pool's switches as the back-projection reads them: flat indices into the pool's input plane, int32
+    (B, C, Hs, Ws), and their offsets in their windows (int32, same layout; sparse_kernels.window_offsets)."""
+
+    index: object
+    offsets: object
+
+
 # ------------------------------------------------------------------------------- back-projection
 
-_DUMMY_SWITCHES = {}
+_DUMMIES = {}
 
 
 def _dummy_switches():
     # dense sources ignore the switches argument, but the kernels' signature still wants an int32 array
-    if "a" not in _DUMMY_SWITCHES:
-        _DUMMY_SWITCHES["a"] = xp.zeros(1, dtype=np.int32)
-    return _DUMMY_SWITCHES["a"]
+    if "switches" not in _DUMMIES:
+        _DUMMIES["switches"] = xp.zeros(1, dtype=np.int32)
+    return _DUMMIES["switches"]
+
+
+def _dummy_bias():
+    # the back-projection's sparse kernels add no bias, but their signature wants a float32 array
+    if "bias" not in _DUMMIES:
+        _DUMMIES["bias"] = xp.zeros(1, dtype=np.float32)
+    return _DUMMIES["bias"]
 
 
 @dataclass
@@ -354,7 +422,7 @@ class _Source:
     plane: tuple           # (Hu, Wu): the size of the plane this source stands for
     pre: bool = False      # rectify values as read (dense) / before unpooling (unpooled)
     post: bool = False     # rectify after unpooling (unpooled only)
-    switches: object = None  # unpooled: int32 (B, C, Hs, Ws)
+    switches: object = None  # unpooled: a _Switches (int32 (B, C, Hs, Ws) indices and window offsets)
     pool: tuple | None = None
 
     def rectified(self) -> "_Source":
@@ -365,8 +433,19 @@ class _Source:
     def args(self):
         """(src, switches) flat, then the dims every kernel takes: C, n, Hs, Ws, Hu, Wu."""
         C, n, Hs, Ws = self.array.shape
-        sw = _dummy_switches() if self.kind == bk.DENSE else self.switches.reshape(-1)
+        sw = _dummy_switches() if self.kind == bk.DENSE else self.switches.index.reshape(-1)
         return (self.array.reshape(-1), sw, C, n, Hs, Ws, *self.plane)
+
+    def sparse(self, layer: Conv) -> bool:
+        """Whether the transposed conv of ``layer`` on this source can run as the sparse kernel. It puts each
+        window's (rectified) value at its switch; where windows overlap, a pixel's values are summed there,
+        so a rectification AFTER the unpooling (a ReLU below the pool) is not the same unless one before
+        already made every value >= 0."""
+        if self.kind == bk.UNPOOLED_OVERLAP and self.post and not self.pre:
+            return False
+        if self.kind == bk.DENSE and layer.in_channels > sk.DENSE_MAX_CHANNELS:
+            return False
+        return SPARSE_TRANSPOSE and sk.supports(*layer.kernel, *layer.stride, self.pool)
 
 
 def _materialise(src: _Source, b0: int, kc: int):
@@ -390,6 +469,16 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
     if I <= DIRECT_MAX_CHANNELS:
         launch(bk.direct_transpose(I, *geometry, src.kind, src.pool), ceil_div(n * H * W, THREADS), THREADS,
                src_flat, sw, plan.weight.reshape(-1), out.reshape(-1), *dims, H, W, b0, kc, src.pre, src.post)
+        return out
+    if src.sparse(layer):
+        threads = sk.block_threads(I)
+        TY, TX = tile = sk.tile_shape(src.pool)
+        tiles_y, tiles_x = ceil_div(H, TY), ceil_div(W, TX)
+        offsets = _dummy_switches() if src.kind == bk.DENSE else src.switches.offsets.reshape(-1)
+        launch(sk.sparse_transpose(kh, kw, *layer.padding, src.pool, threads, False, tile),
+               (n * tiles_y * tiles_x, ceil_div(I, threads)), threads, src_flat, offsets, plan.sparse.reshape(-1),
+               _dummy_bias(), out.reshape(-1), O, I, n, dims[2], dims[3], H, W, tiles_x, tiles_y, b0, kc,
+               src.pre or src.post)
         return out
     rows = O * kh * kw
     ncols = n * H * W
@@ -438,8 +527,8 @@ def _backproject_chunk(net, plan, sizes, z, classes, switches, b0, bc, k0, kc, r
             src = _Source(bk.source_kind(pool), src.array, tuple(sizes[i]), pre=src.pre, switches=switches[i],
                           pool=pool)
         else:
-            how = ("direct" if layer.in_channels <= DIRECT_MAX_CHANNELS else "gemm") + (
-                " from switches" if src.kind != bk.DENSE else "")
+            how = ("direct" if layer.in_channels <= DIRECT_MAX_CHANNELS else "sparse" if src.sparse(layer)
+                   else "gemm") + (" from switches" if src.kind != bk.DENSE else "")
             src = _Source(bk.DENSE, _transpose_conv(src, layer, plan[i], sizes[i], b0, kc, fast), tuple(sizes[i]))
             _mark(f"back {i} Conv {how}")
     if src.kind != bk.DENSE:

@@ -29,11 +29,7 @@ def _weights(weight, bias, stride, padding):
     b = check_array(b, "bias", 1)
     layer = Conv(w.astype(np.float32), np.asarray(b, dtype=np.float32), check_pair(stride, "stride", 1),
                  check_pair(padding, "padding", 0))
-    O, I = layer.weight.shape[:2]
-    plan = _ConvPlan(dv.asdevice(layer.weight),
-                     dv.asdevice(np.concatenate([layer.weight.reshape(O, -1), layer.bias[:, None]], axis=1)),
-                     dv.asdevice(np.ascontiguousarray(layer.weight.transpose(1, 0, 2, 3).reshape(I, -1))))
-    return layer, plan
+    return layer, _ConvPlan.of(layer)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, *, fast=None):

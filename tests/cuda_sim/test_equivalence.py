@@ -82,22 +82,30 @@ def _net(seed=0, channels=3, width=6, classes=3):
                     conv(width, width), ReLU(), MaxPool(2), conv(width, classes, 1, 1, 0), ReLU()])
 
 
-@pytest.mark.parametrize("direct", [0, 8])
-def test_gemm_and_direct_transposed_convs_agree_with_reference(monkeypatch, direct):
-    """Both ways of doing a transposed conv (columns + GEMM, or the direct kernel) meet the contract."""
-    monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", direct)
+# how the transposed convs of more than 4 output channels run: (DIRECT_MAX_CHANNELS, SPARSE_TRANSPOSE)
+WAYS = {"sparse": (0, True), "gemm": (0, False), "direct": (8, False)}
+
+
+@pytest.mark.parametrize("way", sorted(WAYS))
+def test_every_way_of_transposed_convs_agrees_with_reference(monkeypatch, way):
+    """The three ways of doing a transposed conv (the sparse tiled kernel where the stride is 1, columns +
+    GEMM, or the direct kernel) each meet the contract."""
+    monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", WAYS[way][0])
+    monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", WAYS[way][1])
     x = np.random.default_rng(1).normal(size=(2, 3, 11, 10))
     check_against_reference(_net(), x, np.array([[0, 2, 1], [2, 1, 0]]))
 
 
-@pytest.mark.parametrize("direct", [0, 8])
-def test_more_pool_sources(monkeypatch, direct):
+@pytest.mark.parametrize("way", sorted(WAYS))
+def test_more_pool_sources(monkeypatch, way):
     """Unpooled sources beyond those of _net (whose overlapping 3x3/2 pool and plain 2x2 pool are read by both
     the GEMM gather and the direct kernel in the test above): a padded non-overlapping pool as the first layer
     (its plane is materialised at the end), windows with gaps (kernel 2 < stride 3) read by the gather
-    (direct=0) and the direct kernel (direct=8), two pools in a row (the upper one's plane materialised).
-    Small integers: float32 is exact and ties are everywhere, so everything must be equal."""
-    monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", direct)
+    (gemm), the sparse kernel (sparse) and the direct kernel (direct), two pools in a row (the upper one's
+    plane materialised). Small integers: float32 is exact and ties are everywhere, so everything must be
+    equal."""
+    monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", WAYS[way][0])
+    monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", WAYS[way][1])
     rng = np.random.default_rng(11)
 
     def conv(i, o, k=3, s=1, p=1):
@@ -127,6 +135,75 @@ def test_folded_head_equals_reference(rectify, head_relu, below):
     trace = kc.forward(net, x)
     want = ref.backproject(net, ref.forward(net, x), None, rectify)
     assert_close(host(kc.backproject(net, trace, None, rectify)), want, RTOL_F32, "R(x|c) through the folded head")
+
+
+@pytest.mark.parametrize("relu_after_pool", [True, False])
+def test_overlapping_pool_through_the_sparse_kernel(monkeypatch, relu_after_pool):
+    """An overlapping pool (3x3/2) read by a stride-1 conv's sparse kernel: each window's value goes to its
+    switch, summed where windows share one. The ReLU before the pool (conv, ReLU, pool) rectifies AFTER
+    unpooling, i.e. after that sum, which the kernel cannot do; unless a ReLU after the pool already made
+    every value >= 0, the driver keeps that layer on the GEMM path. The negative control sends it to the
+    sparse kernel anyway and must fail."""
+    monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", True)
+    rng = np.random.default_rng(21)
+    layers = [Conv(rng.normal(size=(6, 5, 3, 3)), rng.normal(size=6), 1, 1), ReLU(), MaxPool(3, 2, 1)] + (
+        [ReLU()] if relu_after_pool else []) + [Conv(rng.normal(size=(6, 6, 3, 3)) / 4, rng.normal(size=6), 1, 1),
+                                                Conv(rng.normal(size=(3, 6, 1, 1)), rng.normal(size=3))]
+    net = Network(layers)
+    x = rng.normal(size=(2, 5, 9, 10))
+    want = ref.backproject(net, ref.forward(net, x), None, True)
+    trace = kc.forward(net, x)
+    assert_close(host(kc.backproject(net, trace, None, True)), want, RTOL_F32, "R(x|c), overlapping pool")
+    if not relu_after_pool:  # the pool's values reach the ReLU below it unrectified: the guard matters
+        monkeypatch.setattr(backend._Source, "sparse",
+                            lambda self, layer: backend.SPARSE_TRANSPOSE and backend.sk.supports(
+                                *layer.kernel, *layer.stride, self.pool))
+        assert rel_err(host(kc.backproject(net, trace, None, True)), want) > RTOL_F32
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (5, 2)]),
+       st.sampled_from([None, (2, 2, 0), (2, 2, 1), (2, 3, 1), (3, 2, 1), (3, 3, 0)]),
+       st.sampled_from([1, 3, 33]), st.sampled_from([1, 5, 33]), st.integers(1, 2), st.integers(1, 2),
+       st.integers(5, 12), st.integers(5, 12), st.booleans())
+def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, B, kc_, Hu, Wu, rect):
+    """The sparse kernel alone against reference unpool + conv_transpose2d: every pool kind (windows that
+    tile, leave gaps, are padded, overlap) or a dense source; kernels 1-5 with and without padding; 33 input
+    channels (two staged chunks) and 33 output channels (two warps, idle lanes); several images with
+    several classes each (the switches are the signal's image's)."""
+    from clearmaps.kernels.cuda import sparse_kernels as sk
+
+    rng = np.random.default_rng(seed)
+    k, p = conv
+    n = B * kc_
+    image = np.arange(n) // kc_
+    if pool is None:
+        y = rng.normal(size=(n, O, Hu, Wu))
+        U = np.maximum(y, 0) if rect else y
+        offsets, geo = np.zeros(1, np.int32), None
+    else:
+        pk, ps, pp = pool
+        if (Hu + 2 * pp - pk) // ps + 1 < 1 or (Wu + 2 * pp - pk) // ps + 1 < 1:
+            return
+        _, sw = ref.max_pool_with_switches(rng.normal(size=(B, O, Hu, Wu)), pk, ps, pp)
+        y = rng.normal(size=(n, *sw.shape[1:]))
+        U = ref.unpool(np.maximum(y, 0) if rect else y, sw[image], (Hu, Wu))
+        geo = (pk, pk, ps, ps, pp, pp)
+        offsets, inside = sk.window_offsets(sw.astype(np.int32), geo, (Hu, Wu))
+        assert inside
+    weight = rng.normal(size=(O, I, k, k))
+    want = ref.conv_transpose2d(U, weight, 1, p)
+    H, W = want.shape[2:]
+    TY, TX = sk.tile_shape(geo)
+    threads = sk.block_threads(I)
+    out = np.zeros(I * n * H * W, np.float32)
+    Hs, Ws = y.shape[2:]
+    kernel = sk.sparse_transpose(k, k, p, p, geo, threads)
+    kernel[(n * -(-H // TY) * -(-W // TX), -(-I // threads)), threads](
+        np.ascontiguousarray(y.transpose(1, 0, 2, 3), np.float32).reshape(-1), offsets.reshape(-1),
+        np.ascontiguousarray(weight.transpose(0, 2, 3, 1), np.float32).reshape(-1), np.zeros(1, np.float32),
+        out, O, I, n, Hs, Ws, H, W, -(-W // TX), -(-H // TY), 0, kc_, rect)
+    assert_close(out.reshape(I, n, H, W).transpose(1, 0, 2, 3), want, RTOL_F32, "sparse transposed conv")
 
 
 def test_a_foreign_trace_with_bad_switches_is_refused():
@@ -251,10 +328,10 @@ def test_reduce_dominant_compose_ops():
 
 # ------------------------------------------------------------------------------------ negative controls
 
-def test_negative_controls_are_caught():
+def test_negative_controls_are_caught(monkeypatch):
     """The comparison bites: the backend without rectification, an overlapping pool read as if its windows
-    did not overlap, and a max pool that keeps the LAST maximum on ties all fail it on a network where that
-    matters."""
+    did not overlap, the sparse kernel fed each switch's neighbour in its window, and a max pool that keeps
+    the LAST maximum on ties all fail it on a network where that matters."""
     x = np.random.default_rng(8).integers(0, 3, size=(2, 3, 11, 10)).astype(np.float64)
     net = _net(9)
     trace = kc.forward(net, x)
@@ -272,6 +349,19 @@ def test_negative_controls_are_caught():
     finally:
         bk.source_kind = real_kind
     assert rel_err(host(one_window.responses), want.responses) > RTOL_F32
+    from clearmaps.kernels.cuda import sparse_kernels as sk
+
+    real_offsets = sk.window_offsets
+
+    def shifted(switches, pool, plane, xp):
+        d, inside = real_offsets(switches, pool, plane, xp)
+        return (d + 1) % (pool[0] * pool[1]), inside
+
+    monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", True)
+    monkeypatch.setattr(sk, "window_offsets", shifted)
+    neighbour = kc.clear_from_trace(net, kc.forward(net, x), [0, 1, 2])
+    assert rel_err(host(neighbour.responses), want.responses) > RTOL_F32
+    monkeypatch.setattr(sk, "window_offsets", real_offsets)
     flipped = x[:, :, ::-1, ::-1]
     _, sw = kc.max_pool_with_switches(flipped, 3, 2, 1)
     H, W = x.shape[2:]

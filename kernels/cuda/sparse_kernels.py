@@ -1,0 +1,261 @@
+"""Stride-1 convolutions as a tiled direct kernel that skips zeros: no columns, no GEMM.
+
+Why. Run 4 (bench/GPU_NOTES.md) put allcnn-mnist's exact back-projection within 2x of a dense-GEMM floor:
+the gather + GEMM path multiplies every zero of the unpooled plane (3/4 of it behind a 2x2 pool) and of
+the rectified signal (about half of what is left), and it writes and reads kh*kw columns per input value.
+This kernel reads the pooled (or dense) signal once, through shared memory, and does a multiply-add only
+for values that are not zero. Exact float32 FMAs, summed in a fixed order: deterministic.
+
+What it computes (stride-1 transposed convs; the driver, backend.py, routes strided ones to the GEMM path,
+and runs a forward stride-1 conv here as the transposed conv of its flipped kernels, plus the bias):
+
+    out[i, t, y, x] = sum over o, ky, kx of weight[o, i, ky, kx] * U[o, t, y + ph - ky, x + pw - kx]
+
+where U is the source: a dense plane (C, n, Hs, Ws), rectified as read when ``rect``; or the unpooled plane
+of a max pool, given as the pooled signal (C, n, Hs, Ws) and, per pooled value, its switch's OFFSET IN ITS
+WINDOW d = dy*pkw + dx (int32, made once per trace from the switches by the driver): window (p, q)'s value
+(rectified when ``rect``) is added at unpooled pixel (p*psh - pph + dy, q*psw - ppw + dx). Where windows
+overlap (3x3/2) a pixel gets the sum of the windows whose switch it is, as unpooling defines it; the
+driver does not send an overlapping pool here when a rectification must follow the sum.
+
+How the work is laid out. A block owns one signal t, one tile of TY x TX output pixels (TY, TX multiples of
+the pool's stride, so that the tile's windows sit at the same places relative to every tile) and up to
+BLOCK_CHANNELS output channels: one thread per output channel i, lanes of a warp on consecutive channels.
+Everything a thread does depends on (t, tile, o) only, never on i, so the 32 lanes of a warp take the same
+branches: skipping a zero, or dispatching on d, costs no divergence. Per chunk of CHUNK input channels the
+block stages into shared memory, for each window of the tile's halo, the (rectified) value and d. Then per
+input channel o each thread loads its kh*kw weights weight[o, i, :, :] into registers (coalesced: the
+weights are laid out (O, kh, kw, I)) and walks the halo's windows: a window whose value is 0 costs a
+test and a branch (the values of four windows come in one wide shared load); otherwise d picks one of pkh*pkw straight-line blocks of FMAs into the
+accumulators of the tile pixels that the nonzero pixel reaches (at most kh*kw of them).
+
+That walk is straight-line code: which accumulator each (window, d, tap) feeds is known when the kernel is
+specialised (the tile's position relative to the pool grid is fixed), so the generator below writes one
+FMA statement per (window, d, tap) that lands in the tile, with the TY*TX accumulators as scalar locals —
+registers, with no reliance on the compiler unrolling nested loops over a local array. The output goes
+through shared memory so that its stores are coalesced (a warp writes whole 32-byte rows of one channel).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda
+
+from .backproject_kernels import _ix
+
+# Output pixels per tile: TILE_ROWS x TILE_COLS, rounded down to multiples of the pool's stride.
+TILE_ROWS, TILE_COLS = 4, 8
+# Input channels staged in shared memory at a time (values and offsets of the tile's windows).
+CHUNK = 32
+# Output channels (threads) per block, at most: four warps share one staging of the tile's windows.
+BLOCK_CHANNELS = 128
+# The largest tile the generator will unroll (accumulators per thread).
+MAX_TILE_PIXELS = 64
+# The driver (backend.py) sends a conv on a DENSE input here only when it has at most this many output
+# channels. Behind a pool the kernel skips ~7/8 of the multiply-adds (3/4 unpooled zeros, half the rest
+# rectified) and wins at any width; on a dense input it skips only the rectified half, while a wide GEMM
+# (M >= 128 rows) runs near the fp32 peak and skinny ones (32-64 rows) reach ~3/4 of it and pay the
+# columns' traffic: bench/gpu_model.py puts the break-even between 64 and 128 channels (VGG's 256/512-channel
+# layers: GEMM; allcnn's: sparse). A guess from a model until a GPU run measures it (bench/GPU_NOTES.md).
+DENSE_MAX_CHANNELS = 64
+
+_DENSE_POOL = (1, 1, 1, 1, 0, 0)
+
+
+def tile_shape(pool: tuple | None, rows: int | None = None, cols: int | None = None) -> tuple[int, int]:
+    """(TY, TX): ``rows`` x ``cols`` (default TILE_ROWS x TILE_COLS) rounded down to multiples of the pool's
+    stride (at least one stride; a dense source has stride 1)."""
+    psh, psw = (pool or _DENSE_POOL)[2:4]
+    rows, cols = rows or TILE_ROWS, cols or TILE_COLS
+    return psh * max(1, rows // psh), psw * max(1, cols // psw)
+
+
+def supports(kh: int, kw: int, sh: int, sw: int, pool: tuple | None, tile: tuple | None = None) -> bool:
+    """Whether the sparse kernel can do this transposed conv: stride 1, and a tile (``tile``, default
+    :func:`tile_shape` of ``pool``: the pool whose switches the source is read through, None for a dense
+    source) small enough to keep in registers."""
+    TY, TX = tile or tile_shape(pool)
+    return (sh, sw) == (1, 1) and TY * TX <= MAX_TILE_PIXELS
+
+
+def block_threads(I: int) -> int:
+    """Threads per block for I output channels: whole warps, at most BLOCK_CHANNELS."""
+    return min(BLOCK_CHANNELS, 32 * -(-I // 32))
+
+
+def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple | None = None):
+    """The specialisation's static plan: (TY, TX, PLO, QLO, NWY, NWX, windows).
+
+    The tile with rows [y0, y0 + TY) reads source rows u = y + ph - ky in [y0 + ph - kh + 1, y0 + TY - 1 + ph];
+    window p covers rows p*psh - pph + [0, pkh). With y0 = tile_row * TY and TY a multiple of psh, the
+    windows that can reach the tile are p = tile_row * TY/psh + PLO + wy, wy < NWY (likewise q). ``windows``
+    lists, per window (index wy*NWX + wx), its cases (d, [(accumulator, tap), ...]) with a nonempty list:
+    window pixel d = dy*pkw + dx reaches output (ty, tx) = (u - ph + ky, v - pw + kx) through tap ky*kw + kx,
+    accumulator ty*TX + tx. Every (tile pixel, tap) pair appears at most once over all windows and cases."""
+    pkh, pkw, psh, psw, pph, ppw = pool or _DENSE_POOL
+    TY, TX = tile or tile_shape(pool)
+    # relative to the tile: source rows/cols needed
+    ulo, uhi = ph - kh + 1, TY - 1 + ph
+    vlo, vhi = pw - kw + 1, TX - 1 + pw
+    # windows intersecting them (floor division rounds toward -inf, as needed for negative positions)
+    plo, phi = -((-(ulo + pph - pkh + 1)) // psh), (uhi + pph) // psh
+    qlo, qhi = -((-(vlo + ppw - pkw + 1)) // psw), (vhi + ppw) // psw
+    NWY, NWX = phi - plo + 1, qhi - qlo + 1
+    windows = []
+    for wy in range(NWY):
+        for wx in range(NWX):
+            cases = []
+            for dy in range(pkh):
+                for dx in range(pkw):
+                    u = (plo + wy) * psh - pph + dy
+                    v = (qlo + wx) * psw - ppw + dx
+                    fmas = []
+                    for ky in range(kh):
+                        for kx in range(kw):
+                            ty, tx = u - ph + ky, v - pw + kx
+                            if 0 <= ty < TY and 0 <= tx < TX:
+                                fmas.append((ty * TX + tx, ky * kw + kx))
+                    if fmas:
+                        cases.append((dy * pkw + dx, fmas))
+            if cases:
+                windows.append((wy * NWX + wx, cases))
+    return TY, TX, plo, qlo, NWY, NWX, windows
+
+
+def _source(kh, kw, ph, pw, pool, threads, bias, tile):
+    """The kernel's Python source (see the module docstring); ``bias`` adds bias[i] to every output."""
+    pooled = pool is not None
+    TY, TX, plo, qlo, NWY, NWX, windows = layout(kh, kw, ph, pw, pool, tile)
+    psh, psw = (pool or _DENSE_POOL)[2:4]
+    taps, npix, nwin = kh * kw, TY * TX, NWY * NWX
+    L = []
+    a = L.append
+    a("def kernel(src, offs, weight, bias, out, O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc, rect):")
+    # one float32 buffer: the staged values while the tile is computed, then the tile on its way out
+    a(f"    sval = cuda.shared.array({max(CHUNK * nwin, threads * (npix + 1))}, float32)")
+    if pooled:
+        a(f"    soff = cuda.shared.array({CHUNK * nwin}, int32)")
+    a("    tid = cuda.threadIdx.x")
+    a(f"    i = cuda.blockIdx.y * {threads} + tid")
+    a("    iw = min(i, I - 1)")
+    a("    bx = cuda.blockIdx.x")
+    a("    txi = bx % tiles_x")
+    a("    r = bx // tiles_x")
+    a("    tyi = r % tiles_y")
+    a("    t = r // tiles_y")
+    a("    b = b0 + t // kc")
+    a(f"    P0 = tyi * {TY // psh} + ({plo})")
+    a(f"    Q0 = txi * {TX // psw} + ({qlo})")
+    a("    plane = Hs * Ws")
+    a("    zero = float32(0.0)")
+    for k in range(npix):
+        a(f"    a{k} = zero")
+    a(f"    for c0 in range(0, O, {CHUNK}):")
+    a("        cuda.syncthreads()")  # the previous chunk's readers are done
+    a(f"        for e in range(tid, {CHUNK * nwin}, {threads}):")
+    a(f"            oc = e // {nwin}")
+    a(f"            wi = e - oc * {nwin}")
+    a(f"            wy = wi // {NWX}")
+    a("            p = P0 + wy")
+    a(f"            q = Q0 + wi - wy * {NWX}")
+    a("            o = c0 + oc")
+    a("            val = zero")
+    if pooled:
+        a("            dd = int32(0)")
+    a("            if o < O and p >= 0 and p < Hs and q >= 0 and q < Ws:")
+    a("                k = p * Ws + q")
+    a("                val = src[_ix((o * n + t) * plane + k)]")
+    a("                if rect and val < zero:")
+    a("                    val = zero")
+    if pooled:
+        a("                dd = offs[_ix((b * O + o) * plane + k)]")
+    a("            sval[_ix(e)] = val")
+    if pooled:
+        a("            soff[_ix(e)] = dd")
+    a("        cuda.syncthreads()")
+    a(f"        for oc in range(min({CHUNK}, O - c0)):")
+    a(f"            wb = (c0 + oc) * {taps} * I + iw")
+    for k in range(taps):
+        a(f"            w{k} = weight[_ix(wb + {k} * I)]")
+    a(f"            sb = oc * {nwin}")
+    for wi, cases in windows:
+        # (the values of consecutive windows come in wide shared loads; the offset is loaded in the branch:
+        # the compiler sinks it there even when it is written before)
+        a(f"            s = sval[_ix(sb + {wi})]")
+        a("            if s != zero:")
+        if pooled:
+            a(f"                d = soff[_ix(sb + {wi})]")
+        for n_case, (d, fmas) in enumerate(cases):
+            ind = "                "
+            if pooled:
+                a(f"{ind}{'if' if n_case == 0 else 'elif'} d == {d}:")
+                ind += "    "
+            for acc, tap in fmas:
+                a(f"{ind}a{acc} += s * w{tap}")
+    # the tile through shared memory (row stride npix + 1: no bank conflicts), then coalesced stores
+    a("    cuda.syncthreads()")
+    a(f"    ob = tid * {npix + 1}")
+    for k in range(npix):
+        a(f"    sval[_ix(ob + {k})] = a{k}")
+    a("    cuda.syncthreads()")
+    a("    HW = H * W")
+    a(f"    for e in range(tid, {threads * npix}, {threads}):")
+    a(f"        ch = e // {npix}")
+    a(f"        px = e - ch * {npix}")
+    a(f"        ty = px // {TX}")
+    a(f"        y = tyi * {TY} + ty")
+    a(f"        x = txi * {TX} + px - ty * {TX}")
+    a(f"        ii = cuda.blockIdx.y * {threads} + ch")
+    a("        if ii < I and y < H and x < W:")
+    a(f"            v = sval[_ix(ch * {npix + 1} + px)]")
+    if bias:
+        a("            v += bias[ii]")
+    a("            out[_ix((ii * n + t) * HW + y * W + x)] = v")
+    return "\n".join(L) + "\n"
+
+
+@lru_cache(maxsize=None)
+def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, bias: bool = False,
+                     tile: tuple | None = None):
+    """Kernel: the stride-1 transposed conv of a dense source (``pool`` None) or of a pool's unpooled plane
+    read through its switches (``pool`` = (pkh, pkw, psh, psw, pph, ppw)), zeros skipped (module docstring).
+
+    Launch with grid (n * tiles_y * tiles_x, ceil(I / threads)) and ``threads`` (:func:`block_threads`)
+    threads; tiles_y = ceil(H / TY), tiles_x = ceil(W / TX), (TY, TX) = ``tile`` (default
+    :func:`tile_shape` of ``pool``; a multiple of the pool's stride). Arguments: src
+    (C*n*Hs*Ws,) float32; offs (B*C*Hs*Ws,) int32 window offsets (any int32 array for a dense source);
+    weight (O*kh*kw*I,) float32 laid out (O, kh, kw, I); bias (I,) float32 (read only when ``bias``);
+    out (I*n*H*W,) float32; O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc; rect (rectify the source)."""
+    tile = tuple(tile or tile_shape(pool))
+    if not supports(kh, kw, 1, 1, pool, tile) or (pool and (tile[0] % pool[2] or tile[1] % pool[3])):
+        raise ValueError(f"sparse_transpose: tile {tile} does not fit pool {pool}")
+    code = _source(kh, kw, ph, pw, pool, threads, bias, tile)
+    namespace = {"cuda": cuda, "float32": np.float32, "int32": np.int32, "_ix": _ix, "min": min}
+    exec(compile(code, f"<sparse_transpose k{kh}x{kw} p{ph}x{pw} {pool}>", "exec"), namespace)
+    fn = namespace["kernel"]
+    fn.__name__ = (f"sparse_transpose_k{kh}x{kw}_p{ph}x{pw}_t{threads}_{tile[0]}x{tile[1]}" +
+                   ("_bias" if bias else "") + "_" +
+                   ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)))
+    fn.__qualname__ = fn.__name__
+    kernel = cuda.jit(fn)
+    kernel.source = code
+    return kernel
+
+
+def window_offsets(switches, pool: tuple, plane: tuple, xp=np):
+    """Each switch as its offset in its window, d = dy*pkw + dx (int32, the layout of ``switches``).
+
+    switches (B, C, Hs, Ws): flat indices into the (Hu, Wu) = ``plane`` of the pool's input, as forward()
+    records them; pool (pkh, pkw, psh, psw, pph, ppw). Returns (offsets, ok): ``ok`` is False when some
+    switch lies outside its window (a trace that no max pool of this geometry made)."""
+    pkh, pkw, psh, psw, pph, ppw = pool
+    Hs, Ws = switches.shape[2:]
+    Wu = int(plane[1])
+    u = switches // Wu
+    v = switches - u * Wu
+    dy = u - (xp.arange(Hs, dtype=switches.dtype) * psh - pph).reshape(1, 1, Hs, 1)
+    dx = v - (xp.arange(Ws, dtype=switches.dtype) * psw - ppw).reshape(1, 1, 1, Ws)
+    ok = switches.size == 0 or bool(((dy >= 0) & (dy < pkh) & (dx >= 0) & (dx < pkw)).all())
+    return xp.ascontiguousarray((dy * pkw + dx).astype(np.int32)), ok
