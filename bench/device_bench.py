@@ -52,8 +52,10 @@ GPU_CASES = {
 CONTRACT_CASES = {"vgg16-fcn-b8": "vgg16-fcn-64-b2"}
 DEFAULT_CASES = "allcnn-mnist-b1024,vgg16-fcn-b8"
 # cuda-direct (the direct kernel for <= 64 output channels) lost to gather + GEMM by 1.5x in run 2 and is
-# no longer in the default list; it stays registered (--methods ...,cuda-direct)
-DEFAULT_METHODS = "captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-fast"
+# no longer in the default list; it stays registered (--methods ...,cuda-direct). cuda-gemm is the design
+# before the sparse kernel, timed beside it; cuda-sparse takes the sparse kernel for every stride-1 conv;
+# cuda-8x8 runs it on larger tiles.
+DEFAULT_METHODS = "captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-sparse,cuda-8x8,cuda-gemm,cuda-fast"
 TORCH_FP32 = "torch-cuda"
 
 
@@ -131,17 +133,17 @@ def ceilings(log=print) -> dict:
     return out
 
 
-def breakdown(case, fast: bool, limit=None, log=print) -> list:
+def breakdown(case, fast: bool, limit=None, sparse=None, log=print) -> list:
     """Per-step GPU time of one clearmaps run (CUDA events between the steps), milliseconds."""
     import cupy as cp
 
     from clearmaps.kernels import cuda as kc
     from clearmaps.kernels.cuda import backend
 
-    from .methods_cuda import direct_max
+    from .methods_cuda import ways
 
     x = cp.asarray(case.x)
-    with direct_max(limit):
+    with ways(limit, sparse):
         kc.clear_from_trace(case.net, kc.forward(case.net, x, fast=fast), case.classes, keep_responses=False,
                             fast=fast)
         cp.cuda.runtime.deviceSynchronize()
@@ -155,7 +157,8 @@ def breakdown(case, fast: bool, limit=None, log=print) -> list:
             backend.TIMELINE = None
     steps = [(label, cp.cuda.get_elapsed_time(prev, ev)) for (_, prev), (label, ev) in zip(marks, marks[1:])]
     total = cp.cuda.get_elapsed_time(marks[0][1], marks[-1][1])
-    log(f"  breakdown {'fast' if fast else 'exact'}{'' if limit is None else f', direct <= {limit}'} "
+    log(f"  breakdown {'fast' if fast else 'exact'}{'' if limit is None else f', direct <= {limit}'}"
+        f"{', columns + GEMM' if sparse is False else ''} "
         f"({total:.2f} ms between the first and last mark):")
     for label, ms in steps:
         log(f"    {label:<40s} {ms:8.3f} ms")
@@ -341,9 +344,10 @@ def main(argv=None):
         del torch_ref
         steps = {}
         if not args.cpu:
-            for method, fast, limit in (("cuda", False, None), ("cuda-direct", False, 64), ("cuda-fast", True, None)):
+            for method, fast, limit, sparse in (("cuda", False, None, None), ("cuda-gemm", False, None, False),
+                                                ("cuda-direct", False, 64, False), ("cuda-fast", True, None, None)):
                 if any(r.method == method and r.median_s for r in results):
-                    steps[method] = breakdown(case, fast, limit)
+                    steps[method] = breakdown(case, fast, limit, sparse)
         tab = table(case, contract_case, results)
         tables += [title, "", _explain_contract(case, contract_case), "", tab, ""]
         report["cases"].append({"case": case.name, "batch": case.batch, "shape": list(case.x.shape),

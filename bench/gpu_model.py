@@ -37,6 +37,13 @@ INSTR = {
     # (18 weight loads, 18 FMAs, 1 store) and 1x1 (unrolled by 4: 151 per 4)
     ("head folded", 9): 51, ("head folded", 1): 38,
 }
+# The sparse transposed conv (kernels/cuda/sparse_kernels.py), per input channel o of a warp's tile, from the
+# sm_90 SASS of sparse_transpose_k3x3_p1x1_t32_unpooled_k2x2_s2x2_p0x0: the loop over o costs ~20 (kh*kw
+# weight loads, counters); a window whose value is 0 costs ~2.25 (FSETP + BRA; its value comes in an
+# LDS.128 with three others); a nonzero one ~5 (LDS of its offset, the compare-and-branch dispatch, the
+# branch out) plus its FFMAs (1 + FFMAs from a dense source: no dispatch). Staging: ~40 per staged
+# (channel, window) per warp / 32 lanes; the output through shared memory ~35 per 32 values.
+SPARSE = {"per_o": 20, "zero": 2.25, "nonzero_pooled": 5, "nonzero_dense": 1, "stage": 40, "store": 35}
 
 
 def gemm_rate(M: int, fast: bool, args) -> float:
@@ -48,9 +55,32 @@ def gemm_rate(M: int, fast: bool, args) -> float:
     return (args.skinny_tf32 + args.tf32_TFLOPs * 307 / 412) / 2 if fast else (args.skinny_fp32 + args.fp32_TFLOPs) / 2
 
 
-def steps(net, size, B, K, direct_max=4):
+def sparse_instructions(kh, kw, ph, pw, pool, O, I, n, H, W, nonzero):
+    """Warp instructions of one sparse_transpose launch, a fraction ``nonzero`` of the staged values being
+    nonzero (about 1/2 behind a ReLU with rectification on random weights) and offsets uniform in a window."""
+    from clearmaps.kernels.cuda import sparse_kernels as sk
+
+    TY, TX, _, _, NWY, NWX, windows = sk.layout(kh, kw, ph, pw, pool)
+    cells = (pool[0] * pool[1]) if pool else 1
+    nwin = NWY * NWX
+    fmas = sum(len(f) for _, cases in windows for _, f in cases) / cells  # per nonzero window, summed
+    per_nonzero = SPARSE["nonzero_pooled" if pool else "nonzero_dense"]
+    used = len(windows)  # windows that can reach the tile (the others are skipped at generation)
+    per_o = SPARSE["per_o"] + used * SPARSE["zero"] + nonzero * (used * per_nonzero + fmas)
+    threads = sk.block_threads(I)
+    warps = threads // 32
+    blocks = n * -(-H // TY) * -(-W // TX) * -(-I // threads)
+    chunks = -(-O // sk.CHUNK)
+    per_warp = O * per_o + chunks * sk.CHUNK * nwin / threads * SPARSE["stage"] + TY * TX * SPARSE["store"]
+    return blocks * warps * per_warp
+
+
+def steps(net, size, B, K, direct_max=4, sparse=True, nonzero=0.5, dense_max=None):
     """(label, GEMM rows M or 0, gemm_flops, bytes, warp instructions) per kernel, exact design of
-    kernels/cuda/backend.py."""
+    kernels/cuda/backend.py (``sparse``: stride-1 convs on the sparse kernel, those on a dense input only up to
+    ``dense_max`` output channels: default sparse_kernels.DENSE_MAX_CHANNELS)."""
+    if dense_max is None:
+        from clearmaps.kernels.cuda.sparse_kernels import DENSE_MAX_CHANNELS as dense_max
     sizes = net.layer_sizes(size)
     out = []
     C = net.in_channels
@@ -58,6 +88,14 @@ def steps(net, size, B, K, direct_max=4):
         (H, W), (oh, ow) = sizes[i], sizes[i + 1]
         if isinstance(layer, Conv):
             O, I, kh, kw = layer.weight.shape
+            (ph, pw) = layer.padding
+            if sparse and layer.stride == (1, 1) and ph < kh and pw < kw and O <= dense_max:  # flipped, transposed
+                instr = sparse_instructions(kh, kw, kh - 1 - ph, kw - 1 - pw, None, I, O, B, oh, ow,
+                                            1.0 if i == 0 else nonzero)
+                out.append((f"fwd conv {i} sparse {I}->{O} @{oh}x{ow}", 0, 0, F * (I * B * H * W + O * B * oh * ow),
+                            instr))
+                C = O
+                continue
             rows, cols = I * kh * kw + 1, B * oh * ow
             instr = INSTR[("forward", "dense", kh * kw)] * I * cols / 32
             out.append((f"fwd conv {i} {I}->{O} @{oh}x{ow} gather", 0, 0, F * (I * B * H * W + rows * cols), instr))
@@ -85,13 +123,18 @@ def steps(net, size, B, K, direct_max=4):
         if isinstance(layer, ReLU):
             continue
         if isinstance(layer, MaxPool):
-            pooled = True
+            pooled = (*layer.kernel, *layer.stride, *layer.padding)
             continue
         O, I, kh, kw = layer.weight.shape
         H, W = sizes[i]
         kind = "unpooled" if pooled else "dense"
         src = F * n * current + (4 * (n // K) * current if pooled else 0)  # values (+ int32 switches, per image)
-        if I <= direct_max:
+        if sparse and I > direct_max and layer.stride == (1, 1) and (pooled or I <= dense_max):
+            (Hs, Ws) = sizes[i + 1] if not pooled else sizes[i + 2]
+            instr = sparse_instructions(kh, kw, *layer.padding, pooled or None, O, I, n, H, W, nonzero)
+            out.append((f"back conv {i} sparse {O}->{I} @{H}x{W}{' (through switches)' if pooled else ''}", 0, 0,
+                        src + F * n * I * H * W, instr))
+        elif I <= direct_max:
             instr = INSTR[("direct", kind, kh * kw)][min(I, 3) if I != 1 else 1] * O * n * H * W / 32
             out.append((f"back conv {i} direct {O}->{I} @{H}x{W}{' (through switches)' if pooled else ''}", 0, 0,
                         src + F * n * I * H * W, instr))
@@ -128,6 +171,8 @@ def main(argv=None):
     p.add_argument("--issue", type=float, default=132 * 4 * 1.98e9, help="warp instructions per second")
     p.add_argument("--efficiency", type=float, default=0.6,
                    help="achieved fraction of bandwidth and issue rate for the 'expected' figures")
+    p.add_argument("--gemm", action="store_true", help="model the columns + GEMM path instead of the sparse kernel")
+    p.add_argument("--sparse-all", action="store_true", help="every stride-1 conv on the sparse kernel, at any width")
     args = p.parse_args(argv)
     import torch
 
@@ -140,6 +185,8 @@ def main(argv=None):
         K = net.num_classes
         counted = count_flops(net, spec.size, spec.batch, K)
         rows = steps(net, spec.size, spec.batch, K)
+        if args.gemm or args.sparse_all:
+            rows = steps(net, spec.size, spec.batch, K, sparse=not args.gemm, dense_max=1 << 30)
         exact, per32 = predict(rows, args, False)
         fast, per16 = predict(rows, args, True)
         exact_e, per32e = predict(rows, args, False, args.efficiency)

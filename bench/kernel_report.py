@@ -91,6 +91,7 @@ def kernels():
     from clearmaps.kernels.cuda import backproject_kernels as bk
     from clearmaps.kernels.cuda import epilogue as ek
     from clearmaps.kernels.cuda import forward_kernels as fk
+    from clearmaps.kernels.cuda import sparse_kernels as sk
 
     f1, i1, l1 = (types.Array(t, 1, "C") for t in (types.float32, types.int32, types.int64))
     f4, l4 = types.Array(types.float32, 4, "C"), types.Array(types.int64, 4, "C")
@@ -111,6 +112,13 @@ def kernels():
             for I in (1, 3):
                 k = bk.direct_transpose(I, *g, kind, pool)
                 out.append((k.__name__, k, (f1, i1, f1, f1) + (i,) * 10 + (b, b)))
+    for g in ((3, 3, 1, 1), (5, 5, 2, 2), (1, 1, 0, 0)):
+        for _, pool in sources:
+            for threads in (32, 128):
+                k = sk.sparse_transpose(*g, pool, threads)
+                out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
+        k = sk.sparse_transpose(*g, None, 128, True)  # a forward conv (bias)
+        out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
     for kind, pool in sources:
         out.append((bk.materialise(kind, pool).__name__, bk.materialise(kind, pool), (f1, i1, f1) + (i,) * 8 + (b, b)))
     f3, l3 = types.Array(types.float32, 3, "C"), types.Array(types.int64, 3, "C")

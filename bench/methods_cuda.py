@@ -81,24 +81,32 @@ def _torch_method(base_setup, tf32: bool):
 
 
 
-def direct_max(limit):
-    """Context: transposed convs with at most ``limit`` output channels run as the direct kernel."""
+def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None):
+    """Context: transposed convs with at most ``direct_limit`` output channels run as the direct kernel;
+    ``sparse`` False sends the stride-1 ones to columns + GEMM instead of the sparse kernel; ``tile_rows``
+    sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes (None: as
+    set)."""
     import contextlib
 
-    from clearmaps.kernels.cuda import backend
+    from clearmaps.kernels.cuda import backend, sparse_kernels
 
     @contextlib.contextmanager
     def ctx():
-        before = backend.DIRECT_MAX_CHANNELS
-        backend.DIRECT_MAX_CHANNELS = before if limit is None else limit
+        before = (backend.DIRECT_MAX_CHANNELS, backend.SPARSE_TRANSPOSE, sparse_kernels.TILE_ROWS,
+                  sparse_kernels.DENSE_MAX_CHANNELS)
+        backend.DIRECT_MAX_CHANNELS = before[0] if direct_limit is None else direct_limit
+        backend.SPARSE_TRANSPOSE = before[1] if sparse is None else sparse
+        sparse_kernels.TILE_ROWS = before[2] if tile_rows is None else tile_rows
+        sparse_kernels.DENSE_MAX_CHANNELS = before[3] if dense_max is None else dense_max
         try:
             yield
         finally:
-            backend.DIRECT_MAX_CHANNELS = before
+            (backend.DIRECT_MAX_CHANNELS, backend.SPARSE_TRANSPOSE, sparse_kernels.TILE_ROWS,
+             sparse_kernels.DENSE_MAX_CHANNELS) = before
     return ctx()
 
 
-def _clearmaps_setup(fast: bool, direct_limit=None):
+def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None, dense_max=None):
     def setup(case) -> Prepared:
         import cupy as cp
 
@@ -109,7 +117,7 @@ def _clearmaps_setup(fast: bool, direct_limit=None):
         classes = case.classes
 
         def run(keep=False):
-            with direct_max(direct_limit):
+            with ways(direct_limit, sparse, tile_rows, dense_max):
                 trace = kc.forward(net, x, fast=fast)
                 return kc.clear_from_trace(net, trace, classes, keep_responses=keep, fast=fast)
 
@@ -134,7 +142,10 @@ def _clearmaps_setup(fast: bool, direct_limit=None):
         return Prepared(run, check, sync=cp.cuda.runtime.deviceSynchronize, timer=cuda_event_timer,
                         memory=memory, notes=("TF32 GEMMs" if fast else "fp32 (no TF32)") +
                         ", keep_responses=False, GPU arrays in and out" +
-                        ("" if direct_limit is None else f", direct kernel up to {direct_limit} channels"))
+                        ("" if direct_limit is None else f", direct kernel up to {direct_limit} channels") +
+                        (", columns + GEMM for every transposed conv" if sparse is False else "") +
+                        ("" if tile_rows is None else f", sparse tiles of {tile_rows} rows") +
+                        ("" if dense_max is None else f", sparse on dense inputs up to {dense_max} channels"))
     return setup
 
 
@@ -158,9 +169,23 @@ register(Method("torch-cuda-tf32", "cuda", _torch_method(torch_setup("cuda"), Tr
                 exact=False, baseline=True))
 register(Method("cuda", "cuda", _clearmaps_setup(False), "clearmaps backend='cuda', exact fp32",
                 available=_clearmaps_cuda_available))
-# the same with every transposed conv of at most 64 output channels done by the direct kernel (no columns
-# in memory): which of the two wins on the 32/64-channel layers is what the GPU run is to tell
-register(Method("cuda-direct", "cuda", _clearmaps_setup(False, 64),
+# the design before the sparse kernel (every transposed conv of > 4 channels as columns + GEMM): which of the
+# two wins, per network, is what a GPU run tells (bench/GPU_NOTES.md)
+register(Method("cuda-gemm", "cuda", _clearmaps_setup(False, sparse=False),
+                "clearmaps backend='cuda', exact fp32, columns + GEMM instead of the sparse kernel",
+                available=_clearmaps_cuda_available))
+# the sparse kernel with 8x8 tiles instead of 4x8: fewer windows per FMA, ~120 instead of ~80 registers
+# (fewer warps per SM to hide the shared-load latency); which wins is for a GPU run to tell
+register(Method("cuda-8x8", "cuda", _clearmaps_setup(False, tile_rows=8),
+                "clearmaps backend='cuda', exact fp32, sparse kernel on 8x8 tiles",
+                available=_clearmaps_cuda_available))
+# every stride-1 conv on the sparse kernel, however wide (the default sends dense-input convs of more than
+# 64 output channels to columns + GEMM)
+register(Method("cuda-sparse", "cuda", _clearmaps_setup(False, dense_max=1 << 30),
+                "clearmaps backend='cuda', exact fp32, sparse kernel for every stride-1 conv",
+                available=_clearmaps_cuda_available))
+# run 2's experiment: transposed convs of <= 64 output channels on the direct kernel (lost by 1.5x)
+register(Method("cuda-direct", "cuda", _clearmaps_setup(False, 64, sparse=False),
                 "clearmaps backend='cuda', exact fp32, direct kernel for <= 64 output channels",
                 available=_clearmaps_cuda_available))
 register(Method("cuda-fast", "cuda", _clearmaps_setup(True), "clearmaps backend='cuda', TF32 GEMMs (fast mode)",
