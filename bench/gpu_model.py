@@ -38,12 +38,12 @@ INSTR = {
     ("head folded", 9): 51, ("head folded", 1): 38,
 }
 # The sparse transposed conv (kernels/cuda/sparse_kernels.py), per input channel o of a warp's tile, from the
-# sm_90 SASS of sparse_transpose_k3x3_p1x1_t32_unpooled_k2x2_s2x2_p0x0: the loop over o costs ~20 (kh*kw
+# sm_90 SASS of sparse_transpose_k3x3_p1x1_t32_4x8_unpooled_k2x2_s2x2_p0x0: the loop over o costs ~20 (kh*kw
 # weight loads, counters); a window whose value is 0 costs ~2.25 (FSETP + BRA; its value comes in an
 # LDS.128 with three others); a nonzero one ~5 (LDS of its offset, the compare-and-branch dispatch, the
-# branch out) plus its FFMAs (1 + FFMAs from a dense source: no dispatch). Staging: ~40 per staged
-# (channel, window) per warp / 32 lanes; the output through shared memory ~35 per 32 values.
-SPARSE = {"per_o": 20, "zero": 2.25, "nonzero_pooled": 5, "nonzero_dense": 1, "stage": 40, "store": 35}
+# branch out) plus its FFMAs (1 + FFMAs from a dense source: no dispatch). Staging: ~28 per channel and
+# pass of 32 windows (each lane one window); the output through shared memory ~35 per 32 values.
+SPARSE = {"per_o": 20, "zero": 2.25, "nonzero_pooled": 5, "nonzero_dense": 1, "stage": 28, "store": 35}
 
 
 def gemm_rate(M: int, fast: bool, args) -> float:
@@ -71,7 +71,8 @@ def sparse_instructions(kh, kw, ph, pw, pool, O, I, n, H, W, nonzero):
     warps = threads // 32
     blocks = n * -(-H // TY) * -(-W // TX) * -(-I // threads)
     chunks = -(-O // sk.CHUNK)
-    per_warp = O * per_o + chunks * sk.CHUNK * nwin / threads * SPARSE["stage"] + TY * TX * SPARSE["store"]
+    passes = -(-nwin // 32)
+    per_warp = O * per_o + chunks * sk.CHUNK / warps * passes * SPARSE["stage"] + TY * TX * SPARSE["store"]
     return blocks * warps * per_warp
 
 

@@ -174,7 +174,7 @@ register(Method("cuda", "cuda", _clearmaps_setup(False), "clearmaps backend='cud
 register(Method("cuda-gemm", "cuda", _clearmaps_setup(False, sparse=False),
                 "clearmaps backend='cuda', exact fp32, columns + GEMM instead of the sparse kernel",
                 available=_clearmaps_cuda_available))
-# the sparse kernel with 8x8 tiles instead of 4x8: fewer windows per FMA, ~120 instead of ~80 registers
+# the sparse kernel with 8x8 tiles instead of 4x8: fewer windows per FMA, ~120 instead of 64 registers
 # (fewer warps per SM to hide the shared-load latency); which wins is for a GPU run to tell
 register(Method("cuda-8x8", "cuda", _clearmaps_setup(False, tile_rows=8),
                 "clearmaps backend='cuda', exact fp32, sparse kernel on 8x8 tiles",

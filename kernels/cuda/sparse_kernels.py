@@ -49,7 +49,8 @@ from .backproject_kernels import _ix
 TILE_ROWS, TILE_COLS = 4, 8
 # Input channels staged in shared memory at a time (values and offsets of the tile's windows).
 CHUNK = 32
-# Output channels (threads) per block, at most: four warps share one staging of the tile's windows.
+# Output channels (threads) per block, at most: four warps share one staging of the tile's windows. CHUNK
+# must be a multiple of BLOCK_CHANNELS / 32.
 BLOCK_CHANNELS = 128
 # The largest tile the generator will unroll (accumulators per thread).
 MAX_TILE_PIXELS = 64
@@ -152,28 +153,53 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile):
     a("    zero = float32(0.0)")
     for k in range(npix):
         a(f"    a{k} = zero")
+    # staging: lane l of warp w stages window w0 + l of every pass w0, channels w, w + warps, ...: where each
+    # of its windows reads (and whether it is inside the plane) is worked out once, here
+    warps = threads // 32
+    passes = -(-nwin // 32)
+    a("    lane = tid % 32")
+    a("    warp = tid // 32")
+    a("    nplane = n * plane")
+    for j in range(passes):
+        a(f"    wi{j} = lane + {32 * j}")
+        a(f"    wy = wi{j} // {NWX}")
+        a("    p = P0 + wy")
+        a(f"    q = Q0 + wi{j} - wy * {NWX}")
+        a(f"    ok{j} = wi{j} < {nwin} and p >= 0 and p < Hs and q >= 0 and q < Ws")
+        a(f"    k{j} = p * Ws + q if ok{j} else 0")
+        a(f"    src{j} = t * plane + k{j}")
+        if pooled:
+            a(f"    off{j} = b * O * plane + k{j}")
     a(f"    for c0 in range(0, O, {CHUNK}):")
     a("        cuda.syncthreads()")  # the previous chunk's readers are done
-    a(f"        for e in range(tid, {CHUNK * nwin}, {threads}):")
-    a(f"            oc = e // {nwin}")
-    a(f"            wi = e - oc * {nwin}")
-    a(f"            wy = wi // {NWX}")
-    a("            p = P0 + wy")
-    a(f"            q = Q0 + wi - wy * {NWX}")
-    a("            o = c0 + oc")
-    a("            val = zero")
-    if pooled:
-        a("            dd = int32(0)")
-    a("            if o < O and p >= 0 and p < Hs and q >= 0 and q < Ws:")
-    a("                k = p * Ws + q")
-    a("                val = src[_ix((o * n + t) * plane + k)]")
-    a("                if rect and val < zero:")
-    a("                    val = zero")
-    if pooled:
-        a("                dd = offs[_ix((b * O + o) * plane + k)]")
-    a("            sval[_ix(e)] = val")
-    if pooled:
-        a("            soff[_ix(e)] = dd")
+    # running indices, stepped by additions (no 64-bit multiplies in the loop)
+    a("        so = c0 + warp")
+    a(f"        sm = warp * {nwin} + lane")
+    for j in range(passes):
+        a(f"        si{j} = src{j} + so * nplane")
+        if pooled:
+            a(f"        oi{j} = off{j} + so * plane")
+    a(f"        for _ in range({CHUNK // warps}):")  # a fixed count: the loop stays warp-uniform
+    a("            live = so < O")
+    for j in range(passes):
+        a("            val = zero")
+        if pooled:
+            a("            dd = int32(0)")
+        a(f"            if live and ok{j}:")
+        a(f"                val = src[_ix(si{j})]")
+        a("                if rect and val < zero:")
+        a("                    val = zero")
+        if pooled:
+            a(f"                dd = offs[_ix(oi{j})]")
+        guard = "" if 32 * (j + 1) <= nwin else f"if wi{j} < {nwin}: "
+        a(f"            {guard}sval[_ix(sm + {32 * j})] = val")
+        if pooled:
+            a(f"            {guard}soff[_ix(sm + {32 * j})] = dd")
+        a(f"            si{j} += {warps} * nplane")
+        if pooled:
+            a(f"            oi{j} += {warps} * plane")
+    a(f"            so += {warps}")
+    a(f"            sm += {warps * nwin}")
     a("        cuda.syncthreads()")
     a(f"        for oc in range(min({CHUNK}, O - c0)):")
     a(f"            wb = (c0 + oc) * {taps} * I + iw")
