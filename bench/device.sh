@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/device.sh OUT_DIR — everything clearmaps measures on a GPU machine, in one call of ~2.5 min
-# (worst case, every step at its limit: 6.5 min).
+# (worst case, every step at its limit: 7.5 min).
 #
 # For the GPU machine of the device tool (H100/H200, CUDA 13, torch 2.11, CuPy 14, numba-cuda, but
 # NumPy 2.5, which numba-cuda 0.30 cannot compile with, no captum, and no network). Steps, each under
@@ -11,7 +11,7 @@
 #   3. the benchmark: allcnn-mnist batch 1024 and vgg16-fcn 224x224 batch 8, ten classes; methods
 #      captum-cuda, torch-cuda (fp32, TF32 off), torch-cuda-tf32, cuda (exact), cuda-gemm (exact, the
 #      columns + GEMM path instead of the sparse kernel), cuda-sparse (sparse kernel for every stride-1
-#      conv), cuda-8x8 (sparse kernel, 8x8 tiles), cuda-fast (TF32):
+#      conv), cuda-cpt1 (one output channel per thread), cuda-8x8 (8x8 tiles), cuda-fast (TF32):
 #      the float32 contract against a float64 oracle first (vgg16-fcn: at 64x64, same weights; see
 #      bench/device_bench.py), then CUDA-event medians and per-layer breakdowns     bench.log/json/md
 #   4. pytest -m gpu: tests/test_cuda_gpu.py and the interop side-stream test          gpu_tests.log
@@ -24,7 +24,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl numpy==2.4.6
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl captum==0.9.0
-# Device call: run(command="bash bench/device.sh \"$OUT\"", carry=[".whl"], timeout_s=420)
+# Device call: run(command="bash bench/device.sh \"$OUT\"", carry=[".whl"], timeout_s=480)
 set -u
 OUT="${1:-${OUT:-/tmp/clearmaps-device}}"
 mkdir -p "$OUT"
@@ -64,7 +64,7 @@ export NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 # 2-5, the benchmark first: it is what the run is for
 step preflight 30 python3 -m bench.device_preflight
 [ -s "$OUT/preflight.log" ] && head -n 20 "$OUT/preflight.log"
-step bench 200 python3 -m bench.device_bench --out "$OUT" --repeats 5
+step bench 240 python3 -m bench.device_bench --out "$OUT" --repeats 5
 export CLEARMAPS_CUDA_CHECK=1
 step gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
 export CLEARMAPS_CUDA_REAL=1

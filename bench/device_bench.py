@@ -54,8 +54,8 @@ DEFAULT_CASES = "allcnn-mnist-b1024,vgg16-fcn-b8"
 # cuda-direct (the direct kernel for <= 64 output channels) lost to gather + GEMM by 1.5x in run 2 and is
 # no longer in the default list; it stays registered (--methods ...,cuda-direct). cuda-gemm is the design
 # before the sparse kernel, timed beside it; cuda-sparse takes the sparse kernel for every stride-1 conv;
-# cuda-8x8 runs it on larger tiles.
-DEFAULT_METHODS = "captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-sparse,cuda-8x8,cuda-gemm,cuda-fast"
+# cuda-cpt1 and cuda-8x8 run it with one output channel per thread and on larger tiles.
+DEFAULT_METHODS = "captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-sparse,cuda-cpt1,cuda-8x8,cuda-gemm,cuda-fast"
 TORCH_FP32 = "torch-cuda"
 
 

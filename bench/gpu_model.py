@@ -66,13 +66,15 @@ def sparse_instructions(kh, kw, ph, pw, pool, O, I, n, H, W, nonzero):
     fmas = sum(len(f) for _, cases in windows for _, f in cases) / cells  # per nonzero window, summed
     per_nonzero = SPARSE["nonzero_pooled" if pool else "nonzero_dense"]
     used = len(windows)  # windows that can reach the tile (the others are skipped at generation)
-    per_o = SPARSE["per_o"] + used * SPARSE["zero"] + nonzero * (used * per_nonzero + fmas)
-    threads = sk.block_threads(I)
+    cpt = sk.channels_per_thread(I)  # each window's test and dispatch serve cpt channels' FMAs
+    per_o = (SPARSE["per_o"] + (cpt - 1) * kh * kw + used * SPARSE["zero"]
+             + nonzero * (used * per_nonzero + cpt * fmas))
+    threads = sk.block_threads(I, cpt)
     warps = threads // 32
-    blocks = n * -(-H // TY) * -(-W // TX) * -(-I // threads)
+    blocks = n * -(-H // TY) * -(-W // TX) * -(-I // (threads * cpt))
     chunks = -(-O // sk.CHUNK)
     passes = -(-nwin // 32)
-    per_warp = O * per_o + chunks * sk.CHUNK / warps * passes * SPARSE["stage"] + TY * TX * SPARSE["store"]
+    per_warp = O * per_o + chunks * sk.CHUNK / warps * passes * SPARSE["stage"] + cpt * TY * TX * SPARSE["store"]
     return blocks * warps * per_warp
 
 

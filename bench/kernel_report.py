@@ -114,8 +114,8 @@ def kernels():
                 out.append((k.__name__, k, (f1, i1, f1, f1) + (i,) * 10 + (b, b)))
     for g in ((3, 3, 1, 1), (5, 5, 2, 2), (1, 1, 0, 0)):
         for _, pool in sources:
-            for threads in (32, 128):
-                k = sk.sparse_transpose(*g, pool, threads)
+            for threads, cpt in ((32, 1), (128, 1), (32, 2)):
+                k = sk.sparse_transpose(*g, pool, threads, False, None, cpt)
                 out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
         k = sk.sparse_transpose(*g, None, 128, True)  # a forward conv (bias)
         out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))

@@ -81,11 +81,11 @@ def _torch_method(base_setup, tf32: bool):
 
 
 
-def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None):
+def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None):
     """Context: transposed convs with at most ``direct_limit`` output channels run as the direct kernel;
     ``sparse`` False sends the stride-1 ones to columns + GEMM instead of the sparse kernel; ``tile_rows``
-    sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes (None: as
-    set)."""
+    sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes; ``cpt``
+    its most output channels per thread (None: as set)."""
     import contextlib
 
     from clearmaps.kernels.cuda import backend, sparse_kernels
@@ -93,20 +93,21 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None):
     @contextlib.contextmanager
     def ctx():
         before = (backend.DIRECT_MAX_CHANNELS, backend.SPARSE_TRANSPOSE, sparse_kernels.TILE_ROWS,
-                  sparse_kernels.DENSE_MAX_CHANNELS)
+                  sparse_kernels.DENSE_MAX_CHANNELS, sparse_kernels.MAX_CHANNELS_PER_THREAD)
         backend.DIRECT_MAX_CHANNELS = before[0] if direct_limit is None else direct_limit
         backend.SPARSE_TRANSPOSE = before[1] if sparse is None else sparse
         sparse_kernels.TILE_ROWS = before[2] if tile_rows is None else tile_rows
         sparse_kernels.DENSE_MAX_CHANNELS = before[3] if dense_max is None else dense_max
+        sparse_kernels.MAX_CHANNELS_PER_THREAD = before[4] if cpt is None else cpt
         try:
             yield
         finally:
             (backend.DIRECT_MAX_CHANNELS, backend.SPARSE_TRANSPOSE, sparse_kernels.TILE_ROWS,
-             sparse_kernels.DENSE_MAX_CHANNELS) = before
+             sparse_kernels.DENSE_MAX_CHANNELS, sparse_kernels.MAX_CHANNELS_PER_THREAD) = before
     return ctx()
 
 
-def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None, dense_max=None):
+def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None):
     def setup(case) -> Prepared:
         import cupy as cp
 
@@ -117,7 +118,7 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
         classes = case.classes
 
         def run(keep=False):
-            with ways(direct_limit, sparse, tile_rows, dense_max):
+            with ways(direct_limit, sparse, tile_rows, dense_max, cpt):
                 trace = kc.forward(net, x, fast=fast)
                 return kc.clear_from_trace(net, trace, classes, keep_responses=keep, fast=fast)
 
@@ -145,7 +146,8 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
                         ("" if direct_limit is None else f", direct kernel up to {direct_limit} channels") +
                         (", columns + GEMM for every transposed conv" if sparse is False else "") +
                         ("" if tile_rows is None else f", sparse tiles of {tile_rows} rows") +
-                        ("" if dense_max is None else f", sparse on dense inputs up to {dense_max} channels"))
+                        ("" if dense_max is None else f", sparse on dense inputs up to {dense_max} channels") +
+                        ("" if cpt is None else f", at most {cpt} output channel(s) per thread"))
     return setup
 
 
@@ -174,8 +176,12 @@ register(Method("cuda", "cuda", _clearmaps_setup(False), "clearmaps backend='cud
 register(Method("cuda-gemm", "cuda", _clearmaps_setup(False, sparse=False),
                 "clearmaps backend='cuda', exact fp32, columns + GEMM instead of the sparse kernel",
                 available=_clearmaps_cuda_available))
-# the sparse kernel with 8x8 tiles instead of 4x8: fewer windows per FMA, ~120 instead of 64 registers
-# (fewer warps per SM to hide the shared-load latency); which wins is for a GPU run to tell
+# the sparse kernel with 8x8 tiles instead of 4x8 (fewer windows per FMA), and with one output channel per
+# thread where the default takes two (64 instead of ~117 registers: more warps per SM to hide the shared-load
+# latency); which wins is for a GPU run to tell
+register(Method("cuda-cpt1", "cuda", _clearmaps_setup(False, cpt=1),
+                "clearmaps backend='cuda', exact fp32, sparse kernel with one output channel per thread",
+                available=_clearmaps_cuda_available))
 register(Method("cuda-8x8", "cuda", _clearmaps_setup(False, tile_rows=8),
                 "clearmaps backend='cuda', exact fp32, sparse kernel on 8x8 tiles",
                 available=_clearmaps_cuda_available))

@@ -98,10 +98,11 @@ def test_vgg16_fcn_against_the_torch_oracle(kc):
     assert_close(cp.asnumpy(R), torch_responses(net, x, classes[0]), RTOL_F32, "R(x|c)")
 
 
-@pytest.mark.parametrize("route", ["default", "sparse-everywhere", "8x8-tiles", "gemm"])
+@pytest.mark.parametrize("route", ["default", "sparse-everywhere", "8x8-tiles", "one-channel-per-thread", "gemm"])
 def test_every_conv_route_on_the_gpu(kc, monkeypatch, route):
     """vgg16-fcn at 64x64 through each routing the benchmark compares (the sparse kernel for every stride-1
-    conv; on 8x8 tiles; columns + GEMM everywhere; the default mix), compiled for the real GPU: R(x|c)
+    conv; on 8x8 tiles; one output channel per thread; columns + GEMM everywhere; the default mix), compiled
+    for the real GPU: R(x|c)
     against the float64 torch oracle."""
     from clearmaps.kernels.cuda import backend, sparse_kernels
 
@@ -111,6 +112,8 @@ def test_every_conv_route_on_the_gpu(kc, monkeypatch, route):
         monkeypatch.setattr(sparse_kernels, "DENSE_MAX_CHANNELS", 1 << 30)
     elif route == "8x8-tiles":
         monkeypatch.setattr(sparse_kernels, "TILE_ROWS", 8)
+    elif route == "one-channel-per-thread":
+        monkeypatch.setattr(sparse_kernels, "MAX_CHANNELS_PER_THREAD", 1)
     elif route == "gemm":
         monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", False)
     net = _preset("vgg16-fcn")

@@ -225,12 +225,13 @@ def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
     oh, ow = layer.output_size((H, W))
     if _sparse_forward(layer):  # the transposed conv of the flipped kernels, input channels as its "O"
         out = xp.empty((O, Bc, oh, ow), dtype=np.float32)
-        threads = sk.block_threads(O)
+        cpt = sk.channels_per_thread(O)
+        threads = sk.block_threads(O, cpt)
         TY, TX = tile = sk.tile_shape(None)
         tiles_y, tiles_x = ceil_div(oh, TY), ceil_div(ow, TX)
         kernel = sk.sparse_transpose(kh, kw, kh - 1 - layer.padding[0], kw - 1 - layer.padding[1], None, threads,
-                                     True, tile)
-        launch(kernel, (Bc * tiles_y * tiles_x, ceil_div(O, threads)), threads, a.reshape(-1), _dummy_switches(),
+                                     True, tile, cpt)
+        launch(kernel, (Bc * tiles_y * tiles_x, ceil_div(O, threads * cpt)), threads, a.reshape(-1), _dummy_switches(),
                plan.flipped.reshape(-1), plan.bias, out.reshape(-1), I, O, Bc, H, W, oh, ow, tiles_x, tiles_y, 0, 1,
                rect)
         return out
@@ -471,12 +472,13 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
                src_flat, sw, plan.weight.reshape(-1), out.reshape(-1), *dims, H, W, b0, kc, src.pre, src.post)
         return out
     if src.sparse(layer):
-        threads = sk.block_threads(I)
+        cpt = sk.channels_per_thread(I)
+        threads = sk.block_threads(I, cpt)
         TY, TX = tile = sk.tile_shape(src.pool)
         tiles_y, tiles_x = ceil_div(H, TY), ceil_div(W, TX)
         offsets = _dummy_switches() if src.kind == bk.DENSE else src.switches.offsets.reshape(-1)
-        launch(sk.sparse_transpose(kh, kw, *layer.padding, src.pool, threads, False, tile),
-               (n * tiles_y * tiles_x, ceil_div(I, threads)), threads, src_flat, offsets, plan.sparse.reshape(-1),
+        launch(sk.sparse_transpose(kh, kw, *layer.padding, src.pool, threads, False, tile, cpt),
+               (n * tiles_y * tiles_x, ceil_div(I, threads * cpt)), threads, src_flat, offsets, plan.sparse.reshape(-1),
                _dummy_bias(), out.reshape(-1), O, I, n, dims[2], dims[3], H, W, tiles_x, tiles_y, b0, kc,
                src.pre or src.post)
         return out

@@ -20,7 +20,8 @@ driver does not send an overlapping pool here when a rectification must follow t
 
 How the work is laid out. A block owns one signal t, one tile of TY x TX output pixels (TY, TX multiples of
 the pool's stride, so that the tile's windows sit at the same places relative to every tile) and up to
-BLOCK_CHANNELS output channels: one thread per output channel i, lanes of a warp on consecutive channels.
+BLOCK_CHANNELS x cpt output channels: each thread computes cpt of them (1, or 2 where there are at least
+64, so that each window's test and dispatch serve twice the FMAs), lanes of a warp on consecutive channels.
 Everything a thread does depends on (t, tile, o) only, never on i, so the 32 lanes of a warp take the same
 branches: skipping a zero, or dispatching on d, costs no divergence. Per chunk of CHUNK input channels the
 block stages into shared memory, for each window of the tile's halo, the (rectified) value and d. Then per
@@ -52,8 +53,10 @@ CHUNK = 32
 # Output channels (threads) per block, at most: four warps share one staging of the tile's windows. CHUNK
 # must be a multiple of BLOCK_CHANNELS / 32.
 BLOCK_CHANNELS = 128
-# The largest tile the generator will unroll (accumulators per thread).
+# The largest tile the generator will unroll (accumulators per thread, per output channel).
 MAX_TILE_PIXELS = 64
+# Output channels per thread, at most (channels_per_thread).
+MAX_CHANNELS_PER_THREAD = 2
 # The driver (backend.py) sends a conv on a DENSE input here only when it has at most this many output
 # channels. Behind a pool the kernel skips ~7/8 of the multiply-adds (3/4 unpooled zeros, half the rest
 # rectified) and wins at any width; on a dense input it skips only the rectified half, while a wide GEMM
@@ -81,9 +84,16 @@ def supports(kh: int, kw: int, sh: int, sw: int, pool: tuple | None, tile: tuple
     return (sh, sw) == (1, 1) and TY * TX <= MAX_TILE_PIXELS
 
 
-def block_threads(I: int) -> int:
-    """Threads per block for I output channels: whole warps, at most BLOCK_CHANNELS."""
-    return min(BLOCK_CHANNELS, 32 * -(-I // 32))
+def channels_per_thread(I: int) -> int:
+    """Output channels per thread: 2 when there are at least 64 (each window's test and dispatch then
+    serves twice the FMAs, at ~117 registers instead of 64: fewer warps per SM), else 1; at most
+    MAX_CHANNELS_PER_THREAD."""
+    return min(MAX_CHANNELS_PER_THREAD, 2 if I >= 64 else 1)
+
+
+def block_threads(I: int, cpt: int = 1) -> int:
+    """Threads per block for I output channels, ``cpt`` per thread: whole warps, at most BLOCK_CHANNELS."""
+    return min(BLOCK_CHANNELS, 32 * -(-I // (32 * cpt)))
 
 
 def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple | None = None):
@@ -125,7 +135,7 @@ def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple |
     return TY, TX, plo, qlo, NWY, NWX, windows
 
 
-def _source(kh, kw, ph, pw, pool, threads, bias, tile):
+def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt):
     """The kernel's Python source (see the module docstring); ``bias`` adds bias[i] to every output."""
     pooled = pool is not None
     TY, TX, plo, qlo, NWY, NWX, windows = layout(kh, kw, ph, pw, pool, tile)
@@ -135,12 +145,14 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile):
     a = L.append
     a("def kernel(src, offs, weight, bias, out, O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc, rect):")
     # one float32 buffer: the staged values while the tile is computed, then the tile on its way out
-    a(f"    sval = cuda.shared.array({max(CHUNK * nwin, threads * (npix + 1))}, float32)")
+    a(f"    sval = cuda.shared.array({max(CHUNK * nwin, threads * cpt * (npix + 1))}, float32)")
     if pooled:
         a(f"    soff = cuda.shared.array({CHUNK * nwin}, int32)")
     a("    tid = cuda.threadIdx.x")
-    a(f"    i = cuda.blockIdx.y * {threads} + tid")
-    a("    iw = min(i, I - 1)")
+    # thread tid computes channels i0 + c*threads, c < cpt (consecutive lanes on consecutive channels)
+    a(f"    i0 = cuda.blockIdx.y * {threads * cpt} + tid")
+    for c in range(cpt):
+        a(f"    iw{c} = min(i0 + {c * threads}, I - 1)")
     a("    bx = cuda.blockIdx.x")
     a("    txi = bx % tiles_x")
     a("    r = bx // tiles_x")
@@ -152,7 +164,8 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile):
     a("    plane = Hs * Ws")
     a("    zero = float32(0.0)")
     for k in range(npix):
-        a(f"    a{k} = zero")
+        for c in range(cpt):
+            a(f"    a{k}_{c} = zero")
     # staging: lane l of warp w stages window w0 + l of every pass w0, channels w, w + warps, ...: where each
     # of its windows reads (and whether it is inside the plane) is worked out once, here
     warps = threads // 32
@@ -202,9 +215,10 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile):
     a(f"            sm += {warps * nwin}")
     a("        cuda.syncthreads()")
     a(f"        for oc in range(min({CHUNK}, O - c0)):")
-    a(f"            wb = (c0 + oc) * {taps} * I + iw")
-    for k in range(taps):
-        a(f"            w{k} = weight[_ix(wb + {k} * I)]")
+    a(f"            wb = (c0 + oc) * {taps} * I")
+    for c in range(cpt):
+        for k in range(taps):
+            a(f"            w{k}_{c} = weight[_ix(wb + iw{c} + {k} * I)]")
     a(f"            sb = oc * {nwin}")
     for wi, cases in windows:
         # (the values of consecutive windows come in wide shared loads; the offset is loaded in the branch:
@@ -219,21 +233,23 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile):
                 a(f"{ind}{'if' if n_case == 0 else 'elif'} d == {d}:")
                 ind += "    "
             for acc, tap in fmas:
-                a(f"{ind}a{acc} += s * w{tap}")
+                for c in range(cpt):
+                    a(f"{ind}a{acc}_{c} += s * w{tap}_{c}")
     # the tile through shared memory (row stride npix + 1: no bank conflicts), then coalesced stores
     a("    cuda.syncthreads()")
-    a(f"    ob = tid * {npix + 1}")
-    for k in range(npix):
-        a(f"    sval[_ix(ob + {k})] = a{k}")
+    for c in range(cpt):
+        a(f"    ob = (tid + {c * threads}) * {npix + 1}")
+        for k in range(npix):
+            a(f"    sval[_ix(ob + {k})] = a{k}_{c}")
     a("    cuda.syncthreads()")
     a("    HW = H * W")
-    a(f"    for e in range(tid, {threads * npix}, {threads}):")
+    a(f"    for e in range(tid, {threads * cpt * npix}, {threads}):")
     a(f"        ch = e // {npix}")
     a(f"        px = e - ch * {npix}")
     a(f"        ty = px // {TX}")
     a(f"        y = tyi * {TY} + ty")
     a(f"        x = txi * {TX} + px - ty * {TX}")
-    a(f"        ii = cuda.blockIdx.y * {threads} + ch")
+    a(f"        ii = cuda.blockIdx.y * {threads * cpt} + ch")
     a("        if ii < I and y < H and x < W:")
     a(f"            v = sval[_ix(ch * {npix + 1} + px)]")
     if bias:
@@ -244,12 +260,12 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile):
 
 @lru_cache(maxsize=None)
 def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, bias: bool = False,
-                     tile: tuple | None = None):
+                     tile: tuple | None = None, cpt: int = 1):
     """Kernel: the stride-1 transposed conv of a dense source (``pool`` None) or of a pool's unpooled plane
     read through its switches (``pool`` = (pkh, pkw, psh, psw, pph, ppw)), zeros skipped (module docstring).
 
-    Launch with grid (n * tiles_y * tiles_x, ceil(I / threads)) and ``threads`` (:func:`block_threads`)
-    threads; tiles_y = ceil(H / TY), tiles_x = ceil(W / TX), (TY, TX) = ``tile`` (default
+    Launch with grid (n * tiles_y * tiles_x, ceil(I / (threads * cpt))) and ``threads``
+    (:func:`block_threads`) threads, each computing ``cpt`` output channels; tiles_y = ceil(H / TY), tiles_x = ceil(W / TX), (TY, TX) = ``tile`` (default
     :func:`tile_shape` of ``pool``; a multiple of the pool's stride). Arguments: src
     (C*n*Hs*Ws,) float32; offs (B*C*Hs*Ws,) int32 window offsets (any int32 array for a dense source);
     weight (O*kh*kw*I,) float32 laid out (O, kh, kw, I); bias (I,) float32 (read only when ``bias``);
@@ -257,11 +273,11 @@ def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, thr
     tile = tuple(tile or tile_shape(pool))
     if not supports(kh, kw, 1, 1, pool, tile) or (pool and (tile[0] % pool[2] or tile[1] % pool[3])):
         raise ValueError(f"sparse_transpose: tile {tile} does not fit pool {pool}")
-    code = _source(kh, kw, ph, pw, pool, threads, bias, tile)
+    code = _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt)
     namespace = {"cuda": cuda, "float32": np.float32, "int32": np.int32, "_ix": _ix, "min": min}
     exec(compile(code, f"<sparse_transpose k{kh}x{kw} p{ph}x{pw} {pool}>", "exec"), namespace)
     fn = namespace["kernel"]
-    fn.__name__ = (f"sparse_transpose_k{kh}x{kw}_p{ph}x{pw}_t{threads}_{tile[0]}x{tile[1]}" +
+    fn.__name__ = (f"sparse_transpose_k{kh}x{kw}_p{ph}x{pw}_t{threads}x{cpt}_{tile[0]}x{tile[1]}" +
                    ("_bias" if bias else "") + "_" +
                    ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)))
     fn.__qualname__ = fn.__name__

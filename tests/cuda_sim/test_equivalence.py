@@ -82,16 +82,27 @@ def _net(seed=0, channels=3, width=6, classes=3):
                     conv(width, width), ReLU(), MaxPool(2), conv(width, classes, 1, 1, 0), ReLU()])
 
 
-# how the transposed convs of more than 4 output channels run: (DIRECT_MAX_CHANNELS, SPARSE_TRANSPOSE)
-WAYS = {"sparse": (0, True), "gemm": (0, False), "direct": (8, False)}
+# how the transposed convs of more than 4 output channels run: (DIRECT_MAX_CHANNELS, SPARSE_TRANSPOSE, the
+# sparse kernel's output channels per thread: None as it chooses, 2 forced even for these narrow layers)
+WAYS = {"sparse": (0, True, None), "sparse-2-per-thread": (0, True, 2), "gemm": (0, False, None),
+        "direct": (8, False, None)}
+
+
+def _route(monkeypatch, way):
+    from clearmaps.kernels.cuda import sparse_kernels as sk
+
+    direct, sparse, cpt = WAYS[way]
+    monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", direct)
+    monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", sparse)
+    if cpt is not None:
+        monkeypatch.setattr(sk, "channels_per_thread", lambda channels: cpt)
 
 
 @pytest.mark.parametrize("way", sorted(WAYS))
 def test_every_way_of_transposed_convs_agrees_with_reference(monkeypatch, way):
     """The three ways of doing a transposed conv (the sparse tiled kernel where the stride is 1, columns +
     GEMM, or the direct kernel) each meet the contract."""
-    monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", WAYS[way][0])
-    monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", WAYS[way][1])
+    _route(monkeypatch, way)
     x = np.random.default_rng(1).normal(size=(2, 3, 11, 10))
     check_against_reference(_net(), x, np.array([[0, 2, 1], [2, 1, 0]]))
 
@@ -104,8 +115,7 @@ def test_more_pool_sources(monkeypatch, way):
     (gemm), the sparse kernel (sparse) and the direct kernel (direct), two pools in a row (the upper one's
     plane materialised). Small integers: float32 is exact and ties are everywhere, so everything must be
     equal."""
-    monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", WAYS[way][0])
-    monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", WAYS[way][1])
+    _route(monkeypatch, way)
     rng = np.random.default_rng(11)
 
     def conv(i, o, k=3, s=1, p=1):
@@ -164,13 +174,14 @@ def test_overlapping_pool_through_the_sparse_kernel(monkeypatch, relu_after_pool
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from([(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (5, 2)]),
        st.sampled_from([None, (2, 2, 0), (2, 2, 1), (2, 3, 1), (3, 2, 1), (3, 3, 0)]),
-       st.sampled_from([1, 3, 33]), st.sampled_from([1, 5, 33]), st.integers(1, 2), st.integers(1, 2),
-       st.integers(5, 12), st.integers(5, 12), st.booleans())
-def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, B, kc_, Hu, Wu, rect):
+       st.sampled_from([1, 3, 33]), st.sampled_from([1, 5, 33]), st.sampled_from([1, 2]), st.integers(1, 2),
+       st.integers(1, 2), st.integers(5, 12), st.integers(5, 12), st.booleans())
+def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, cpt, B, kc_, Hu, Wu, rect):
     """The sparse kernel alone against reference unpool + conv_transpose2d: every pool kind (windows that
     tile, leave gaps, are padded, overlap) or a dense source; kernels 1-5 with and without padding; 33 input
-    channels (two staged chunks) and 33 output channels (two warps, idle lanes); several images with
-    several classes each (the switches are the signal's image's)."""
+    channels (two staged chunks) and 33 output channels (two warps, or one warp of two channels per thread,
+    with idle lanes either way); several images with several classes each (the switches are the signal's
+    image's)."""
     from clearmaps.kernels.cuda import sparse_kernels as sk
 
     rng = np.random.default_rng(seed)
@@ -195,11 +206,11 @@ def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, B, kc_
     want = ref.conv_transpose2d(U, weight, 1, p)
     H, W = want.shape[2:]
     TY, TX = sk.tile_shape(geo)
-    threads = sk.block_threads(I)
+    threads = sk.block_threads(I, cpt)
     out = np.zeros(I * n * H * W, np.float32)
     Hs, Ws = y.shape[2:]
-    kernel = sk.sparse_transpose(k, k, p, p, geo, threads)
-    kernel[(n * -(-H // TY) * -(-W // TX), -(-I // threads)), threads](
+    kernel = sk.sparse_transpose(k, k, p, p, geo, threads, False, None, cpt)
+    kernel[(n * -(-H // TY) * -(-W // TX), -(-I // (threads * cpt))), threads](
         np.ascontiguousarray(y.transpose(1, 0, 2, 3), np.float32).reshape(-1), offsets.reshape(-1),
         np.ascontiguousarray(weight.transpose(0, 2, 3, 1), np.float32).reshape(-1), np.zeros(1, np.float32),
         out, O, I, n, Hs, Ws, H, W, -(-W // TX), -(-H // TY), 0, kc_, rect)
