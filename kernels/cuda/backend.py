@@ -214,7 +214,7 @@ def _sparse_forward(layer: Conv) -> bool:
     padding kh - 1 - ph must not be negative)."""
     (kh, kw), (ph, pw) = layer.kernel, layer.padding
     return (SPARSE_TRANSPOSE and layer.out_channels <= sk.DENSE_MAX_CHANNELS and ph < kh and pw < kw
-            and sk.supports(kh, kw, *layer.stride, None))
+            and sk.supports(kh, kw, *layer.stride, kh - 1 - ph, kw - 1 - pw, None))
 
 
 def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
@@ -446,7 +446,7 @@ class _Source:
             return False
         if self.kind == bk.DENSE and layer.in_channels > sk.DENSE_MAX_CHANNELS:
             return False
-        return SPARSE_TRANSPOSE and sk.supports(*layer.kernel, *layer.stride, self.pool)
+        return SPARSE_TRANSPOSE and sk.supports(*layer.kernel, *layer.stride, *layer.padding, self.pool)
 
 
 def _materialise(src: _Source, b0: int, kc: int):

@@ -57,6 +57,8 @@ BLOCK_CHANNELS = 128
 MAX_TILE_PIXELS = 64
 # Output channels per thread, at most (channels_per_thread).
 MAX_CHANNELS_PER_THREAD = 2
+# Static shared memory a block may declare (CUDA's limit without the dynamic opt-in).
+SHARED_LIMIT = 48 << 10
 # The driver (backend.py) sends a conv on a DENSE input here only when it has at most this many output
 # channels. Behind a pool the kernel skips ~7/8 of the multiply-adds (3/4 unpooled zeros, half the rest
 # rectified) and wins at any width; on a dense input it skips only the rectified half, while a wide GEMM
@@ -76,12 +78,15 @@ def tile_shape(pool: tuple | None, rows: int | None = None, cols: int | None = N
     return psh * max(1, rows // psh), psw * max(1, cols // psw)
 
 
-def supports(kh: int, kw: int, sh: int, sw: int, pool: tuple | None, tile: tuple | None = None) -> bool:
-    """Whether the sparse kernel can do this transposed conv: stride 1, and a tile (``tile``, default
-    :func:`tile_shape` of ``pool``: the pool whose switches the source is read through, None for a dense
-    source) small enough to keep in registers."""
-    TY, TX = tile or tile_shape(pool)
-    return (sh, sw) == (1, 1) and TY * TX <= MAX_TILE_PIXELS
+def supports(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, pool: tuple | None,
+             tile: tuple | None = None) -> bool:
+    """Whether the sparse kernel can do this transposed conv (kernel, stride, padding): stride 1, a tile
+    (``tile``, default :func:`tile_shape` of ``pool``: the pool whose switches the source is read through,
+    None for a dense source) small enough to keep in registers, and its staging within the shared memory
+    of a block of BLOCK_CHANNELS threads."""
+    tile = tile or tile_shape(pool)
+    return ((sh, sw) == (1, 1) and tile[0] * tile[1] <= MAX_TILE_PIXELS
+            and shared_bytes(kh, kw, ph, pw, pool, BLOCK_CHANNELS, tile) <= SHARED_LIMIT)
 
 
 def channels_per_thread(I: int) -> int:
@@ -145,7 +150,7 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt):
     a = L.append
     a("def kernel(src, offs, weight, bias, out, O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc, rect):")
     # one float32 buffer: the staged values while the tile is computed, then the tile on its way out
-    a(f"    sval = cuda.shared.array({max(CHUNK * nwin, threads * cpt * (npix + 1))}, float32)")
+    a(f"    sval = cuda.shared.array({max(CHUNK * nwin, threads * (npix + 1))}, float32)")
     if pooled:
         a(f"    soff = cuda.shared.array({CHUNK * nwin}, int32)")
     a("    tid = cuda.threadIdx.x")
@@ -235,27 +240,36 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt):
             for acc, tap in fmas:
                 for c in range(cpt):
                     a(f"{ind}a{acc}_{c} += s * w{tap}_{c}")
-    # the tile through shared memory (row stride npix + 1: no bank conflicts), then coalesced stores
-    a("    cuda.syncthreads()")
+    # the tile through shared memory (row stride npix + 1: no bank conflicts), then coalesced stores; one
+    # round per channel a thread holds, so the buffer never needs more than threads * (npix + 1) floats
+    a("    HW = H * W")
     for c in range(cpt):
-        a(f"    ob = (tid + {c * threads}) * {npix + 1}")
+        a("    cuda.syncthreads()")
+        a(f"    ob = tid * {npix + 1}")
         for k in range(npix):
             a(f"    sval[_ix(ob + {k})] = a{k}_{c}")
-    a("    cuda.syncthreads()")
-    a("    HW = H * W")
-    a(f"    for e in range(tid, {threads * cpt * npix}, {threads}):")
-    a(f"        ch = e // {npix}")
-    a(f"        px = e - ch * {npix}")
-    a(f"        ty = px // {TX}")
-    a(f"        y = tyi * {TY} + ty")
-    a(f"        x = txi * {TX} + px - ty * {TX}")
-    a(f"        ii = cuda.blockIdx.y * {threads * cpt} + ch")
-    a("        if ii < I and y < H and x < W:")
-    a(f"            v = sval[_ix(ch * {npix + 1} + px)]")
-    if bias:
-        a("            v += bias[ii]")
-    a("            out[_ix((ii * n + t) * HW + y * W + x)] = v")
+        a("    cuda.syncthreads()")
+        a(f"    for e in range(tid, {threads * npix}, {threads}):")
+        a(f"        ch = e // {npix}")
+        a(f"        px = e - ch * {npix}")
+        a(f"        ty = px // {TX}")
+        a(f"        y = tyi * {TY} + ty")
+        a(f"        x = txi * {TX} + px - ty * {TX}")
+        a(f"        ii = cuda.blockIdx.y * {threads * cpt} + {c * threads} + ch")
+        a("        if ii < I and y < H and x < W:")
+        a(f"            v = sval[_ix(ch * {npix + 1} + px)]")
+        if bias:
+            a("            v += bias[ii]")
+        a("            out[_ix((ii * n + t) * HW + y * W + x)] = v")
     return "\n".join(L) + "\n"
+
+
+def shared_bytes(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, tile: tuple | None = None) -> int:
+    """Static shared memory of a specialisation: the staged values (or the outgoing tile, whichever is
+    larger) and, through a pool, the staged offsets. At most SHARED_LIMIT (sparse_transpose checks)."""
+    TY, TX, _, _, NWY, NWX, _ = layout(kh, kw, ph, pw, pool, tile)
+    nwin = NWY * NWX
+    return 4 * max(CHUNK * nwin, threads * (TY * TX + 1)) + (4 * CHUNK * nwin if pool is not None else 0)
 
 
 @lru_cache(maxsize=None)
@@ -271,8 +285,11 @@ def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, thr
     weight (O*kh*kw*I,) float32 laid out (O, kh, kw, I); bias (I,) float32 (read only when ``bias``);
     out (I*n*H*W,) float32; O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc; rect (rectify the source)."""
     tile = tuple(tile or tile_shape(pool))
-    if not supports(kh, kw, 1, 1, pool, tile) or (pool and (tile[0] % pool[2] or tile[1] % pool[3])):
+    if tile[0] * tile[1] > MAX_TILE_PIXELS or (pool and (tile[0] % pool[2] or tile[1] % pool[3])):
         raise ValueError(f"sparse_transpose: tile {tile} does not fit pool {pool}")
+    if shared_bytes(kh, kw, ph, pw, pool, threads, tile) > SHARED_LIMIT:
+        raise ValueError(f"sparse_transpose: {shared_bytes(kh, kw, ph, pw, pool, threads, tile)} bytes of shared "
+                         f"memory for a {kh}x{kw} conv on tile {tile}; a block's static limit is {SHARED_LIMIT}")
     code = _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt)
     namespace = {"cuda": cuda, "float32": np.float32, "int32": np.int32, "_ix": _ix, "min": min}
     exec(compile(code, f"<sparse_transpose k{kh}x{kw} p{ph}x{pw} {pool}>", "exec"), namespace)

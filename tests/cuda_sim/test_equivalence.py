@@ -167,7 +167,7 @@ def test_overlapping_pool_through_the_sparse_kernel(monkeypatch, relu_after_pool
     if not relu_after_pool:  # the pool's values reach the ReLU below it unrectified: the guard matters
         monkeypatch.setattr(backend._Source, "sparse",
                             lambda self, layer: backend.SPARSE_TRANSPOSE and backend.sk.supports(
-                                *layer.kernel, *layer.stride, self.pool))
+                                *layer.kernel, *layer.stride, *layer.padding, self.pool))
         assert rel_err(host(kc.backproject(net, trace, None, True)), want) > RTOL_F32
 
 
@@ -215,6 +215,37 @@ def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, cpt, B
         np.ascontiguousarray(weight.transpose(0, 2, 3, 1), np.float32).reshape(-1), np.zeros(1, np.float32),
         out, O, I, n, Hs, Ws, H, W, -(-W // TX), -(-H // TY), 0, kc_, rect)
     assert_close(out.reshape(I, n, H, W).transpose(1, 0, 2, 3), want, RTOL_F32, "sparse transposed conv")
+
+
+def test_sparse_kernel_shared_memory_fits_every_supported_shape():
+    """The simulator does not enforce CUDA's 48 KB of static shared memory per block; a real GPU refuses to
+    compile beyond it. For every shape the driver may send to the sparse kernel (supports() true), at the
+    largest block, with one or two channels per thread, on every tile the bench tries, the shared arrays the
+    generated source declares must fit; and a shape that cannot fit is refused."""
+    import re
+
+    from clearmaps.kernels.cuda import sparse_kernels as sk
+
+    def declared(source):
+        return sum(4 * int(n) for n in re.findall(r"cuda\.shared\.array\((\d+), (?:float32|int32)\)", source))
+
+    pools = [None, (2, 2, 2, 2, 0, 0), (3, 3, 2, 2, 1, 1), (2, 2, 3, 3, 1, 1), (4, 4, 4, 4, 0, 0)]
+    checked = 0
+    for rows in (4, 8):
+        for k in (1, 3, 5, 7, 11, 15):
+            for pool in pools:
+                tile = sk.tile_shape(pool, rows)
+                for p in sorted({0, k // 2, k - 1}):
+                    if sk.supports(k, k, 1, 1, p, p, pool, tile):
+                        for cpt in (1, 2):
+                            source = sk._source(k, k, p, p, pool, sk.BLOCK_CHANNELS, False, tile, cpt)
+                            assert declared(source) == sk.shared_bytes(k, k, p, p, pool, sk.BLOCK_CHANNELS, tile)
+                            assert declared(source) <= sk.SHARED_LIMIT
+                            checked += 1
+    assert checked > 100
+    assert not sk.supports(15, 15, 1, 1, 7, 7, None, (8, 8))  # 22 x 22 windows x 32 channels: too many
+    with pytest.raises(ValueError, match="shared"):
+        sk.sparse_transpose(15, 15, 7, 7, None, 128, False, (8, 8))
 
 
 def test_a_foreign_trace_with_bad_switches_is_refused():
