@@ -16,8 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_cuda_kernels_under_the_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1")
+def test_cuda_kernels_under_the_simulator(tmp_path):
+    # generated kernel sources go to a temporary folder, not the user's ~/.cache
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1", CLEARMAPS_CACHE_DIR=str(tmp_path))
     env.pop("CLEARMAPS_CUDA_REAL", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda_sim"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -39,7 +39,12 @@ through shared memory so that its stores are coalesced (a warp writes whole 32-b
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+import sys
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from numba import cuda
@@ -291,16 +296,51 @@ def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, thr
         raise ValueError(f"sparse_transpose: {shared_bytes(kh, kw, ph, pw, pool, threads, tile)} bytes of shared "
                          f"memory for a {kh}x{kw} conv on tile {tile}; a block's static limit is {SHARED_LIMIT}")
     code = _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt)
-    namespace = {"cuda": cuda, "float32": np.float32, "int32": np.int32, "_ix": _ix, "min": min}
-    exec(compile(code, f"<sparse_transpose k{kh}x{kw} p{ph}x{pw} {pool}>", "exec"), namespace)
-    fn = namespace["kernel"]
-    fn.__name__ = (f"sparse_transpose_k{kh}x{kw}_p{ph}x{pw}_t{threads}x{cpt}_{tile[0]}x{tile[1]}" +
-                   ("_bias" if bias else "") + "_" +
-                   ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)))
-    fn.__qualname__ = fn.__name__
-    kernel = cuda.jit(fn)
+    name = (f"sparse_transpose_k{kh}x{kw}_p{ph}x{pw}_t{threads}x{cpt}_{tile[0]}x{tile[1]}" +
+            ("_bias" if bias else "") + "_" + ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)))
+    fn, cached = _define(code, name)
+    kernel = cuda.jit(fn, cache=cached)
     kernel.source = code
     return kernel
+
+
+# Numba spends 5-15 s compiling one specialisation (typing and lowering its hundreds of statements), once per
+# process. Its file cache needs the function in a real source file: the generated source is written to
+# CLEARMAPS_CACHE_DIR (default ~/.cache/clearmaps)/cuda-kernels/, named by its hash, and the compiled kernel
+# is cached beside it; CLEARMAPS_CUDA_CACHE=0, or a folder that cannot be written, falls back to exec.
+_HEADER = "from numba import cuda\nfrom numpy import float32, int32, uint64 as _ix\n\n\n"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CLEARMAPS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "clearmaps")
+    return Path(root) / "cuda-kernels"
+
+
+def _define(code: str, name: str):
+    """(the Python function of ``code`` renamed ``name``, whether it lives in a file Numba can cache by)."""
+    code = code.replace("def kernel(", f"def {name}(", 1)
+    if os.environ.get("CLEARMAPS_CUDA_CACHE", "1") != "0":
+        text = _HEADER + code
+        module = f"clearmaps_generated_{name}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        try:
+            folder = _cache_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{module}.py"
+            if not path.exists() or path.read_text() != text:
+                tmp = folder / f".{module}.{os.getpid()}.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, path)  # atomic: another process never reads half a file
+            spec = importlib.util.spec_from_file_location(module, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[module] = mod
+            spec.loader.exec_module(mod)
+            return getattr(mod, name), True
+        except OSError:
+            pass
+    namespace = {"cuda": cuda, "float32": np.float32, "int32": np.int32, "_ix": _ix}
+    exec(compile(code, f"<{name}>", "exec"), namespace)
+    return namespace[name], False
 
 
 def window_offsets(switches, pool: tuple, plane: tuple, xp=np):

@@ -248,6 +248,29 @@ def test_sparse_kernel_shared_memory_fits_every_supported_shape():
         sk.sparse_transpose(15, 15, 7, 7, None, 128, False, (8, 8))
 
 
+def test_sparse_kernel_source_file_and_its_fallback(monkeypatch, tmp_path):
+    """Generated kernels live in a file named by their source's hash (so Numba can cache their compiled
+    form across processes), the same file for the same source; where no folder can be written, or with
+    CLEARMAPS_CUDA_CACHE=0, they are exec'd instead, uncached, and compute the same."""
+    import inspect
+
+    from clearmaps.kernels.cuda import sparse_kernels as sk
+
+    code = sk._source(3, 3, 1, 1, (2, 2, 2, 2, 0, 0), 32, False, (4, 8), 1)
+    monkeypatch.setenv("CLEARMAPS_CACHE_DIR", str(tmp_path / "cache"))
+    fn, cached = sk._define(code, "probe")
+    assert cached and fn.__name__ == "probe"
+    path = inspect.getfile(fn)
+    assert path.startswith(str(tmp_path / "cache")) and sk._define(code, "probe")[0].__code__.co_filename == path
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("CLEARMAPS_CACHE_DIR", str(tmp_path / "file"))
+    assert sk._define(code, "probe")[1] is False
+    monkeypatch.setenv("CLEARMAPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLEARMAPS_CUDA_CACHE", "0")
+    fallback, cached = sk._define(code, "probe")
+    assert not cached and fallback.__code__.co_filename == "<probe>"
+
+
 def test_a_foreign_trace_with_bad_switches_is_refused():
     net, x = _net(), np.random.default_rng(12).normal(size=(1, 3, 11, 10))
     trace = ref.forward(net, x)
