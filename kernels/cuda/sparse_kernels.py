@@ -55,8 +55,8 @@ from .backproject_kernels import _ix
 TILE_ROWS, TILE_COLS = 4, 8
 # Input channels staged in shared memory at a time (values and offsets of the tile's windows).
 CHUNK = 32
-# Output channels (threads) per block, at most: four warps share one staging of the tile's windows. CHUNK
-# must be a multiple of BLOCK_CHANNELS / 32.
+# Threads per block, at most: four warps share one staging of the tile's windows. Blocks have 1, 2 or 4
+# warps, each staging CHUNK / warps channels of every chunk (sparse_transpose refuses other counts).
 BLOCK_CHANNELS = 128
 # The largest tile the generator will unroll (accumulators per thread, per output channel).
 MAX_TILE_PIXELS = 64
@@ -102,8 +102,10 @@ def channels_per_thread(I: int) -> int:
 
 
 def block_threads(I: int, cpt: int = 1) -> int:
-    """Threads per block for I output channels, ``cpt`` per thread: whole warps, at most BLOCK_CHANNELS."""
-    return min(BLOCK_CHANNELS, 32 * -(-I // (32 * cpt)))
+    """Threads per block for I output channels, ``cpt`` per thread: 1, 2 or 4 warps (a power of two, so that
+    the warps split each CHUNK of staged channels evenly), at most BLOCK_CHANNELS."""
+    warps = -(-I // (32 * cpt))
+    return min(BLOCK_CHANNELS, 32 * (1 << (warps - 1).bit_length()))
 
 
 def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple | None = None):
@@ -290,6 +292,9 @@ def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, thr
     weight (O*kh*kw*I,) float32 laid out (O, kh, kw, I); bias (I,) float32 (read only when ``bias``);
     out (I*n*H*W,) float32; O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc; rect (rectify the source)."""
     tile = tuple(tile or tile_shape(pool))
+    if threads % 32 or CHUNK % (threads // 32):
+        raise ValueError(f"sparse_transpose: {threads} threads; expected whole warps that divide the {CHUNK} "
+                         "channels staged at a time (block_threads gives 32, 64 or 128)")
     if tile[0] * tile[1] > MAX_TILE_PIXELS or (pool and (tile[0] % pool[2] or tile[1] % pool[3])):
         raise ValueError(f"sparse_transpose: tile {tile} does not fit pool {pool}")
     if shared_bytes(kh, kw, ph, pw, pool, threads, tile) > SHARED_LIMIT:

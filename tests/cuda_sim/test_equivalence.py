@@ -248,6 +248,30 @@ def test_sparse_kernel_shared_memory_fits_every_supported_shape():
         sk.sparse_transpose(15, 15, 7, 7, None, 128, False, (8, 8))
 
 
+def test_sparse_kernel_blocks_of_every_width():
+    """Each warp of a block stages CHUNK / warps channels of every chunk, so a block of 3 warps would leave
+    2 of 32 staged channels unwritten (found in review: 130 output channels at 2 per thread took 96
+    threads, and read garbage). Blocks have 1, 2 or 4 warps for every width; another count is refused; and
+    a 130-channel layer behind a pool (a 4-warp block, partly idle) meets the contract."""
+    from clearmaps.kernels.cuda import sparse_kernels as sk
+
+    for I in range(1, 600):
+        for cpt in (1, 2):
+            threads = sk.block_threads(I, cpt)
+            assert threads in (32, 64, 128) and sk.CHUNK % (threads // 32) == 0
+            assert threads * cpt >= I or threads == sk.BLOCK_CHANNELS
+    with pytest.raises(ValueError, match="threads"):
+        sk.sparse_transpose(3, 3, 1, 1, None, 96)
+    rng = np.random.default_rng(0)
+    net = Network([Conv(rng.normal(size=(130, 2, 3, 3)), rng.normal(size=130), 1, 1), ReLU(),
+                   Conv(rng.normal(size=(32, 130, 3, 3)) / 10, rng.normal(size=32), 1, 1), ReLU(), MaxPool(2),
+                   Conv(rng.normal(size=(3, 32, 1, 1)), rng.normal(size=3))])
+    x = rng.normal(size=(1, 2, 4, 4))
+    assert sk.block_threads(130, sk.channels_per_thread(130)) == 128
+    want = ref.backproject(net, ref.forward(net, x), None, True)
+    assert_close(host(kc.backproject(net, kc.forward(net, x), None, True)), want, RTOL_F32, "R(x|c), 130 channels")
+
+
 def test_sparse_kernel_source_file_and_its_fallback(monkeypatch, tmp_path):
     """Generated kernels live in a file named by their source's hash (so Numba can cache their compiled
     form across processes), the same file for the same source; where no folder can be written, or with
