@@ -116,7 +116,8 @@ def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple |
     windows that can reach the tile are p = tile_row * TY/psh + PLO + wy, wy < NWY (likewise q). ``windows``
     lists, per window (index wy*NWX + wx), its cases (d, [(accumulator, tap), ...]) with a nonempty list:
     window pixel d = dy*pkw + dx reaches output (ty, tx) = (u - ph + ky, v - pw + kx) through tap ky*kw + kx,
-    accumulator ty*TX + tx. Every (tile pixel, tap) pair appears at most once over all windows and cases."""
+    accumulator ty*TX + tx. Where windows do not overlap, every (tile pixel, tap) pair appears at most once over
+    all windows and cases; a pixel shared by overlapping windows appears once per window."""
     pkh, pkw, psh, psw, pph, ppw = pool or _DENSE_POOL
     TY, TX = tile or tile_shape(pool)
     # relative to the tile: source rows/cols needed
