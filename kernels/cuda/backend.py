@@ -209,6 +209,23 @@ class CudaTrace(Trace):
     device: dict = field(default=None, repr=False)
 
 
+def _launch_sparse(src, offsets, weight, bias, out, kernel, padding, pool, b0: int, kc: int, rect: bool):
+    """out (I, n, H, W) = the stride-1 transposed conv (``kernel``, ``padding``) of src (O, n, Hs, Ws), read
+    through a pool's switches when ``pool`` (``offsets``: their window offsets), as the sparse kernel, with
+    ``bias`` (I,) added unless None; weight (O, kh, kw, I)."""
+    O, n, Hs, Ws = src.shape
+    I, _, H, W = out.shape
+    cpt = sk.channels_per_thread(I)
+    threads = sk.block_threads(I, cpt)
+    TY, TX = tile = sk.tile_shape(pool)
+    tiles_y, tiles_x = ceil_div(H, TY), ceil_div(W, TX)
+    launch(sk.sparse_transpose(*kernel, *padding, pool, threads, bias is not None, tile, cpt),
+           (n * tiles_y * tiles_x, ceil_div(I, threads * cpt)), threads, src.reshape(-1),
+           _dummy_switches() if offsets is None else offsets.reshape(-1), weight.reshape(-1),
+           _dummy_bias() if bias is None else bias, out.reshape(-1), O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc,
+           rect)
+
+
 def _sparse_forward(layer: Conv) -> bool:
     """Whether a forward conv runs as the sparse kernel: stride 1, padding < kernel (the flipped conv's
     padding kh - 1 - ph must not be negative)."""
@@ -225,15 +242,8 @@ def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
     oh, ow = layer.output_size((H, W))
     if _sparse_forward(layer):  # the transposed conv of the flipped kernels, input channels as its "O"
         out = xp.empty((O, Bc, oh, ow), dtype=np.float32)
-        cpt = sk.channels_per_thread(O)
-        threads = sk.block_threads(O, cpt)
-        TY, TX = tile = sk.tile_shape(None)
-        tiles_y, tiles_x = ceil_div(oh, TY), ceil_div(ow, TX)
-        kernel = sk.sparse_transpose(kh, kw, kh - 1 - layer.padding[0], kw - 1 - layer.padding[1], None, threads,
-                                     True, tile, cpt)
-        launch(kernel, (Bc * tiles_y * tiles_x, ceil_div(O, threads * cpt)), threads, a.reshape(-1), _dummy_switches(),
-               plan.flipped.reshape(-1), plan.bias, out.reshape(-1), I, O, Bc, H, W, oh, ow, tiles_x, tiles_y, 0, 1,
-               rect)
+        _launch_sparse(a, None, plan.flipped, plan.bias, out, (kh, kw), (kh - 1 - layer.padding[0],
+                       kw - 1 - layer.padding[1]), None, 0, 1, rect)
         return out
     rows = I * kh * kw + 1
     ncols = Bc * oh * ow
@@ -472,15 +482,8 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
                src_flat, sw, plan.weight.reshape(-1), out.reshape(-1), *dims, H, W, b0, kc, src.pre, src.post)
         return out
     if src.sparse(layer):
-        cpt = sk.channels_per_thread(I)
-        threads = sk.block_threads(I, cpt)
-        TY, TX = tile = sk.tile_shape(src.pool)
-        tiles_y, tiles_x = ceil_div(H, TY), ceil_div(W, TX)
-        offsets = _dummy_switches() if src.kind == bk.DENSE else src.switches.offsets.reshape(-1)
-        launch(sk.sparse_transpose(kh, kw, *layer.padding, src.pool, threads, False, tile, cpt),
-               (n * tiles_y * tiles_x, ceil_div(I, threads * cpt)), threads, src_flat, offsets, plan.sparse.reshape(-1),
-               _dummy_bias(), out.reshape(-1), O, I, n, dims[2], dims[3], H, W, tiles_x, tiles_y, b0, kc,
-               src.pre or src.post)
+        _launch_sparse(src.array, None if src.kind == bk.DENSE else src.switches.offsets, plan.sparse, None, out,
+                       (kh, kw), layer.padding, src.pool, b0, kc, src.pre or src.post)
         return out
     rows = O * kh * kw
     ncols = n * H * W
