@@ -90,20 +90,21 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
 
     from clearmaps.kernels.cuda import backend, sparse_kernels
 
+    wanted = {(backend, "DIRECT_MAX_CHANNELS"): direct_limit, (backend, "SPARSE_TRANSPOSE"): sparse,
+              (sparse_kernels, "TILE_ROWS"): tile_rows, (sparse_kernels, "DENSE_MAX_CHANNELS"): dense_max,
+              (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt}
+
     @contextlib.contextmanager
     def ctx():
-        before = (backend.DIRECT_MAX_CHANNELS, backend.SPARSE_TRANSPOSE, sparse_kernels.TILE_ROWS,
-                  sparse_kernels.DENSE_MAX_CHANNELS, sparse_kernels.MAX_CHANNELS_PER_THREAD)
-        backend.DIRECT_MAX_CHANNELS = before[0] if direct_limit is None else direct_limit
-        backend.SPARSE_TRANSPOSE = before[1] if sparse is None else sparse
-        sparse_kernels.TILE_ROWS = before[2] if tile_rows is None else tile_rows
-        sparse_kernels.DENSE_MAX_CHANNELS = before[3] if dense_max is None else dense_max
-        sparse_kernels.MAX_CHANNELS_PER_THREAD = before[4] if cpt is None else cpt
+        before = {(module, name): getattr(module, name) for module, name in wanted}
+        for (module, name), value in wanted.items():
+            if value is not None:
+                setattr(module, name, value)
         try:
             yield
         finally:
-            (backend.DIRECT_MAX_CHANNELS, backend.SPARSE_TRANSPOSE, sparse_kernels.TILE_ROWS,
-             sparse_kernels.DENSE_MAX_CHANNELS, sparse_kernels.MAX_CHANNELS_PER_THREAD) = before
+            for (module, name), value in before.items():
+                setattr(module, name, value)
     return ctx()
 
 
