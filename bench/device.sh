@@ -72,10 +72,10 @@ step bench 240 python3 -m bench.device_bench --out "$OUT" --repeats 5
 export CLEARMAPS_CUDA_CHECK=1
 step gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
 export CLEARMAPS_CUDA_REAL=1
-step equivalence 90 \
+step equivalence 120 \
     python3 -m pytest -q -p no:cacheprovider tests/cuda_sim
 unset CLEARMAPS_CUDA_CHECK CLEARMAPS_CUDA_REAL
-step variants 120 python3 -m bench.device_bench --out "$OUT/variants" --cases allcnn-mnist-b1024 \
+step variants 90 python3 -m bench.device_bench --out "$OUT/variants" --cases allcnn-mnist-b1024 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
 
 echo
