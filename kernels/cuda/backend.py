@@ -221,8 +221,8 @@ def _launch_sparse(src, offsets, weight, bias, out, kernel, padding, pool, b0: i
     tiles_y, tiles_x = ceil_div(H, TY), ceil_div(W, TX)
     launch(sk.sparse_transpose(*kernel, *padding, pool, threads, bias is not None, tile, cpt),
            (n * tiles_y * tiles_x, ceil_div(I, threads * cpt)), threads, src.reshape(-1),
-           _dummy_switches() if offsets is None else offsets.reshape(-1), weight.reshape(-1),
-           _dummy_bias() if bias is None else bias, out.reshape(-1), O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc,
+           _dummy(np.int32) if offsets is None else offsets.reshape(-1), weight.reshape(-1),
+           _dummy(np.float32) if bias is None else bias, out.reshape(-1), O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc,
            rect)
 
 
@@ -409,18 +409,13 @@ class _Switches:
 _DUMMIES = {}
 
 
-def _dummy_switches():
-    # dense sources ignore the switches argument, but the kernels' signature still wants an int32 array
-    if "switches" not in _DUMMIES:
-        _DUMMIES["switches"] = xp.zeros(1, dtype=np.int32)
-    return _DUMMIES["switches"]
-
-
-def _dummy_bias():
-    # the back-projection's sparse kernels add no bias, but their signature wants a float32 array
-    if "bias" not in _DUMMIES:
-        _DUMMIES["bias"] = xp.zeros(1, dtype=np.float32)
-    return _DUMMIES["bias"]
+def _dummy(dtype):
+    # a one-element array for a kernel argument this call does not read (a dense source's switches, the
+    # back-projection's bias): the kernels' signatures still want an array of that dtype
+    key = np.dtype(dtype).name
+    if key not in _DUMMIES:
+        _DUMMIES[key] = xp.zeros(1, dtype=dtype)
+    return _DUMMIES[key]
 
 
 @dataclass
@@ -444,7 +439,7 @@ class _Source:
     def args(self):
         """(src, switches) flat, then the dims every kernel takes: C, n, Hs, Ws, Hu, Wu."""
         C, n, Hs, Ws = self.array.shape
-        sw = _dummy_switches() if self.kind == bk.DENSE else self.switches.index.reshape(-1)
+        sw = _dummy(np.int32) if self.kind == bk.DENSE else self.switches.index.reshape(-1)
         return (self.array.reshape(-1), sw, C, n, Hs, Ws, *self.plane)
 
     def sparse(self, layer: Conv) -> bool:
