@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# bench/device.sh OUT_DIR — everything clearmaps measures on a GPU machine, in one call of ~2.5 min
-# (worst case, every step at its limit: 10 min).
+# bench/device.sh OUT_DIR — everything clearmaps measures on a GPU machine, in one call of a few minutes
+# (worst case, every step at its limit: ~10 min).
 #
 # For the GPU machine of the device tool (H100/H200, CUDA 13, torch 2.11, CuPy 14, numba-cuda, but
 # NumPy 2.5, which numba-cuda 0.30 cannot compile with, no captum, and no network). Steps, each under
@@ -8,18 +8,23 @@
 #   1. install the carried wheels (.whl/: numpy 2.4, captum) into /tmp/site; make clearmaps importable
 #      from the checkout WITHOUT pip (a tree of symlinks mirroring pyproject's package-dir)  install.log
 #   2. preflight: versions, GPU, a numba.cuda kernel on CuPy arrays, the exact/TF32 GEMMs   preflight.log
+#   2b. warm: compile the sparse kernel's specialisations every timed method will use, in parallel
+#      processes, into the shared kernel cache (bench/device_warm.py; their compile times)    warm.log
 #   3. the benchmark: allcnn-mnist batch 1024 and vgg16-fcn 224x224 batch 8, ten classes; methods
 #      captum-cuda, torch-cuda (fp32, TF32 off), torch-cuda-tf32, cuda (exact), cuda-gemm (exact, the
 #      columns + GEMM path instead of the sparse kernel), cuda-fast (TF32):
 #      the float32 contract against a float64 oracle first (vgg16-fcn: at 64x64, same weights; see
 #      bench/device_bench.py), then CUDA-event medians and per-layer breakdowns     bench.log/json/md
 #   4. pytest -m gpu: tests/test_cuda_gpu.py and the interop side-stream test          gpu_tests.log
-#   5. the CUDA equivalence tests of tests/cuda_sim on the real GPU                   equivalence.log
-#   6. the sparse kernel's variants on allcnn-mnist (cuda-sparse: every stride-1 conv; cuda-cpt1: one
+#   5. the sparse kernel's variants on allcnn-mnist (cuda-sparse: every stride-1 conv; cuda-cpt1: one
 #      output channel per thread; cuda-8x8: 8x8 tiles) beside cuda and torch-cuda        variants/, variants.log
+#   5b. the same variants on vgg16-fcn 224 batch 8                               variants-vgg/, variants_vgg.log
+#   6. the CUDA equivalence tests of tests/cuda_sim on the real GPU (last: each hypothesis geometry
+#      compiles its own kernels)                                                       equivalence.log
 # Generated kernels are compiled once per machine (5-15 s each) and cached in CLEARMAPS_CACHE_DIR, which
-# every step shares.
-# and prints the benchmark table and a summary LAST.
+# every step shares. The logs are written to /tmp/clearmaps-logs and, after every step, packed into
+# OUT/logs.tgz (the device tool brings back at most 8 files); summary.txt and the tables are copied
+# beside it. The benchmark table and a summary are printed LAST.
 #
 # Wheels (once, on the machine that calls the device tool, in the repository root):
 #   echo /.whl/ >> .git/info/exclude
@@ -30,30 +35,40 @@
 # Device call: run(command="bash bench/device.sh \"$OUT\"", carry=[".whl"], timeout_s=600)
 set -u
 OUT="${1:-${OUT:-/tmp/clearmaps-device}}"
-mkdir -p "$OUT"
+LOG=/tmp/clearmaps-logs
+rm -rf "$LOG" && mkdir -p "$OUT" "$LOG"
 cd "$(dirname "$0")/.." || exit 2
 ROOT="$PWD"
 T0=$(date +%s)
-: > "$OUT/summary.txt"
+: > "$LOG/summary.txt"
 
-note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+note() { echo "$*" | tee -a "$LOG/summary.txt"; }
+pack() {  # what has been written so far, into OUT: one archive plus the few files worth a direct read
+    tar -czf "$OUT/logs.tgz" -C "$LOG" . 2> /dev/null
+    cp "$LOG/summary.txt" "$OUT/" 2> /dev/null
+    [ -f "$LOG/bench.md" ] && cp "$LOG/bench.md" "$OUT/"
+    [ -f "$LOG/bench.json" ] && cp "$LOG/bench.json" "$OUT/"
+    [ -f "$LOG/variants/bench.md" ] && cp "$LOG/variants/bench.md" "$OUT/variants.md"
+    [ -f "$LOG/variants-vgg/bench.md" ] && cp "$LOG/variants-vgg/bench.md" "$OUT/variants-vgg.md"
+    return 0
+}
 
-step() {  # step NAME LIMIT_S COMMAND...: run with a timeout, output to OUT/NAME.log, one summary line
+step() {  # step NAME LIMIT_S COMMAND...: run with a timeout, output to LOG/NAME.log, one summary line
     local name=$1 limit=$2 t rc
     shift 2
     t=$(date +%s)
     echo "== $name (limit ${limit}s) $(date +%T)"
-    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$LOG/$name.log" 2>&1
     rc=$?
     note "$name: exit $rc in $(( $(date +%s) - t )) s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
-    tail -n 4 "$OUT/$name.log"
-    return 0
+    tail -n 4 "$LOG/$name.log"
+    pack
 }
 
 # 1. wheels and clearmaps, no network
 if ls .whl/*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl > "$OUT/install.log" 2>&1 || note "wheel install FAILED (see install.log)"
+        .whl/*.whl > "$LOG/install.log" 2>&1 || note "wheel install FAILED (see install.log)"
 else
     note "no .whl/ folder: running with the image's packages (NumPy 2.5 breaks numba-cuda 0.30)"
 fi
@@ -66,23 +81,26 @@ export NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 
 # 2-6, the benchmark first: it is what the run is for
 step preflight 30 python3 -m bench.device_preflight
-[ -s "$OUT/preflight.log" ] && head -n 20 "$OUT/preflight.log"
+[ -s "$LOG/preflight.log" ] && head -n 20 "$LOG/preflight.log"
 export CLEARMAPS_CACHE_DIR=/tmp/clearmaps-cache
-step bench 240 python3 -m bench.device_bench --out "$OUT" --repeats 5
-export CLEARMAPS_CUDA_CHECK=1
-step gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
-export CLEARMAPS_CUDA_REAL=1
-step equivalence 120 \
-    python3 -m pytest -q -p no:cacheprovider tests/cuda_sim
-unset CLEARMAPS_CUDA_CHECK CLEARMAPS_CUDA_REAL
-step variants 90 python3 -m bench.device_bench --out "$OUT/variants" --cases allcnn-mnist-b1024 \
+step warm 120 python3 -m bench.device_warm
+step bench 200 python3 -m bench.device_bench --out "$LOG" --repeats 5
+step gpu_tests 90 env CLEARMAPS_CUDA_CHECK=1 \
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
+step variants 60 python3 -m bench.device_bench --out "$LOG/variants" --cases allcnn-mnist-b1024 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
+step variants_vgg 60 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
+    --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
+step equivalence 100 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
+    python3 -m pytest -q -p no:cacheprovider tests/cuda_sim
 
 echo
 echo "================ clearmaps on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
-[ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
-grep -h "breakdown" "$OUT/bench.log" 2> /dev/null  # per-layer steps: bench.log, bench.json
-grep -h "ceilings" "$OUT/bench.log" 2> /dev/null
-tail -n 1 "$OUT/gpu_tests.log" "$OUT/equivalence.log" 2> /dev/null
-[ -f "$OUT/variants/bench.md" ] && cat "$OUT/variants/bench.md"
+[ -f "$LOG/bench.md" ] && cat "$LOG/bench.md"
+grep -h "breakdown" "$LOG/bench.log" 2> /dev/null  # per-layer steps: bench.log, bench.json
+grep -h "ceilings" "$LOG/bench.log" 2> /dev/null
+tail -n 1 "$LOG/gpu_tests.log" "$LOG/equivalence.log" 2> /dev/null
+[ -f "$LOG/variants/bench.md" ] && cat "$LOG/variants/bench.md"
+[ -f "$LOG/variants-vgg/bench.md" ] && cat "$LOG/variants-vgg/bench.md"
 note "total $(( $(date +%s) - T0 )) s"
+pack

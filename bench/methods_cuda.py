@@ -149,6 +149,9 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
                         ("" if tile_rows is None else f", sparse tiles of {tile_rows} rows") +
                         ("" if dense_max is None else f", sparse on dense inputs up to {dense_max} channels") +
                         ("" if cpt is None else f", at most {cpt} output channel(s) per thread"))
+    # the routing, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
+    setup.knobs = dict(direct_limit=direct_limit, sparse=sparse, tile_rows=tile_rows, dense_max=dense_max, cpt=cpt)
+    setup.fast = fast
     return setup
 
 

@@ -280,6 +280,14 @@ def shared_bytes(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads
     return 4 * max(CHUNK * nwin, threads * (TY * TX + 1)) + (4 * CHUNK * nwin if pool is not None else 0)
 
 
+def kernel_name(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, bias: bool, tile: tuple,
+                cpt: int) -> str:
+    """The name of :func:`sparse_transpose`'s specialisation for these arguments (``tile`` resolved)."""
+    return (f"sparse_transpose_k{kh}x{kw}_p{ph}x{pw}_t{threads}x{cpt}_{tile[0]}x{tile[1]}" +
+            ("_bias" if bias else "") + "_" +
+            ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)))
+
+
 @lru_cache(maxsize=None)
 def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, bias: bool = False,
                      tile: tuple | None = None, cpt: int = 1):
@@ -302,9 +310,7 @@ def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, thr
         raise ValueError(f"sparse_transpose: {shared_bytes(kh, kw, ph, pw, pool, threads, tile)} bytes of shared "
                          f"memory for a {kh}x{kw} conv on tile {tile}; a block's static limit is {SHARED_LIMIT}")
     code = _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt)
-    name = (f"sparse_transpose_k{kh}x{kw}_p{ph}x{pw}_t{threads}x{cpt}_{tile[0]}x{tile[1]}" +
-            ("_bias" if bias else "") + "_" + ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)))
-    fn, cached = _define(code, name)
+    fn, cached = _define(code, kernel_name(kh, kw, ph, pw, pool, threads, bias, tile, cpt))
     kernel = cuda.jit(fn, cache=cached)
     kernel.source = code
     return kernel
