@@ -33,6 +33,7 @@
 #     --platform manylinux2014_x86_64 -d .whl numpy==2.4.6
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl captum==0.9.0
 # Device call: run(command="bash bench/device.sh \"$OUT\"", carry=[".whl"], timeout_s=600)
+# Some steps only: STEPS="preflight warm bench gpu_tests" bash bench/device.sh "$OUT"
 set -u
 OUT="${1:-${OUT:-/tmp/clearmaps-device}}"
 LOG=/tmp/clearmaps-logs
@@ -56,6 +57,7 @@ pack() {  # what has been written so far, into OUT: one archive plus the few fil
 step() {  # step NAME LIMIT_S COMMAND...: run with a timeout, output to LOG/NAME.log, one summary line
     local name=$1 limit=$2 t rc
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
     t=$(date +%s)
     echo "== $name (limit ${limit}s) $(date +%T)"
     timeout -k 10 "$limit" "$@" > "$LOG/$name.log" 2>&1

@@ -94,7 +94,7 @@ def kernels():
     from clearmaps.kernels.cuda import sparse_kernels as sk
 
     f1, i1, l1 = (types.Array(t, 1, "C") for t in (types.float32, types.int32, types.int64))
-    f4, l4 = types.Array(types.float32, 4, "C"), types.Array(types.int64, 4, "C")
+    f4, l4, i4 = (types.Array(t, 4, "C") for t in (types.float32, types.int64, types.int32))
     i, b = types.int64, types.boolean
     convs = [(3, 3, 1, 1, 1, 1), (3, 3, 2, 2, 1, 1), (1, 1, 1, 1, 0, 0), (5, 5, 1, 1, 2, 2)]
     sources = [(bk.DENSE, None), (bk.UNPOOLED, (2, 2, 2, 2, 0, 0)), (bk.UNPOOLED, (2, 2, 3, 3, 1, 1)),
@@ -103,7 +103,7 @@ def kernels():
     for g in convs:
         tag = "k{}x{}_s{}x{}_p{}x{}".format(*g)
         out.append((f"forward_columns_{tag}", fk.forward_columns(*g), (f1, f1) + (i,) * 8 + (b, b)))
-        out.append((f"max_pool_{tag}", fk.max_pool(*g), (f4, f4, l4, i, b)))
+        out.append((f"max_pool_{tag}", fk.max_pool(*g), (f4, f4, l4, i4, i4, i, b)))
         out.append((f"head_signal_{tag}", bk.head_signal(*g), (f1, l1, f1, f1) + (i,) * 11))
         out.append((f"head_signal_{tag}_folded", bk.head_signal(*g, True), (f1, l1, f1, f1) + (i,) * 11))
         for kind, pool in sources:

@@ -2,17 +2,18 @@
 
 Data flow (all float32, channel-major (C, n, H, W) inside):
 
-    forward         per stride-1 conv of at most sparse_kernels.DENSE_MAX_CHANNELS output channels: the
-                    sparse kernel (the transposed conv of its flipped kernels, bias added, zeros skipped);
+    forward         per stride-1 conv where sparse_kernels.dense_pays (narrow, not the input or a 1x1 conv):
+                    the sparse kernel (the transposed conv of its flipped kernels, bias added, zeros skipped);
                     per other conv: gather columns (rectifying a pending ReLU as it reads) + one cuBLAS GEMM
-                    with the bias in it; per max pool: one kernel writing pooled values and int64 switches.
+                    with the bias in it; per max pool: one kernel writing pooled values, the int64 switches
+                    and, for the back-projection, their int32 copy and window offsets.
     back-projection G_L^c z_L for every (image, class) pair at once (B*K signals) — or, for a 1×1 head over
                     ReLUs and a conv, that conv's transpose of it in one step (the folded head,
                     kernels/fold.py: two input channels instead of the conv's) — then per layer below:
                     ReLU → a flag (rectify as the next kernel reads), MaxPool → a flag (the next kernel
                     reads through the switches), Conv → a transposed conv: for stride 1, the sparse kernel
                     (sparse_kernels.py: unpooling, rectification and the transposed conv in one pass that
-                    skips zeros; on a dense source only up to DENSE_MAX_CHANNELS output channels); else
+                    skips zeros; on a dense source only where sparse_kernels.dense_pays); else
                     the fused gather of its columns from the (unpooled, rectified) source + one GEMM; or,
                     when it has few output channels (the input layer), one direct kernel.
     epilogue        one pass per chunk: channel reduction, argmax over classes, max, and HSV when the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -45,13 +47,15 @@ from .device import THREADS, ceil_div, launch, xp
 # A transposed conv with at most this many output channels (the input layer: grey or RGB) runs as one
 # direct kernel: as a GEMM its M would be 1-3 rows, all memory traffic and no arithmetic.
 DIRECT_MAX_CHANNELS = 4
-# Bytes of GEMM columns built at once (a conv's columns are kh*kw times its input).
-COLUMN_BYTES = 256 << 20
+# Bytes of GEMM columns built at once (a conv's columns are kh*kw times its input). At 128 MiB the widest
+# back-projection GEMM of vgg16-fcn (512 rows, 4608-deep) still gets 7k columns a block, ~1.7 waves of
+# 128x128 tiles on 132 SMs; 256 MiB put its peak GPU memory 8% above plain torch's in GPU run 5.
+COLUMN_BYTES = 128 << 20
 # Stride-1 convs run as the tiled kernel that skips zeros (sparse_kernels.py): the transposed ones of the
 # back-projection, read from a dense plane or through a pool's switches, and the forward ones (a conv is the
 # transposed conv of its flipped kernels). No columns, no GEMM, exact float32 in either precision.
 # False: the columns + GEMM path for every one of them (bench/methods_cuda.py's "cuda-gemm" compares both).
-# Convs on a dense input take it only up to sparse_kernels.DENSE_MAX_CHANNELS output channels.
+# Convs on a dense input take it only where sparse_kernels.dense_pays (measured in GPU run 5).
 SPARSE_TRANSPOSE = os.environ.get("CLEARMAPS_CUDA_SPARSE", "1") != "0"
 
 _PRECISIONS = ("exact", "tf32")
@@ -124,26 +128,50 @@ def _column_block(rows: int, ncols: int) -> int:
 
 # --------------------------------------------------------------------------------------- the network
 
-@dataclass
 class _ConvPlan:
-    weight: object      # (O, I, kh, kw) float32 on the device
-    forward: object     # (O, I*kh*kw + 1): weight rows with the bias as last column
-    transposed: object  # (I, O*kh*kw): weight[o, i, ky, kx] at [i, (o*kh + ky)*kw + kx]
-    sparse: object      # (O, kh, kw, I): what sparse_kernels.sparse_transpose reads
-    flipped: object     # (I, kh, kw, O): weight[o, i, kh-1-ky, kw-1-kx] at [i, ky, kx, o], the forward conv's
-    bias: object        # (O,)
+    """Device copies of a conv's weight in the layouts the kernels read, each made on first use and kept: a
+    layer reads two or three of them (its forward route's, its back-projection route's, the bias), and
+    holding all five would cost the GPU memory of three more copies of the network.
+
+    weight      (O, I, kh, kw)
+    forward     (O, I*kh*kw + 1): weight rows with the bias as last column (forward columns + GEMM)
+    transposed  (I, O*kh*kw): weight[o, i, ky, kx] at [i, (o*kh + ky)*kw + kx] (transposed columns + GEMM)
+    sparse      (O, kh, kw, I): what sparse_kernels.sparse_transpose reads
+    flipped     (I, kh, kw, O): weight[o, i, kh-1-ky, kw-1-kx] at [i, ky, kx, o] (the forward conv, sparse)
+    bias        (O,)"""
+
+    def __init__(self, layer: Conv):
+        self._w = layer.weight.astype(np.float32)
+        self._b = layer.bias.astype(np.float32)
 
     @classmethod
     def of(cls, layer: Conv) -> "_ConvPlan":
-        """Device copies of a conv's weight in the layouts the kernels read."""
-        w = layer.weight.astype(np.float32)
-        O, I = w.shape[:2]
-        fwd = np.concatenate([w.reshape(O, -1), layer.bias.astype(np.float32)[:, None]], axis=1)
-        return cls(dv.asdevice(w), dv.asdevice(fwd),
-                   dv.asdevice(np.ascontiguousarray(w.transpose(1, 0, 2, 3).reshape(I, -1))),
-                   dv.asdevice(np.ascontiguousarray(w.transpose(0, 2, 3, 1))),
-                   dv.asdevice(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))),
-                   dv.asdevice(layer.bias.astype(np.float32)))
+        return cls(layer)
+
+    @cached_property
+    def weight(self):
+        return dv.asdevice(self._w)
+
+    @cached_property
+    def forward(self):
+        O = self._w.shape[0]
+        return dv.asdevice(np.concatenate([self._w.reshape(O, -1), self._b[:, None]], axis=1))
+
+    @cached_property
+    def transposed(self):
+        return dv.asdevice(np.ascontiguousarray(self._w.transpose(1, 0, 2, 3).reshape(self._w.shape[1], -1)))
+
+    @cached_property
+    def sparse(self):
+        return dv.asdevice(np.ascontiguousarray(self._w.transpose(0, 2, 3, 1)))
+
+    @cached_property
+    def flipped(self):
+        return dv.asdevice(np.ascontiguousarray(self._w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)))
+
+    @cached_property
+    def bias(self):
+        return dv.asdevice(self._b)
 
 
 _PLANS: "weakref.WeakKeyDictionary[Network, dict]" = weakref.WeakKeyDictionary()
@@ -230,8 +258,8 @@ def _sparse_forward(layer: Conv) -> bool:
     """Whether a forward conv runs as the sparse kernel: stride 1, padding < kernel (the flipped conv's
     padding kh - 1 - ph must not be negative)."""
     (kh, kw), (ph, pw) = layer.kernel, layer.padding
-    return (SPARSE_TRANSPOSE and layer.out_channels <= sk.DENSE_MAX_CHANNELS and ph < kh and pw < kw
-            and sk.supports(kh, kw, *layer.stride, kh - 1 - ph, kw - 1 - pw, None))
+    return (SPARSE_TRANSPOSE and sk.dense_pays(layer.in_channels, layer.out_channels, kh, kw) and ph < kh
+            and pw < kw and sk.supports(kh, kw, *layer.stride, kh - 1 - ph, kw - 1 - pw, None))
 
 
 def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
@@ -286,15 +314,18 @@ def forward(net: Network, x, *, fast=None) -> CudaTrace:
     B = x.shape[0]
     sizes = tuple(tuple(s) for s in net.layer_sizes(x.shape[2:]))
     plan = _plan(net)
-    switches, channels = {}, net.in_channels
+    switches, sw32, channels = {}, {}, net.in_channels
     for i, layer in enumerate(net.layers):
         if isinstance(layer, Conv):
             channels = layer.out_channels
         elif isinstance(layer, MaxPool):
-            switches[i] = xp.empty((B, channels, *sizes[i + 1]), dtype=np.int64)
+            shape = (B, channels, *sizes[i + 1])
+            switches[i] = xp.empty(shape, dtype=np.int64)
+            # what the back-projection reads, written by the same pass (no second pass over the switches)
+            sw32[i] = _Switches(xp.empty(shape, dtype=np.int32), xp.empty(shape, dtype=np.int32))
     z = xp.empty((B, net.num_classes, *sizes[-1]), dtype=np.float32)
     per_image = _forward_bytes_per_image(net, sizes)
-    available = _budget() - _column_bytes() - z.nbytes - sum(s.nbytes for s in switches.values())
+    available = _budget() - _column_bytes() - z.nbytes - 2 * sum(s.nbytes for s in switches.values())
     if available < per_image:
         raise ClearmapsError(f"one image of size {sizes[0]} needs about {per_image >> 20} MiB of GPU memory "
                              f"for the forward pass; only {max(available, 0) >> 20} MiB are available: use "
@@ -311,7 +342,7 @@ def forward(net: Network, x, *, fast=None) -> CudaTrace:
                 C, Bc = a.shape[:2]
                 pooled = xp.empty((C, Bc, *sizes[i + 1]), dtype=np.float32)
                 launch(fk.max_pool(*_geometry(layer)), ceil_div(pooled.size, THREADS), THREADS,
-                       a, pooled, switches[i], b0, rect)
+                       a, pooled, switches[i], sw32[i].index, sw32[i].offsets, b0, rect)
                 a, rect = pooled, False
             else:
                 a, rect = _conv_forward(a, layer, plan[i], rect, fast), False
@@ -322,7 +353,7 @@ def forward(net: Network, x, *, fast=None) -> CudaTrace:
     logits = z.mean(axis=(2, 3))
     e = xp.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = e / e.sum(axis=1, keepdims=True)
-    device = {"z": z, "switches": switches}
+    device = {"z": z, "switches": switches, "switches32": sw32}
     if host_out:
         return CudaTrace(sizes, {i: dv.tohost(s) for i, s in switches.items()}, dv.tohost(z),
                          dv.tohost(logits), dv.tohost(probabilities), device)
@@ -449,7 +480,7 @@ class _Source:
         already made every value >= 0."""
         if self.kind == bk.UNPOOLED_OVERLAP and self.post and not self.pre:
             return False
-        if self.kind == bk.DENSE and layer.in_channels > sk.DENSE_MAX_CHANNELS:
+        if self.kind == bk.DENSE and not sk.dense_pays(layer.out_channels, layer.in_channels, *layer.kernel):
             return False
         return SPARSE_TRANSPOSE and sk.supports(*layer.kernel, *layer.stride, *layer.padding, self.pool)
 
@@ -633,6 +664,7 @@ def clear_from_trace(net: Network, trace, classes, rectify=True, reduce="sum", p
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
     if not isinstance(keep_responses, (bool, np.bool_)):
         raise ClearmapsError(f"keep_responses={keep_responses!r}; expected True or False.")
+    _mark("clear entry")
     fast = _fast(fast)
     z, switches, sizes, classes = _prepare(net, trace, classes)
     B, K = classes.shape

@@ -89,12 +89,14 @@ def forward_columns(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
 @lru_cache(maxsize=None)
 def max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
     """Kernel: pooled[c, b, p, q] = max over the window of x (rectified first when ``rect``), and
-    switches[b0 + b, c, p, q] = row*W + col of the first maximum in row-major window order.
+    switches[b0 + b, c, p, q] = row*W + col of the first maximum in row-major window order; index32 gets the
+    same as int32 and offsets its place in the window, ky*kw + kx (what the back-projection reads:
+    sparse_kernels.window_offsets computes the same from a trace that forward() did not make).
     x (C, Bc, H, W) channel-major; pooled (C, Bc, oh, ow); switches (B, C, oh, ow) int64 (the Trace's
-    layout), written for images b0 .. b0 + Bc."""
+    layout), index32 and offsets (B, C, oh, ow) int32, written for images b0 .. b0 + Bc."""
 
     @cuda.jit
-    def kernel(x, pooled, switches, b0, rect):
+    def kernel(x, pooled, switches, index32, offsets, b0, rect):
         idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         C = pooled.shape[0]
         Bc = pooled.shape[1]
@@ -114,6 +116,7 @@ def max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
         x0 = q * sw - pw
         best = np.float32(-math.inf)
         arg = 0
+        d = 0
         zero = np.float32(0.0)
         for ky in range(kh):
             y = y0 + ky
@@ -127,8 +130,11 @@ def max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
                         if v > best:
                             best = v
                             arg = y * W + xx
+                            d = ky * kw + kx
         pooled[c, b, p, q] = best
         switches[b0 + b, c, p, q] = arg
+        index32[b0 + b, c, p, q] = arg
+        offsets[b0 + b, c, p, q] = d
 
     kernel.__name__ = f"max_pool_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}"
     return kernel

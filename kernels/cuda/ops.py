@@ -85,7 +85,9 @@ def max_pool_with_switches(x, kernel, stride=None, padding=0):
     a = xp.ascontiguousarray(x.astype(np.float32).transpose(1, 0, 2, 3))
     pooled = xp.empty((C, B, oh, ow), dtype=np.float32)
     switches = xp.empty((B, C, oh, ow), dtype=np.int64)
-    launch(fk.max_pool(*_geometry(pool)), ceil_div(pooled.size, THREADS), THREADS, a, pooled, switches, 0, False)
+    index32, offsets = (xp.empty((B, C, oh, ow), dtype=np.int32) for _ in range(2))  # not returned
+    launch(fk.max_pool(*_geometry(pool)), ceil_div(pooled.size, THREADS), THREADS, a, pooled, switches,
+           index32, offsets, 0, False)
     return _back(xp.ascontiguousarray(pooled.transpose(1, 0, 2, 3)), device), _back(switches, device)
 
 

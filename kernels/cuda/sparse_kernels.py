@@ -64,13 +64,23 @@ MAX_TILE_PIXELS = 64
 MAX_CHANNELS_PER_THREAD = 2
 # Static shared memory a block may declare (CUDA's limit without the dynamic opt-in).
 SHARED_LIMIT = 48 << 10
-# The driver (backend.py) sends a conv on a DENSE input here only when it has at most this many output
-# channels. Behind a pool the kernel skips ~7/8 of the multiply-adds (3/4 unpooled zeros, half the rest
-# rectified) and wins at any width; on a dense input it skips only the rectified half, while a wide GEMM
-# (M >= 128 rows) runs near the fp32 peak and skinny ones (32-64 rows) reach ~3/4 of it and pay the
-# columns' traffic: bench/gpu_model.py puts the break-even between 64 and 128 channels (VGG's 256/512-channel
-# layers: GEMM; allcnn's: sparse). A guess from a model until a GPU run measures it (bench/GPU_NOTES.md).
+# The driver (backend.py) sends a conv on a DENSE input here only where dense_pays says so. Behind a pool the
+# kernel skips ~7/8 of the multiply-adds (3/4 unpooled zeros, half the rest rectified) and wins at any width;
+# on a dense input it skips only the rectified half, while a wide GEMM (M >= 128 rows) runs near the fp32
+# peak. GPU run 5 (H200): the sparse kernel for every dense conv (bench's cuda-sparse) was 3% slower on
+# vgg16-fcn than the GEMM for its 128-512-channel layers, while the 32-64-channel ones ran 1.3-2.5x faster
+# sparse. A source of 1 or 3 channels fills a fraction of a staged chunk: the input convs (1->32, 3->64) ran
+# 1.6-1.7x slower sparse than as columns + GEMM; and a 1x1 kernel gives each window one multiply-add: the
+# 1024->10 head conv took 0.38 ms sparse, 0.02 ms as a GEMM.
 DENSE_MAX_CHANNELS = 64
+DENSE_MIN_SOURCE_CHANNELS = 16
+
+
+def dense_pays(source_channels: int, out_channels: int, kh: int, kw: int) -> bool:
+    """Whether a stride-1 conv reading a DENSE source of ``source_channels`` into ``out_channels`` runs
+    faster as this kernel than as columns + GEMM (the measurements above)."""
+    return (out_channels <= DENSE_MAX_CHANNELS and source_channels >= DENSE_MIN_SOURCE_CHANNELS
+            and kh * kw > 1)
 
 _DENSE_POOL = (1, 1, 1, 1, 0, 0)
 

@@ -22,6 +22,7 @@ from ..tolerances import RTOL_F32, assert_close, assert_equal, decisive, rel_err
 
 assert kc.is_available(), kc.why_unavailable()
 from clearmaps.kernels.cuda import backend  # noqa: E402  (after the availability check)
+from clearmaps.kernels.cuda import sparse_kernels as sk  # noqa: E402
 TINY = dict(max_classes=4, min_size=6, max_size=11, max_batch=2, max_blocks=2, max_width=5)
 
 
@@ -38,6 +39,13 @@ def check_against_reference(net, x, classes, rectify=True, reduce="sum", vmax=No
     want_trace = ref.forward(net, x)
     for i, sw in want_trace.switches.items():
         assert_equal(host(trace.switches[i]), sw, f"switches of layer {i}")
+        # and what the pool kernel wrote beside them for the back-projection: the same as int32, and each
+        # switch's place in its window as the formula for a foreign trace computes it
+        mine = trace.device["switches32"][i]
+        assert_equal(host(mine.index), sw.astype(np.int32), f"int32 switches of layer {i}")
+        offsets, inside = sk.window_offsets(sw, backend._geometry(net.layers[i]), want_trace.sizes[i])
+        assert inside
+        assert_equal(host(mine.offsets), offsets, f"window offsets of layer {i}")
     assert_close(host(trace.z), want_trace.z, RTOL_F32, "z_L")
     assert_close(host(trace.logits), want_trace.logits, RTOL_F32, "logits")
     got = kc.clear_from_trace(net, trace, classes, rectify, reduce, vmax=vmax, keep_responses=keep_responses)
@@ -96,6 +104,8 @@ def _route(monkeypatch, way):
     direct, sparse, cpt = WAYS[way]
     monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", direct)
     monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", sparse)
+    # these nets' few channels would send their dense convs to the GEMM (sk.dense_pays): not here
+    monkeypatch.setattr(sk, "DENSE_MIN_SOURCE_CHANNELS", 1)
     if cpt is not None:
         monkeypatch.setattr(sk, "channels_per_thread", lambda channels: cpt)
 
@@ -275,6 +285,15 @@ def test_sparse_kernel_blocks_of_every_width():
     assert_close(host(kc.backproject(net, kc.forward(net, x), None, True)), want, RTOL_F32, "R(x|c), 130 channels")
 
 
+def test_dense_convs_take_the_sparse_kernel_only_where_it_pays():
+    """sk.dense_pays, the routing GPU run 5 measured: narrow 3x3 convs on a source of many channels take the
+    sparse kernel; wide outputs, a 1- or 3-channel source (an input conv) and 1x1 kernels take the GEMM."""
+    assert sk.dense_pays(32, 32, 3, 3) and sk.dense_pays(64, 64, 3, 3) and sk.dense_pays(16, 64, 5, 5)
+    assert not sk.dense_pays(64, 128, 3, 3) and not sk.dense_pays(512, 512, 3, 3)
+    assert not sk.dense_pays(1, 32, 3, 3) and not sk.dense_pays(3, 64, 3, 3)
+    assert not sk.dense_pays(1024, 10, 1, 1) and not sk.dense_pays(64, 64, 1, 1)
+
+
 def test_sparse_kernel_source_file_and_its_fallback(monkeypatch, tmp_path):
     """Generated kernels live in a file named by their source's hash (so Numba can cache their compiled
     form across processes), the same file for the same source; where no folder can be written, or with
@@ -422,7 +441,8 @@ def test_reduce_dominant_compose_ops():
 
 def test_negative_controls_are_caught(monkeypatch):
     """The comparison bites: the backend without rectification, an overlapping pool read as if its windows
-    did not overlap, the sparse kernel fed each switch's neighbour in its window, and a max pool that keeps
+    did not overlap, the sparse kernel fed each switch's neighbour in its window (offsets computed from a
+    foreign trace, and offsets written by forward()'s pool kernel), and a max pool that keeps
     the LAST maximum on ties all fail it on a network where that matters."""
     x = np.random.default_rng(8).integers(0, 3, size=(2, 3, 11, 10)).astype(np.float64)
     net = _net(9)
@@ -441,8 +461,6 @@ def test_negative_controls_are_caught(monkeypatch):
     finally:
         bk.source_kind = real_kind
     assert rel_err(host(one_window.responses), want.responses) > RTOL_F32
-    from clearmaps.kernels.cuda import sparse_kernels as sk
-
     real_offsets = sk.window_offsets
 
     def shifted(switches, pool, plane, xp):
@@ -450,10 +468,18 @@ def test_negative_controls_are_caught(monkeypatch):
         return (d + 1) % (pool[0] * pool[1]), inside
 
     monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", True)
-    monkeypatch.setattr(sk, "window_offsets", shifted)
-    neighbour = kc.clear_from_trace(net, kc.forward(net, x), [0, 1, 2])
+    monkeypatch.setattr(sk, "window_offsets", shifted)  # read for a trace forward() did not make
+    neighbour = kc.clear_from_trace(net, ref.forward(net, x), [0, 1, 2])
     assert rel_err(host(neighbour.responses), want.responses) > RTOL_F32
     monkeypatch.setattr(sk, "window_offsets", real_offsets)
+    assert rel_err(host(kc.clear_from_trace(net, ref.forward(net, x), [0, 1, 2]).responses),
+                   want.responses) <= RTOL_F32
+    trace = kc.forward(net, x)  # the offsets forward()'s pool kernel wrote, shifted the same way
+    for i, s in trace.device["switches32"].items():
+        pool = backend._geometry(net.layers[i])
+        s.offsets[...] = (s.offsets + 1) % (pool[0] * pool[1])
+    neighbour = kc.clear_from_trace(net, trace, [0, 1, 2])
+    assert rel_err(host(neighbour.responses), want.responses) > RTOL_F32
     flipped = x[:, :, ::-1, ::-1]
     _, sw = kc.max_pool_with_switches(flipped, 3, 2, 1)
     H, W = x.shape[2:]
