@@ -347,7 +347,10 @@ def main(argv=None):
                 print(f"    {r.status}: {r.why}; {checks}", flush=True)
             if r.memory:
                 print(f"    peak memory: composite only {fmt_bytes(r.memory.get('composite_only_bytes'))}, "
-                      f"all K maps {fmt_bytes(r.memory.get('all_maps_bytes'))}", flush=True)
+                      f"all K maps {fmt_bytes(r.memory.get('all_maps_bytes'))}" +
+                      (f" (CuPy's pool held {fmt_bytes(r.memory['pool_composite_only_bytes'])})"
+                       if r.memory.get('pool_composite_only_bytes') else "") +
+                      (f" [{r.memory['hook_error']}]" if r.memory.get("hook_error") else ""), flush=True)
         del torch_ref
         steps = {}
         if not args.cpu:

@@ -42,6 +42,26 @@ def _set_tf32(on: bool):
     torch.backends.cudnn.allow_tf32 = on
 
 
+def _LivePeak():
+    """A CuPy memory hook (a context manager) that tracks the peak of bytes held by live arrays."""
+    from cupy.cuda import memory_hook
+
+    class LivePeak(memory_hook.MemoryHook):
+        name = "clearmaps_live_peak"
+
+        def __init__(self):
+            self.used = self.peak = 0
+
+        def malloc_postprocess(self, **kw):
+            self.used += kw["mem_size"]
+            self.peak = max(self.peak, self.used)
+
+        def free_postprocess(self, **kw):
+            self.used -= kw["mem_size"]
+
+    return LivePeak()
+
+
 def _torch_peak(run):
     """Peak bytes torch's allocator held during one run()."""
     import torch
@@ -130,15 +150,25 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
 
         def memory():
             pool = cp.get_default_memory_pool()
-            out = {"how": "CuPy memory pool bytes held after one run from an empty pool (the pool never "
-                          "returns blocks during a run, so this is its peak, weights included)"}
-            for key, keep in (("composite_only_bytes", False), ("all_maps_bytes", True)):
+            out = {"how": "peak bytes of live CuPy arrays during one run (a CuPy memory hook; the input images "
+                          "and the weights, uploaded anew, included): what torch.cuda.max_memory_allocated "
+                          "counts for the torch methods. pool_*: what CuPy's pool held after the run (freed "
+                          "blocks it keeps for reuse included: torch's memory_reserved, not compared)"}
+            for key, keep in (("composite_only", False), ("all_maps", True)):
                 cp.cuda.runtime.deviceSynchronize()
                 pool.free_all_blocks()
                 kc.backend._PLANS.clear()  # weights re-uploaded: counted, as torch's are
-                run(keep)
-                cp.cuda.runtime.deviceSynchronize()
-                out[key] = int(pool.total_bytes())
+                hook = _LivePeak()
+                try:
+                    with hook:
+                        result = run(keep)
+                        cp.cuda.runtime.deviceSynchronize()
+                    del result
+                    out[f"{key}_bytes"] = int(hook.peak + x.nbytes)
+                except Exception as exc:  # a CuPy without the hook API: the pool's figure, said so
+                    out["hook_error"] = f"{type(exc).__name__}: {exc}"
+                    out[f"{key}_bytes"] = int(pool.total_bytes())
+                out[f"pool_{key}_bytes"] = int(pool.total_bytes())
             return out
 
         return Prepared(run, check, sync=cp.cuda.runtime.deviceSynchronize, timer=cuda_event_timer,

@@ -47,10 +47,9 @@ from .device import THREADS, ceil_div, launch, xp
 # A transposed conv with at most this many output channels (the input layer: grey or RGB) runs as one
 # direct kernel: as a GEMM its M would be 1-3 rows, all memory traffic and no arithmetic.
 DIRECT_MAX_CHANNELS = 4
-# Bytes of GEMM columns built at once (a conv's columns are kh*kw times its input). At 128 MiB the widest
-# back-projection GEMM of vgg16-fcn (512 rows, 4608-deep) still gets 7k columns a block, ~1.7 waves of
-# 128x128 tiles on 132 SMs; 256 MiB put its peak GPU memory 8% above plain torch's in GPU run 5.
-COLUMN_BYTES = 128 << 20
+# Bytes of GEMM columns built at once (a conv's columns are kh*kw times its input). GPU run 6 tried 128 MiB:
+# vgg16-fcn's six GEMM layers took ~1 ms (6%) longer in all.
+COLUMN_BYTES = 256 << 20
 # Stride-1 convs run as the tiled kernel that skips zeros (sparse_kernels.py): the transposed ones of the
 # back-projection, read from a dense plane or through a pool's switches, and the forward ones (a conv is the
 # transposed conv of its flipped kernels). No columns, no GEMM, exact float32 in either precision.
