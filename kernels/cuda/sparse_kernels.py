@@ -127,9 +127,14 @@ def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple |
     lists, per window (index wy*NWX + wx), its cases (d, [(accumulator, tap), ...]) with a nonempty list:
     window pixel d = dy*pkw + dx reaches output (ty, tx) = (u - ph + ky, v - pw + kx) through tap ky*kw + kx,
     accumulator ty*TX + tx. Where windows do not overlap, every (tile pixel, tap) pair appears at most once over
-    all windows and cases; a pixel shared by overlapping windows appears once per window."""
+    all windows and cases; a pixel shared by overlapping windows appears once per window. Tuples, computed
+    once per geometry: the driver asks (through supports) for every conv of every call."""
+    return _layout(kh, kw, ph, pw, pool, *(tile or tile_shape(pool)))
+
+
+@lru_cache(maxsize=None)
+def _layout(kh, kw, ph, pw, pool, TY, TX):
     pkh, pkw, psh, psw, pph, ppw = pool or _DENSE_POOL
-    TY, TX = tile or tile_shape(pool)
     # relative to the tile: source rows/cols needed
     ulo, uhi = ph - kh + 1, TY - 1 + ph
     vlo, vhi = pw - kw + 1, TX - 1 + pw
@@ -152,10 +157,10 @@ def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple |
                             if 0 <= ty < TY and 0 <= tx < TX:
                                 fmas.append((ty * TX + tx, ky * kw + kx))
                     if fmas:
-                        cases.append((dy * pkw + dx, fmas))
+                        cases.append((dy * pkw + dx, tuple(fmas)))
             if cases:
-                windows.append((wy * NWX + wx, cases))
-    return TY, TX, plo, qlo, NWY, NWX, windows
+                windows.append((wy * NWX + wx, tuple(cases)))
+    return TY, TX, plo, qlo, NWY, NWX, tuple(windows)
 
 
 def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt):
