@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# bench/device.sh OUT_DIR — everything clearmaps measures on a GPU machine, in one call of a few minutes
-# (worst case, every step at its limit: ~10 min).
+# bench/device.sh OUT_DIR — everything clearmaps measures on a GPU machine, in one call of ~5.5 min on the
+# H200 (run 5: 335 s, the equivalence step cut at its limit; worst case, every step at its limit: ~11 min).
 #
 # For the GPU machine of the device tool (H100/H200, CUDA 13, torch 2.11, CuPy 14, numba-cuda, but
 # NumPy 2.5, which numba-cuda 0.30 cannot compile with, no captum, and no network). Steps, each under
-# its own `timeout` so that one hang cannot eat the budget, logs and JSON written to OUT_DIR:
+# its own `timeout` so that one hang cannot eat the budget, logs and JSON packed into OUT_DIR:
 #   1. install the carried wheels (.whl/: numpy 2.4, captum) into /tmp/site; make clearmaps importable
 #      from the checkout WITHOUT pip (a tree of symlinks mirroring pyproject's package-dir)  install.log
 #   2. preflight: versions, GPU, a numba.cuda kernel on CuPy arrays, the exact/TF32 GEMMs   preflight.log

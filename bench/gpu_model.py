@@ -80,10 +80,12 @@ def sparse_instructions(kh, kw, ph, pw, pool, O, I, n, H, W, nonzero):
 
 def steps(net, size, B, K, direct_max=4, sparse=True, nonzero=0.5, dense_max=None):
     """(label, GEMM rows M or 0, gemm_flops, bytes, warp instructions) per kernel, exact design of
-    kernels/cuda/backend.py (``sparse``: stride-1 convs on the sparse kernel, those on a dense input only up to
-    ``dense_max`` output channels: default sparse_kernels.DENSE_MAX_CHANNELS)."""
-    if dense_max is None:
-        from clearmaps.kernels.cuda.sparse_kernels import DENSE_MAX_CHANNELS as dense_max
+    kernels/cuda/backend.py (``sparse``: stride-1 convs on the sparse kernel, those on a dense input where
+    sparse_kernels.dense_pays, or, given ``dense_max``, every one of at most that many output channels)."""
+    from clearmaps.kernels.cuda.sparse_kernels import dense_pays
+
+    def pays(source_channels, out_channels, kh, kw):
+        return dense_pays(source_channels, out_channels, kh, kw) if dense_max is None else out_channels <= dense_max
     sizes = net.layer_sizes(size)
     out = []
     C = net.in_channels
@@ -92,7 +94,7 @@ def steps(net, size, B, K, direct_max=4, sparse=True, nonzero=0.5, dense_max=Non
         if isinstance(layer, Conv):
             O, I, kh, kw = layer.weight.shape
             (ph, pw) = layer.padding
-            if sparse and layer.stride == (1, 1) and ph < kh and pw < kw and O <= dense_max:  # flipped, transposed
+            if sparse and layer.stride == (1, 1) and ph < kh and pw < kw and pays(I, O, kh, kw):  # flipped, transposed
                 instr = sparse_instructions(kh, kw, kh - 1 - ph, kw - 1 - pw, None, I, O, B, oh, ow,
                                             1.0 if i == 0 else nonzero)
                 out.append((f"fwd conv {i} sparse {I}->{O} @{oh}x{ow}", 0, 0, F * (I * B * H * W + O * B * oh * ow),
@@ -132,7 +134,7 @@ def steps(net, size, B, K, direct_max=4, sparse=True, nonzero=0.5, dense_max=Non
         H, W = sizes[i]
         kind = "unpooled" if pooled else "dense"
         src = F * n * current + (4 * (n // K) * current if pooled else 0)  # values (+ int32 switches, per image)
-        if sparse and I > direct_max and layer.stride == (1, 1) and (pooled or I <= dense_max):
+        if sparse and I > direct_max and layer.stride == (1, 1) and (pooled or pays(O, I, kh, kw)):
             (Hs, Ws) = sizes[i + 1] if not pooled else sizes[i + 2]
             instr = sparse_instructions(kh, kw, *layer.padding, pooled or None, O, I, n, H, W, nonzero)
             out.append((f"back conv {i} sparse {O}->{I} @{H}x{W}{' (through switches)' if pooled else ''}", 0, 0,
