@@ -16,8 +16,8 @@
 #      the float32 contract against a float64 oracle first (vgg16-fcn: at 64x64, same weights; see
 #      bench/device_bench.py), then CUDA-event medians and per-layer breakdowns     bench.log/json/md
 #   4. pytest -m gpu: tests/test_cuda_gpu.py and the interop side-stream test          gpu_tests.log
-#   5. the sparse kernel's variants on allcnn-mnist (cuda-sparse: every stride-1 conv; cuda-cpt1: one
-#      output channel per thread; cuda-8x8: 8x8 tiles) beside cuda and torch-cuda        variants/, variants.log
+#   5. the variants on allcnn-mnist (cuda-rows: the row-blocked direct kernel for the last transposed conv;
+#      cuda-sparse: every stride-1 conv on the sparse kernel) beside cuda and torch-cuda   variants/, variants.log
 #   5b. the same variants on vgg16-fcn 224 batch 8                               variants-vgg/, variants_vgg.log
 #   6. the CUDA equivalence tests of tests/cuda_sim on the real GPU (last: each hypothesis geometry
 #      compiles its own kernels)                                                       equivalence.log

@@ -119,6 +119,10 @@ def kernels():
                 out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
         k = sk.sparse_transpose(*g, None, 128, True)  # a forward conv (bias)
         out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
+    for I, k_, p_ in ((1, 3, 1), (3, 3, 1), (1, 5, 2)):
+        for px in (2, 4):
+            k = bk.direct_rows(I, k_, k_, p_, p_, px)
+            out.append((k.__name__, k, (f1, f1, f1) + (i,) * 6 + (b,)))
     for kind, pool in sources:
         out.append((bk.materialise(kind, pool).__name__, bk.materialise(kind, pool), (f1, i1, f1) + (i,) * 8 + (b, b)))
     f3, l3 = types.Array(types.float32, 3, "C"), types.Array(types.int64, 3, "C")

@@ -101,18 +101,19 @@ def _torch_method(base_setup, tf32: bool):
 
 
 
-def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None):
+def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None, rows=None):
     """Context: transposed convs with at most ``direct_limit`` output channels run as the direct kernel;
     ``sparse`` False sends the stride-1 ones to columns + GEMM instead of the sparse kernel; ``tile_rows``
     sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes; ``cpt``
-    its most output channels per thread (None: as set)."""
+    its most output channels per thread; ``rows`` the row-blocked direct kernel for the last transposed conv
+    (None: as set)."""
     import contextlib
 
     from clearmaps.kernels.cuda import backend, sparse_kernels
 
     wanted = {(backend, "DIRECT_MAX_CHANNELS"): direct_limit, (backend, "SPARSE_TRANSPOSE"): sparse,
               (sparse_kernels, "TILE_ROWS"): tile_rows, (sparse_kernels, "DENSE_MAX_CHANNELS"): dense_max,
-              (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt}
+              (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt, (backend, "ROWS_DIRECT"): rows}
 
     @contextlib.contextmanager
     def ctx():
@@ -128,7 +129,8 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
     return ctx()
 
 
-def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None):
+def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None,
+                     rows=None):
     def setup(case) -> Prepared:
         import cupy as cp
 
@@ -139,7 +141,7 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
         classes = case.classes
 
         def run(keep=False):
-            with ways(direct_limit, sparse, tile_rows, dense_max, cpt):
+            with ways(direct_limit, sparse, tile_rows, dense_max, cpt, rows):
                 trace = kc.forward(net, x, fast=fast)
                 return kc.clear_from_trace(net, trace, classes, keep_responses=keep, fast=fast)
 
@@ -178,9 +180,11 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
                         (", columns + GEMM for every transposed conv" if sparse is False else "") +
                         ("" if tile_rows is None else f", sparse tiles of {tile_rows} rows") +
                         ("" if dense_max is None else f", sparse on dense inputs up to {dense_max} channels") +
-                        ("" if cpt is None else f", at most {cpt} output channel(s) per thread"))
+                        ("" if cpt is None else f", at most {cpt} output channel(s) per thread") +
+                        ("" if rows is None else f", row-blocked direct kernel {'on' if rows else 'off'}"))
     # the routing, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
-    setup.knobs = dict(direct_limit=direct_limit, sparse=sparse, tile_rows=tile_rows, dense_max=dense_max, cpt=cpt)
+    setup.knobs = dict(direct_limit=direct_limit, sparse=sparse, tile_rows=tile_rows, dense_max=dense_max, cpt=cpt,
+                       rows=rows)
     setup.fast = fast
     return setup
 
@@ -227,6 +231,10 @@ register(Method("cuda-sparse", "cuda", _clearmaps_setup(False, dense_max=1 << 30
 # run 2's experiment: transposed convs of <= 64 output channels on the direct kernel (lost by 1.5x)
 register(Method("cuda-direct", "cuda", _clearmaps_setup(False, 64, sparse=False),
                 "clearmaps backend='cuda', exact fp32, direct kernel for <= 64 output channels",
+                available=_clearmaps_cuda_available))
+# the row-blocked direct kernel for the last transposed conv (backend.ROWS_DIRECT, off until timed)
+register(Method("cuda-rows", "cuda", _clearmaps_setup(False, rows=True),
+                "clearmaps backend='cuda', exact fp32, row-blocked direct kernel for the last transposed conv",
                 available=_clearmaps_cuda_available))
 register(Method("cuda-fast", "cuda", _clearmaps_setup(True), "clearmaps backend='cuda', TF32 GEMMs (fast mode)",
                 available=_clearmaps_cuda_available, exact=False))

@@ -47,6 +47,10 @@ from .device import THREADS, ceil_div, launch, xp
 # A transposed conv with at most this many output channels (the input layer: grey or RGB) runs as one
 # direct kernel: as a GEMM its M would be 1-3 rows, all memory traffic and no arithmetic.
 DIRECT_MAX_CHANNELS = 4
+# ... and, reading a dense source with stride 1, as backproject_kernels.direct_rows (PX pixels of a row per
+# thread, sharing their loads) when this is on. Off until a GPU run has timed it: in run 7 direct_transpose
+# took 1.7 ms of allcnn-mnist's 15.7, ~6x its bandwidth floor (bench method cuda-rows).
+ROWS_DIRECT = os.environ.get("CLEARMAPS_CUDA_ROWS_DIRECT", "0") == "1"
 # Bytes of GEMM columns built at once (a conv's columns are kh*kw times its input). GPU run 6 tried 128 MiB:
 # vgg16-fcn's six GEMM layers took ~1 ms (6%) longer in all.
 COLUMN_BYTES = 256 << 20
@@ -494,6 +498,12 @@ def _materialise(src: _Source, b0: int, kc: int):
     return out
 
 
+def _rows(src: _Source, layer: Conv) -> bool:
+    """Whether the transposed conv of ``layer`` runs as the row-blocked direct kernel."""
+    return (ROWS_DIRECT and layer.in_channels <= DIRECT_MAX_CHANNELS and src.kind == bk.DENSE
+            and layer.stride == (1, 1))
+
+
 def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: int, kc: int, fast: bool):
     """G_l of the paper on a source: (O, n, Hu, Wu) → (I, n, H, W), H, W = ``out_size``."""
     O, I, kh, kw = layer.weight.shape
@@ -502,6 +512,11 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
     out = xp.empty((I, n, H, W), dtype=np.float32)
     geometry = _geometry(layer)
     src_flat, sw, *dims = src.args()  # dims: O, n, Hs, Ws, Hu, Wu
+    if _rows(src, layer):
+        px = bk.DIRECT_ROW_PIXELS
+        launch(bk.direct_rows(I, kh, kw, *layer.padding, px), ceil_div(n * H * ceil_div(W, px), THREADS), THREADS,
+               src_flat, plan.weight.reshape(-1), out.reshape(-1), O, n, dims[2], dims[3], H, W, src.pre)
+        return out
     if I <= DIRECT_MAX_CHANNELS:
         launch(bk.direct_transpose(I, *geometry, src.kind, src.pool), ceil_div(n * H * W, THREADS), THREADS,
                src_flat, sw, plan.weight.reshape(-1), out.reshape(-1), *dims, H, W, b0, kc, src.pre, src.post)
@@ -557,8 +572,8 @@ def _backproject_chunk(net, plan, sizes, z, classes, switches, b0, bc, k0, kc, r
             src = _Source(bk.source_kind(pool), src.array, tuple(sizes[i]), pre=src.pre, switches=switches[i],
                           pool=pool)
         else:
-            how = ("direct" if layer.in_channels <= DIRECT_MAX_CHANNELS else "sparse" if src.sparse(layer)
-                   else "gemm") + (" from switches" if src.kind != bk.DENSE else "")
+            how = ("direct rows" if _rows(src, layer) else "direct" if layer.in_channels <= DIRECT_MAX_CHANNELS
+                   else "sparse" if src.sparse(layer) else "gemm") + (" from switches" if src.kind != bk.DENSE else "")
             src = _Source(bk.DENSE, _transpose_conv(src, layer, plan[i], sizes[i], b0, kc, fast), tuple(sizes[i]))
             _mark(f"back {i} Conv {how}")
     if src.kind != bk.DENSE:

@@ -230,6 +230,60 @@ def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, cpt, B
     assert_close(out.reshape(I, n, H, W).transpose(1, 0, 2, 3), want, RTOL_F32, "sparse transposed conv")
 
 
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 2**16), st.sampled_from([(1, 0), (2, 1), (3, 0), (3, 1), (5, 2)]), st.integers(1, 5),
+       st.integers(1, 3), st.integers(1, 2), st.integers(1, 9), st.integers(1, 11), st.booleans(),
+       st.sampled_from([1, 3, 4]))
+def test_row_direct_kernel_equals_the_direct_kernel_bit_for_bit(seed, conv, O, I, n, H, W, pre, px):
+    """The row-blocked direct kernel (px pixels of a row per thread, sharing their loads) against the direct
+    kernel it may replace: the same bits (same summation order), and the reference to float32 tolerance.
+    Kernels 1-5 with and without padding, rows shorter than, equal to and not a multiple of px (a ragged last
+    run), several signals, rectified or not."""
+    from clearmaps.kernels.cuda import backproject_kernels as bk
+    from clearmaps.kernels.cuda.device import THREADS
+
+    k, p = conv
+    Hs, Ws = H + 2 * p - k + 1, W + 2 * p - k + 1  # the source plane a stride-1 transposed conv maps to (H, W)
+    if Hs < 1 or Ws < 1:
+        return
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=(n, O, Hs, Ws))
+    weight = rng.normal(size=(O, I, k, k))
+    want = ref.conv_transpose2d(np.maximum(y, 0) if pre else y, weight, 1, p)
+    assert want.shape[2:] == (H, W)
+    src = np.ascontiguousarray(y.transpose(1, 0, 2, 3), np.float32).reshape(-1)
+    w32 = weight.astype(np.float32).reshape(-1)
+    rows = np.full(I * n * H * W, np.nan, np.float32)
+    bk.direct_rows(I, k, k, p, p, px)[-(-(n * H * -(-W // px)) // THREADS), THREADS](
+        src, w32, rows, O, n, Hs, Ws, H, W, pre)
+    plain = np.full(I * n * H * W, np.nan, np.float32)
+    bk.direct_transpose(I, k, k, 1, 1, p, p, bk.DENSE, None)[-(-(n * H * W) // THREADS), THREADS](
+        src, np.zeros(1, np.int32), w32, plain, O, n, Hs, Ws, Hs, Ws, H, W, 0, 1, pre, False)
+    assert_equal(rows, plain, "row-blocked vs plain direct kernel")
+    assert_close(rows.reshape(I, n, H, W).transpose(1, 0, 2, 3), want, RTOL_F32, "row-blocked direct kernel")
+
+
+def test_row_direct_kernel_in_the_pipeline(monkeypatch):
+    """backend.ROWS_DIRECT on: the last transposed conv (2 channels, a dense rectified source, rows of 10
+    that are not a multiple of 4 pixels) runs as the row-blocked kernel, and the pipeline meets the
+    contract."""
+    from clearmaps.kernels.cuda import backproject_kernels as bk
+
+    monkeypatch.setattr(backend, "ROWS_DIRECT", True)
+    used = []
+    real = bk.direct_rows
+    monkeypatch.setattr(bk, "direct_rows", lambda *a: used.append(a) or real(*a))
+    rng = np.random.default_rng(5)
+
+    def conv(i, o, k=3, p=1):
+        return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
+
+    net = Network([conv(2, 6), ReLU(), conv(6, 6), ReLU(), MaxPool(2), conv(6, 3, 1, 0), ReLU()])
+    x = rng.normal(size=(2, 2, 11, 10))
+    check_against_reference(net, x, np.array([[0, 2, 1], [2, 1, 0]]))
+    assert used == [(2, 3, 3, 1, 1, bk.DIRECT_ROW_PIXELS)]
+
+
 def test_sparse_kernel_shared_memory_fits_every_supported_shape():
     """The simulator does not enforce CUDA's 48 KB of static shared memory per block; a real GPU refuses to
     compile beyond it. For every shape the driver may send to the sparse kernel (supports() true), at the
