@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/device.sh OUT_DIR — everything clearmaps measures on a GPU machine, in one call of ~5.5 min on the
-# H200 (run 5: 335 s, the equivalence step cut at its limit; worst case, every step at its limit: ~11 min).
+# H200 (run 5: 335 s, the equivalence step cut at its limit; worst case, every step at its limit: 10 min).
 #
 # For the GPU machine of the device tool (H100/H200, CUDA 13, torch 2.11, CuPy 14, numba-cuda, but
 # NumPy 2.5, which numba-cuda 0.30 cannot compile with, no captum, and no network). Steps, each under
@@ -17,7 +17,8 @@
 #      bench/device_bench.py), then CUDA-event medians and per-layer breakdowns     bench.log/json/md
 #   4. pytest -m gpu: tests/test_cuda_gpu.py and the interop side-stream test          gpu_tests.log
 #   5. the variants on allcnn-mnist (cuda-rows: the row-blocked direct kernel for the last transposed conv;
-#      cuda-sparse: every stride-1 conv on the sparse kernel) beside cuda and torch-cuda   variants/, variants.log
+#      cuda-sparse: every stride-1 conv larger than 1x1 on the sparse kernel) beside cuda and torch-cuda
+#                                                                                    variants/, variants.log
 #   5b. the same variants on vgg16-fcn 224 batch 8                               variants-vgg/, variants_vgg.log
 #   6. the CUDA equivalence tests of tests/cuda_sim on the real GPU (last: each hypothesis geometry
 #      compiles its own kernels)                                                       equivalence.log
@@ -85,15 +86,15 @@ export NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 step preflight 30 python3 -m bench.device_preflight
 [ -s "$LOG/preflight.log" ] && head -n 20 "$LOG/preflight.log"
 export CLEARMAPS_CACHE_DIR=/tmp/clearmaps-cache
-step warm 120 python3 -m bench.device_warm
-step bench 200 python3 -m bench.device_bench --out "$LOG" --repeats 5
+step warm 90 python3 -m bench.device_warm
+step bench 180 python3 -m bench.device_bench --out "$LOG" --repeats 5
 step gpu_tests 90 env CLEARMAPS_CUDA_CHECK=1 \
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
 step variants 60 python3 -m bench.device_bench --out "$LOG/variants" --cases allcnn-mnist-b1024 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
 step variants_vgg 60 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
-step equivalence 100 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
+step equivalence 90 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
     python3 -m pytest -q -p no:cacheprovider tests/cuda_sim
 
 echo

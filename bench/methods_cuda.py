@@ -8,6 +8,7 @@ convolutions by default, which would make an "fp32" baseline a TF32 one), and ba
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 
 import numpy as np
@@ -101,19 +102,20 @@ def _torch_method(base_setup, tf32: bool):
 
 
 
-def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None, rows=None):
+def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None, rows=None, dense_min=None):
     """Context: transposed convs with at most ``direct_limit`` output channels run as the direct kernel;
     ``sparse`` False sends the stride-1 ones to columns + GEMM instead of the sparse kernel; ``tile_rows``
     sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes; ``cpt``
-    its most output channels per thread; ``rows`` the row-blocked direct kernel for the last transposed conv
-    (None: as set)."""
+    its most output channels per thread; ``rows`` the row-blocked direct kernel for the last transposed conv;
+    ``dense_min`` the fewest source channels of a dense conv it takes (None: as set)."""
     import contextlib
 
     from clearmaps.kernels.cuda import backend, sparse_kernels
 
     wanted = {(backend, "DIRECT_MAX_CHANNELS"): direct_limit, (backend, "SPARSE_TRANSPOSE"): sparse,
               (sparse_kernels, "TILE_ROWS"): tile_rows, (sparse_kernels, "DENSE_MAX_CHANNELS"): dense_max,
-              (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt, (backend, "ROWS_DIRECT"): rows}
+              (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt, (backend, "ROWS_DIRECT"): rows,
+              (sparse_kernels, "DENSE_MIN_SOURCE_CHANNELS"): dense_min}
 
     @contextlib.contextmanager
     def ctx():
@@ -130,7 +132,7 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
 
 
 def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None,
-                     rows=None):
+                     rows=None, dense_min=None):
     def setup(case) -> Prepared:
         import cupy as cp
 
@@ -141,7 +143,7 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
         classes = case.classes
 
         def run(keep=False):
-            with ways(direct_limit, sparse, tile_rows, dense_max, cpt, rows):
+            with ways(direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min):
                 trace = kc.forward(net, x, fast=fast)
                 return kc.clear_from_trace(net, trace, classes, keep_responses=keep, fast=fast)
 
@@ -160,14 +162,15 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
                 cp.cuda.runtime.deviceSynchronize()
                 pool.free_all_blocks()
                 kc.backend._PLANS.clear()  # weights re-uploaded: counted, as torch's are
-                hook = _LivePeak()
+                gc.collect()  # no array made before the hook may be freed inside it (the count would dip)
                 try:
+                    hook = _LivePeak()
                     with hook:
                         result = run(keep)
                         cp.cuda.runtime.deviceSynchronize()
                     del result
                     out[f"{key}_bytes"] = int(hook.peak + x.nbytes)
-                except Exception as exc:  # a CuPy without the hook API: the pool's figure, said so
+                except (ImportError, AttributeError, TypeError) as exc:  # a CuPy whose hook API differs
                     out["hook_error"] = f"{type(exc).__name__}: {exc}"
                     out[f"{key}_bytes"] = int(pool.total_bytes())
                 out[f"pool_{key}_bytes"] = int(pool.total_bytes())
@@ -181,10 +184,11 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
                         ("" if tile_rows is None else f", sparse tiles of {tile_rows} rows") +
                         ("" if dense_max is None else f", sparse on dense inputs up to {dense_max} channels") +
                         ("" if cpt is None else f", at most {cpt} output channel(s) per thread") +
-                        ("" if rows is None else f", row-blocked direct kernel {'on' if rows else 'off'}"))
+                        ("" if rows is None else f", row-blocked direct kernel {'on' if rows else 'off'}") +
+                        ("" if dense_min is None else f", sparse on dense inputs from {dense_min} source channels"))
     # the routing, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
     setup.knobs = dict(direct_limit=direct_limit, sparse=sparse, tile_rows=tile_rows, dense_max=dense_max, cpt=cpt,
-                       rows=rows)
+                       rows=rows, dense_min=dense_min)
     setup.fast = fast
     return setup
 
@@ -223,10 +227,11 @@ register(Method("cuda-cpt1", "cuda", _clearmaps_setup(False, cpt=1),
 register(Method("cuda-8x8", "cuda", _clearmaps_setup(False, tile_rows=8),
                 "clearmaps backend='cuda', exact fp32, sparse kernel on 8x8 tiles",
                 available=_clearmaps_cuda_available))
-# every stride-1 conv on the sparse kernel, however wide (the default sends dense-input convs of more than
-# 64 output channels to columns + GEMM)
-register(Method("cuda-sparse", "cuda", _clearmaps_setup(False, dense_max=1 << 30),
-                "clearmaps backend='cuda', exact fp32, sparse kernel for every stride-1 conv",
+# every stride-1 conv of more than one tap on the sparse kernel, however wide and whatever its source (the
+# default, sparse_kernels.dense_pays, sends dense-input convs of more than 64 output channels or fewer than 16
+# source channels to columns + GEMM); as run 5's cuda-sparse, the 1x1 convs aside
+register(Method("cuda-sparse", "cuda", _clearmaps_setup(False, dense_max=1 << 30, dense_min=1),
+                "clearmaps backend='cuda', exact fp32, sparse kernel for every stride-1 conv larger than 1x1",
                 available=_clearmaps_cuda_available))
 # run 2's experiment: transposed convs of <= 64 output channels on the direct kernel (lost by 1.5x)
 register(Method("cuda-direct", "cuda", _clearmaps_setup(False, 64, sparse=False),

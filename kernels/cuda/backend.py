@@ -144,8 +144,15 @@ class _ConvPlan:
     bias        (O,)"""
 
     def __init__(self, layer: Conv):
-        self._w = layer.weight.astype(np.float32)
-        self._b = layer.bias.astype(np.float32)
+        self._layer = layer  # (the Network's own: no host copy of the weights is kept)
+
+    @property
+    def _w(self) -> np.ndarray:
+        return self._layer.weight.astype(np.float32)
+
+    @property
+    def _b(self) -> np.ndarray:
+        return self._layer.bias.astype(np.float32)
 
     @classmethod
     def of(cls, layer: Conv) -> "_ConvPlan":
@@ -157,12 +164,13 @@ class _ConvPlan:
 
     @cached_property
     def forward(self):
-        O = self._w.shape[0]
-        return dv.asdevice(np.concatenate([self._w.reshape(O, -1), self._b[:, None]], axis=1))
+        w = self._w
+        return dv.asdevice(np.concatenate([w.reshape(w.shape[0], -1), self._b[:, None]], axis=1))
 
     @cached_property
     def transposed(self):
-        return dv.asdevice(np.ascontiguousarray(self._w.transpose(1, 0, 2, 3).reshape(self._w.shape[1], -1)))
+        w = self._w
+        return dv.asdevice(np.ascontiguousarray(w.transpose(1, 0, 2, 3).reshape(w.shape[1], -1)))
 
     @cached_property
     def sparse(self):
@@ -325,7 +333,7 @@ def forward(net: Network, x, *, fast=None) -> CudaTrace:
             shape = (B, channels, *sizes[i + 1])
             switches[i] = xp.empty(shape, dtype=np.int64)
             # what the back-projection reads, written by the same pass (no second pass over the switches)
-            sw32[i] = _Switches(xp.empty(shape, dtype=np.int32), xp.empty(shape, dtype=np.int32))
+            sw32[i] = _Switches(xp.empty(shape, dtype=np.int32), xp.empty(shape, dtype=np.int32), _geometry(layer))
     z = xp.empty((B, net.num_classes, *sizes[-1]), dtype=np.float32)
     per_image = _forward_bytes_per_image(net, sizes)
     available = _budget() - _column_bytes() - z.nbytes - 2 * sum(s.nbytes for s in switches.values())
@@ -405,6 +413,9 @@ def _trace_device(net: Network, trace) -> tuple:
     # the back-projection reads the switches as int32 (half the bytes; an index into one plane fits), made
     # once per trace (kept with a forward()'s device arrays)
     sw32 = cached.get("switches32") if cached is not None else None
+    mine = sw32 is None or all(sw32[i].pool == _geometry(net.layers[i]) for i in switches)
+    if not mine:  # offsets made for another network's pools (same sizes, other windows): redone for this one
+        sw32 = None
     if sw32 is None:
         if cached is None:  # switches that forward() did not make: each must index its pool's input plane
             for i, s in switches.items():
@@ -423,8 +434,8 @@ def _trace_device(net: Network, trace) -> tuple:
                                      f"{net.layers[i].kernel} with stride {net.layers[i].stride} and padding "
                                      f"{net.layers[i].padding} cannot have made it; pass the trace forward() made "
                                      "for this network.")
-            sw32[i] = _Switches(s32, offsets)
-        if cached is not None:
+            sw32[i] = _Switches(s32, offsets, pool)
+        if cached is not None and mine:
             cached["switches32"] = sw32
     return z, sw32, sizes
 
@@ -432,10 +443,12 @@ def _trace_device(net: Network, trace) -> tuple:
 @dataclass(frozen=True)
 class _Switches:
     """A pool's switches as the back-projection reads them: flat indices into the pool's input plane, int32
-    (B, C, Hs, Ws), and their offsets in their windows (int32, same layout; sparse_kernels.window_offsets)."""
+    (B, C, Hs, Ws), and their offsets in their windows (int32, same layout; sparse_kernels.window_offsets),
+    for the pool geometry ``pool`` (kh, kw, sh, sw, ph, pw) they were computed for."""
 
     index: object
     offsets: object
+    pool: tuple
 
 
 # ------------------------------------------------------------------------------- back-projection

@@ -115,8 +115,8 @@ def max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
         y0 = p * sh - ph
         x0 = q * sw - pw
         best = np.float32(-math.inf)
-        arg = 0
-        d = 0
+        arg = -1  # the window's first in-plane pixel until a larger value: inside the window even when no
+        d = 0     # value compares larger (all -inf or NaN), so that the index and the offset agree
         zero = np.float32(0.0)
         for ky in range(kh):
             y = y0 + ky
@@ -127,7 +127,7 @@ def max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
                         v = x[c, b, y, xx]
                         if rect and v < zero:
                             v = zero
-                        if v > best:
+                        if v > best or arg < 0:
                             best = v
                             arg = y * W + xx
                             d = ky * kw + kx

@@ -231,33 +231,34 @@ def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, cpt, B
 
 
 @settings(max_examples=8, deadline=None)
-@given(st.integers(0, 2**16), st.sampled_from([(1, 0), (2, 1), (3, 0), (3, 1), (5, 2)]), st.integers(1, 5),
-       st.integers(1, 3), st.integers(1, 2), st.integers(1, 9), st.integers(1, 11), st.booleans(),
+@given(st.integers(0, 2**16), st.sampled_from([(1, 1, 0, 0), (2, 2, 1, 1), (3, 3, 0, 0), (3, 3, 1, 1), (5, 5, 2, 2),
+                                                (3, 1, 1, 0), (2, 5, 0, 2)]),
+       st.integers(1, 5), st.integers(1, 3), st.integers(1, 2), st.integers(1, 9), st.integers(1, 11), st.booleans(),
        st.sampled_from([1, 3, 4]))
 def test_row_direct_kernel_equals_the_direct_kernel_bit_for_bit(seed, conv, O, I, n, H, W, pre, px):
     """The row-blocked direct kernel (px pixels of a row per thread, sharing their loads) against the direct
     kernel it may replace: the same bits (same summation order), and the reference to float32 tolerance.
-    Kernels 1-5 with and without padding, rows shorter than, equal to and not a multiple of px (a ragged last
-    run), several signals, rectified or not."""
+    Kernels 1-5, square or not, with and without padding, rows shorter than, equal to and not a multiple of
+    px (a ragged last run), several signals, rectified or not."""
     from clearmaps.kernels.cuda import backproject_kernels as bk
     from clearmaps.kernels.cuda.device import THREADS
 
-    k, p = conv
-    Hs, Ws = H + 2 * p - k + 1, W + 2 * p - k + 1  # the source plane a stride-1 transposed conv maps to (H, W)
+    kh, kw, ph, pw = conv
+    Hs, Ws = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1  # the source plane a stride-1 transposed conv maps to (H, W)
     if Hs < 1 or Ws < 1:
         return
     rng = np.random.default_rng(seed)
     y = rng.normal(size=(n, O, Hs, Ws))
-    weight = rng.normal(size=(O, I, k, k))
-    want = ref.conv_transpose2d(np.maximum(y, 0) if pre else y, weight, 1, p)
+    weight = rng.normal(size=(O, I, kh, kw))
+    want = ref.conv_transpose2d(np.maximum(y, 0) if pre else y, weight, 1, (ph, pw))
     assert want.shape[2:] == (H, W)
     src = np.ascontiguousarray(y.transpose(1, 0, 2, 3), np.float32).reshape(-1)
     w32 = weight.astype(np.float32).reshape(-1)
     rows = np.full(I * n * H * W, np.nan, np.float32)
-    bk.direct_rows(I, k, k, p, p, px)[-(-(n * H * -(-W // px)) // THREADS), THREADS](
+    bk.direct_rows(I, kh, kw, ph, pw, px)[-(-(n * H * -(-W // px)) // THREADS), THREADS](
         src, w32, rows, O, n, Hs, Ws, H, W, pre)
     plain = np.full(I * n * H * W, np.nan, np.float32)
-    bk.direct_transpose(I, k, k, 1, 1, p, p, bk.DENSE, None)[-(-(n * H * W) // THREADS), THREADS](
+    bk.direct_transpose(I, kh, kw, 1, 1, ph, pw, bk.DENSE, None)[-(-(n * H * W) // THREADS), THREADS](
         src, np.zeros(1, np.int32), w32, plain, O, n, Hs, Ws, Hs, Ws, H, W, 0, 1, pre, False)
     assert_equal(rows, plain, "row-blocked vs plain direct kernel")
     assert_close(rows.reshape(I, n, H, W).transpose(1, 0, 2, 3), want, RTOL_F32, "row-blocked direct kernel")
@@ -378,6 +379,30 @@ def test_a_foreign_trace_with_bad_switches_is_refused():
     bad[2] = bad[2] + 10_000
     with pytest.raises(ClearmapsError, match="switches"):
         kc.clear_from_trace(net, ref.Trace(trace.sizes, bad, trace.z, trace.logits, trace.probabilities), [0])
+
+
+def test_a_trace_explained_with_another_networks_pools():
+    """forward()'s pool kernel writes each switch's offset in ITS window; a trace explained with a network
+    whose pools have other windows but the same sizes (2x2/2 and 3x3/2 padded, on 8x8) must not reuse them:
+    the offsets are redone for that network's windows (and the reference's answer comes out), or, where a
+    switch lies outside them, the trace is refused; the trace's own network still gets its own offsets."""
+    rng = np.random.default_rng(1)
+
+    def conv(i, o, k=3, p=1):
+        return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
+
+    c0, c1, c2, c3 = conv(2, 16), conv(16, 16), conv(16, 20), conv(20, 3, 1, 0)
+    a = Network([c0, ReLU(), c1, MaxPool(2), ReLU(), c2, ReLU(), c3])
+    b = Network([c0, ReLU(), c1, MaxPool(3, 2, 1), ReLU(), c2, ReLU(), c3])
+    x = rng.uniform(size=(1, 2, 8, 8))
+    assert a.layer_sizes((8, 8)) == b.layer_sizes((8, 8))
+    trace = kc.forward(a, x)
+    for net in (b, a):  # b first: a's offsets must survive it
+        want = ref.clear_from_trace(net, ref.forward(a, x), [[0, 1]])
+        assert_close(host(kc.clear_from_trace(net, trace, [[0, 1]]).responses), want.responses, RTOL_F32,
+                     "responses")
+    with pytest.raises(ClearmapsError, match="outside its pool window"):
+        kc.clear_from_trace(a, kc.forward(b, x), [[0, 1]])
 
 
 def test_memory_splitting_over_images_classes_and_columns(monkeypatch):
