@@ -159,7 +159,7 @@ def breakdown(case, method: str, log=print) -> list:
             kc.clear_from_trace(case.net, kc.forward(case.net, x, fast=fast), case.classes, keep_responses=False,
                                 fast=fast)
             backend._mark("returned")
-            cpu = (time.perf_counter() - t) * 1e3  # the host's time to issue it all (no sync inside it)
+            cpu = (time.perf_counter() - t) * 1e3  # the host's time to issue it all (waiting where the driver syncs)
             cp.cuda.runtime.deviceSynchronize()
             marks = backend.TIMELINE
         finally:
