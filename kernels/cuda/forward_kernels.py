@@ -115,8 +115,10 @@ def max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
         y0 = p * sh - ph
         x0 = q * sw - pw
         best = np.float32(-math.inf)
-        arg = -1  # the window's first in-plane pixel until a larger value: inside the window even when no
-        d = 0     # value compares larger (all -inf or NaN), so that the index and the offset agree
+        # a window where no value compares larger than -inf (all -inf or NaN: its pooled value is not finite,
+        # and neither is anything the back-projection makes of it) keeps switch 0, as the reference does
+        arg = 0
+        d = 0
         zero = np.float32(0.0)
         for ky in range(kh):
             y = y0 + ky
@@ -127,7 +129,7 @@ def max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
                         v = x[c, b, y, xx]
                         if rect and v < zero:
                             v = zero
-                        if v > best or arg < 0:
+                        if v > best:
                             best = v
                             arg = y * W + xx
                             d = ky * kw + kx
