@@ -131,8 +131,11 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
     return ctx()
 
 
-def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None,
-                     rows=None, dense_min=None):
+def _clearmaps_setup(fast: bool, **knobs):
+    """A clearmaps CUDA method run under ``ways(**knobs)``."""
+    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min = (knobs.get(k) for k in (
+        "direct_limit", "sparse", "tile_rows", "dense_max", "cpt", "rows", "dense_min"))
+
     def setup(case) -> Prepared:
         import cupy as cp
 
@@ -143,7 +146,7 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
         classes = case.classes
 
         def run(keep=False):
-            with ways(direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min):
+            with ways(**knobs):
                 trace = kc.forward(net, x, fast=fast)
                 return kc.clear_from_trace(net, trace, classes, keep_responses=keep, fast=fast)
 
@@ -187,8 +190,7 @@ def _clearmaps_setup(fast: bool, direct_limit=None, sparse=None, tile_rows=None,
                         ("" if rows is None else f", row-blocked direct kernel {'on' if rows else 'off'}") +
                         ("" if dense_min is None else f", sparse on dense inputs from {dense_min} source channels"))
     # the routing, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
-    setup.knobs = dict(direct_limit=direct_limit, sparse=sparse, tile_rows=tile_rows, dense_max=dense_max, cpt=cpt,
-                       rows=rows, dense_min=dense_min)
+    setup.knobs = knobs
     setup.fast = fast
     return setup
 
@@ -234,7 +236,7 @@ register(Method("cuda-sparse", "cuda", _clearmaps_setup(False, dense_max=1 << 30
                 "clearmaps backend='cuda', exact fp32, sparse kernel for every stride-1 conv larger than 1x1",
                 available=_clearmaps_cuda_available))
 # run 2's experiment: transposed convs of <= 64 output channels on the direct kernel (lost by 1.5x)
-register(Method("cuda-direct", "cuda", _clearmaps_setup(False, 64, sparse=False),
+register(Method("cuda-direct", "cuda", _clearmaps_setup(False, direct_limit=64, sparse=False),
                 "clearmaps backend='cuda', exact fp32, direct kernel for <= 64 output channels",
                 available=_clearmaps_cuda_available))
 # the row-blocked direct kernel for the last transposed conv (backend.ROWS_DIRECT, off until timed)

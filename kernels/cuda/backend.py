@@ -511,10 +511,12 @@ def _materialise(src: _Source, b0: int, kc: int):
     return out
 
 
-def _rows(src: _Source, layer: Conv) -> bool:
-    """Whether the transposed conv of ``layer`` runs as the row-blocked direct kernel."""
-    return (ROWS_DIRECT and layer.in_channels <= DIRECT_MAX_CHANNELS and src.kind == bk.DENSE
-            and layer.stride == (1, 1))
+def _route(src: _Source, layer: Conv) -> str:
+    """How the transposed conv of ``layer`` on ``src`` runs: "direct rows", "direct", "sparse" or "gemm"."""
+    if layer.in_channels <= DIRECT_MAX_CHANNELS:
+        return ("direct rows" if ROWS_DIRECT and src.kind == bk.DENSE and layer.stride == (1, 1)
+                else "direct")
+    return "sparse" if src.sparse(layer) else "gemm"
 
 
 def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: int, kc: int, fast: bool):
@@ -525,16 +527,17 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
     out = xp.empty((I, n, H, W), dtype=np.float32)
     geometry = _geometry(layer)
     src_flat, sw, *dims = src.args()  # dims: O, n, Hs, Ws, Hu, Wu
-    if _rows(src, layer):
+    route = _route(src, layer)
+    if route == "direct rows":
         px = bk.DIRECT_ROW_PIXELS
         launch(bk.direct_rows(I, kh, kw, *layer.padding, px), ceil_div(n * H * ceil_div(W, px), THREADS), THREADS,
                src_flat, plan.weight.reshape(-1), out.reshape(-1), O, n, dims[2], dims[3], H, W, src.pre)
         return out
-    if I <= DIRECT_MAX_CHANNELS:
+    if route == "direct":
         launch(bk.direct_transpose(I, *geometry, src.kind, src.pool), ceil_div(n * H * W, THREADS), THREADS,
                src_flat, sw, plan.weight.reshape(-1), out.reshape(-1), *dims, H, W, b0, kc, src.pre, src.post)
         return out
-    if src.sparse(layer):
+    if route == "sparse":
         _launch_sparse(src.array, None if src.kind == bk.DENSE else src.switches.offsets, plan.sparse, None, out,
                        (kh, kw), layer.padding, src.pool, b0, kc, src.pre or src.post)
         return out
@@ -585,8 +588,7 @@ def _backproject_chunk(net, plan, sizes, z, classes, switches, b0, bc, k0, kc, r
             src = _Source(bk.source_kind(pool), src.array, tuple(sizes[i]), pre=src.pre, switches=switches[i],
                           pool=pool)
         else:
-            how = ("direct rows" if _rows(src, layer) else "direct" if layer.in_channels <= DIRECT_MAX_CHANNELS
-                   else "sparse" if src.sparse(layer) else "gemm") + (" from switches" if src.kind != bk.DENSE else "")
+            how = _route(src, layer) + (" from switches" if src.kind != bk.DENSE else "")
             src = _Source(bk.DENSE, _transpose_conv(src, layer, plan[i], sizes[i], b0, kc, fast), tuple(sizes[i]))
             _mark(f"back {i} Conv {how}")
     if src.kind != bk.DENSE:
