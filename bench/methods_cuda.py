@@ -102,12 +102,14 @@ def _torch_method(base_setup, tf32: bool):
 
 
 
-def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None, rows=None, dense_min=None):
+def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None, rows=None, dense_min=None,
+         tensor=None):
     """Context: transposed convs with at most ``direct_limit`` output channels run as the direct kernel;
     ``sparse`` False sends the stride-1 ones to columns + GEMM instead of the sparse kernel; ``tile_rows``
     sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes; ``cpt``
     its most output channels per thread; ``rows`` the row-blocked direct kernel for the last transposed conv;
-    ``dense_min`` the fewest source channels of a dense conv it takes (None: as set)."""
+    ``dense_min`` the fewest source channels of a dense conv it takes; ``tensor`` the fast mode's tensor-core
+    kernel (None: as set)."""
     import contextlib
 
     from clearmaps.kernels.cuda import backend, sparse_kernels
@@ -115,7 +117,7 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
     wanted = {(backend, "DIRECT_MAX_CHANNELS"): direct_limit, (backend, "SPARSE_TRANSPOSE"): sparse,
               (sparse_kernels, "TILE_ROWS"): tile_rows, (sparse_kernels, "DENSE_MAX_CHANNELS"): dense_max,
               (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt, (backend, "ROWS_DIRECT"): rows,
-              (sparse_kernels, "DENSE_MIN_SOURCE_CHANNELS"): dense_min}
+              (sparse_kernels, "DENSE_MIN_SOURCE_CHANNELS"): dense_min, (backend, "TENSOR_CORES"): tensor}
 
     @contextlib.contextmanager
     def ctx():
@@ -133,8 +135,8 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
 
 def _clearmaps_setup(fast: bool, **knobs):
     """A clearmaps CUDA method run under ``ways(**knobs)``."""
-    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min = (knobs.get(k) for k in (
-        "direct_limit", "sparse", "tile_rows", "dense_max", "cpt", "rows", "dense_min"))
+    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min, tensor = (knobs.get(k) for k in (
+        "direct_limit", "sparse", "tile_rows", "dense_max", "cpt", "rows", "dense_min", "tensor"))
 
     def setup(case) -> Prepared:
         import cupy as cp
@@ -188,7 +190,8 @@ def _clearmaps_setup(fast: bool, **knobs):
                         ("" if dense_max is None else f", sparse on dense inputs up to {dense_max} channels") +
                         ("" if cpt is None else f", at most {cpt} output channel(s) per thread") +
                         ("" if rows is None else f", row-blocked direct kernel {'on' if rows else 'off'}") +
-                        ("" if dense_min is None else f", sparse on dense inputs from {dense_min} source channels"))
+                        ("" if dense_min is None else f", sparse on dense inputs from {dense_min} source channels") +
+                        ("" if tensor is None else f", tensor-core kernel {'on' if tensor else 'off'}"))
     # the routing, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
     setup.knobs = knobs
     setup.fast = fast
@@ -244,4 +247,9 @@ register(Method("cuda-rows", "cuda", _clearmaps_setup(False, rows=True),
                 "clearmaps backend='cuda', exact fp32, row-blocked direct kernel for the last transposed conv",
                 available=_clearmaps_cuda_available))
 register(Method("cuda-fast", "cuda", _clearmaps_setup(True), "clearmaps backend='cuda', TF32 GEMMs (fast mode)",
+                available=_clearmaps_cuda_available, exact=False))
+# the fast mode with its stride-1 transposed convs on the tensor-core implicit GEMM (backend.TENSOR_CORES, off
+# until a GPU run has checked and timed it)
+register(Method("cuda-fast-tc", "cuda", _clearmaps_setup(True, tensor=True),
+                "clearmaps backend='cuda', TF32, transposed convs on the tensor-core kernel (fast mode)",
                 available=_clearmaps_cuda_available, exact=False))

@@ -42,6 +42,7 @@ from . import device as dv
 from . import epilogue as ek
 from . import forward_kernels as fk
 from . import sparse_kernels as sk
+from . import tensor_cores as tc
 from .device import THREADS, ceil_div, launch, xp
 
 # A transposed conv with at most this many output channels (the input layer: grey or RGB) runs as one
@@ -60,6 +61,12 @@ COLUMN_BYTES = 256 << 20
 # False: the columns + GEMM path for every one of them (bench/methods_cuda.py's "cuda-gemm" compares both).
 # Convs on a dense input take it only where sparse_kernels.dense_pays (measured in GPU run 5).
 SPARSE_TRANSPOSE = os.environ.get("CLEARMAPS_CUDA_SPARSE", "1") != "0"
+
+# In the fast (TF32) mode, stride-1 transposed convs on a dense source or behind a pool whose windows do not
+# overlap run on the tensor cores (tensor_cores.py: an implicit GEMM, no columns) when this is on. Off until a
+# GPU run has checked and timed it: it was written and tested without a GPU (its CUDA C runs in the tests
+# under a host emulation of the mma instruction). Bench method cuda-fast-tc.
+TENSOR_CORES = os.environ.get("CLEARMAPS_CUDA_TENSOR_CORES", "0") == "1"
 
 _PRECISIONS = ("exact", "tf32")
 _state = {
@@ -141,6 +148,7 @@ class _ConvPlan:
     transposed  (I, O*kh*kw): weight[o, i, ky, kx] at [i, (o*kh + ky)*kw + kx] (transposed columns + GEMM)
     sparse      (O, kh, kw, I): what sparse_kernels.sparse_transpose reads
     flipped     (I, kh, kw, O): weight[o, i, kh-1-ky, kw-1-kx] at [i, ky, kx, o] (the forward conv, sparse)
+    tensor      (I, kh, kw, O): weight[o, i, ky, kx] at [i, ky, kx, o], rounded to TF32 (tensor_cores.py)
     bias        (O,)"""
 
     def __init__(self, layer: Conv):
@@ -179,6 +187,10 @@ class _ConvPlan:
     @cached_property
     def flipped(self):
         return dv.asdevice(np.ascontiguousarray(self._w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)))
+
+    @cached_property
+    def tensor(self):
+        return dv.asdevice(tc.round_tf32(self._w.transpose(1, 2, 3, 0)))
 
     @cached_property
     def bias(self):
@@ -511,11 +523,16 @@ def _materialise(src: _Source, b0: int, kc: int):
     return out
 
 
-def _route(src: _Source, layer: Conv) -> str:
-    """How the transposed conv of ``layer`` on ``src`` runs: "direct rows", "direct", "sparse" or "gemm"."""
+def _route(src: _Source, layer: Conv, out_size, fast: bool) -> str:
+    """How the transposed conv of ``layer`` on ``src`` runs: "direct rows", "direct", "tensor cores",
+    "sparse" or "gemm"."""
     if layer.in_channels <= DIRECT_MAX_CHANNELS:
         return ("direct rows" if ROWS_DIRECT and src.kind == bk.DENSE and layer.stride == (1, 1)
                 else "direct")
+    if fast and TENSOR_CORES and tc.supports(*layer.kernel, *layer.stride, *layer.padding, src.pool) and \
+            tc.fits(src.array.size, layer.in_channels * src.array.shape[1] * out_size[0] * out_size[1]) and \
+            tc.available() is None:
+        return "tensor cores"
     return "sparse" if src.sparse(layer) else "gemm"
 
 
@@ -527,7 +544,7 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
     out = xp.empty((I, n, H, W), dtype=np.float32)
     geometry = _geometry(layer)
     src_flat, sw, *dims = src.args()  # dims: O, n, Hs, Ws, Hu, Wu
-    route = _route(src, layer)
+    route = _route(src, layer, out_size, fast)
     if route == "direct rows":
         px = bk.DIRECT_ROW_PIXELS
         launch(bk.direct_rows(I, kh, kw, *layer.padding, px), ceil_div(n * H * ceil_div(W, px), THREADS), THREADS,
@@ -536,6 +553,10 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
     if route == "direct":
         launch(bk.direct_transpose(I, *geometry, src.kind, src.pool), ceil_div(n * H * W, THREADS), THREADS,
                src_flat, sw, plan.weight.reshape(-1), out.reshape(-1), *dims, H, W, b0, kc, src.pre, src.post)
+        return out
+    if route == "tensor cores":
+        tc.launch(src.array, _dummy(np.int32) if src.kind == bk.DENSE else src.switches.offsets, plan.tensor, out,
+                  O, I, *dims[1:], H, W, b0, kc, src.pre or src.post, (kh, kw), layer.padding, src.pool)
         return out
     if route == "sparse":
         _launch_sparse(src.array, None if src.kind == bk.DENSE else src.switches.offsets, plan.sparse, None, out,
@@ -588,7 +609,7 @@ def _backproject_chunk(net, plan, sizes, z, classes, switches, b0, bc, k0, kc, r
             src = _Source(bk.source_kind(pool), src.array, tuple(sizes[i]), pre=src.pre, switches=switches[i],
                           pool=pool)
         else:
-            how = _route(src, layer) + (" from switches" if src.kind != bk.DENSE else "")
+            how = _route(src, layer, sizes[i], fast) + (" from switches" if src.kind != bk.DENSE else "")
             src = _Source(bk.DENSE, _transpose_conv(src, layer, plan[i], sizes[i], b0, kc, fast), tuple(sizes[i]))
             _mark(f"back {i} Conv {how}")
     if src.kind != bk.DENSE:

@@ -1,0 +1,344 @@
+"""The fast mode's stride-1 transposed conv on the tensor cores: an implicit GEMM in TF32 (CuPy RawKernel).
+
+Why. GPU run 7 (bench/GPU_NOTES.md) left the fast mode at 0.80x (allcnn-mnist) and 0.42x (vgg16-fcn) of
+plain torch with TF32 convolutions: its GEMMs ran on the tensor cores, but its columns cost as much memory
+traffic as the GEMMs saved, and the sparse kernel (sparse_kernels.py) is float32 FMA on the CUDA cores.
+Numba cannot emit tensor-core instructions, so this kernel is CUDA C, compiled by CuPy (NVRTC), with the
+one instruction written as inline PTX: ``mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32``.
+
+What it computes: the transposed conv of sparse_kernels.py, without skipping zeros and in TF32,
+
+    out[i, t, y, x] = sum over o, ky, kx of weight[o, i, ky, kx] * U[o, t, y + ph - ky, x + pw - kx]
+
+as the GEMM out (I x P) = A (I x K) @ B (K x P), P = n*H*W pixels, K = kh*kw*O ordered (tap, o): A is the
+weight laid out (I, kh, kw, O) and rounded to TF32 once (the plan's "tensor" layout), and B is never
+stored: each block gathers its (BK x BN) slice into shared memory from the source, a dense plane
+(C, n, Hs, Ws) or a pool's unpooled plane read through its switches' window offsets (non-overlapping pools
+only: kernel <= stride), rectified as read when ``rect``, rounded to TF32 (cvt.rna) as it is staged. A step
+of K is BK channels of one tap, so a thread's source pixel and its bounds test serve the whole step; sums
+are float32 on the tensor cores.
+
+How the work is laid out. A block of 4 warps owns BM output channels x BN pixels (64 x 64, or 32 x 128 when
+I <= 32, so that a 32-channel layer wastes no half of its M); each warp a 32 x 32 piece as 2 x 4 mma tiles
+of 16 x 8, 32 float accumulators per thread. Per step of BK = 32 along K, the next step's A and B slices are
+loaded into registers while the tensor cores work on the current one from shared memory (padded rows: no
+bank conflicts for the fragment loads). Accumulators go straight to global memory: a quad of lanes writes
+8 consecutive pixels of one channel.
+
+Without a GPU (Numba's CUDA simulator: the tests), the same source is compiled by the host C++ compiler
+with tc_host.hpp in front of it, which runs each block as threads and emulates the mma instruction with
+the PTX ISA's fragment layouts, so the CI tests run this kernel's own indexing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from . import device as dv
+
+BK = 32
+THREADS = 128
+
+_SOURCE = r"""
+#define BK 32
+#define THREADS 128
+#define WARPS_N (BN / 32)
+#define TAPS (KH * KW)
+#define A_LOADS (BM * BK / THREADS)
+#define B_LOADS (BK * BN / THREADS)
+#define B_ROW_STEP (THREADS / BN)
+
+__device__ __forceinline__ unsigned to_tf32(float x) {
+#ifdef __CUDA_ARCH__
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+#else
+    return tc_host_tf32(x);
+#endif
+}
+
+__device__ __forceinline__ void mma_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef __CUDA_ARCH__
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    tc_host_mma(d, a, b);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
+        const float* __restrict__ src, const int* __restrict__ offs, const float* __restrict__ weight,
+        float* __restrict__ out, int O, int I, int n, int Hs, int Ws, int Hu, int Wu, int H, int W,
+        int b0, int kc, int rect) {
+    __shared__ unsigned As[BM][BK + 4];
+    __shared__ unsigned Bs[BK][BN + 8];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int HW = H * W, P = n * HW;
+    const int i0 = blockIdx.y * BM;
+    const int p0 = blockIdx.x * BN;
+
+    // this thread's B column: one pixel (signal t, row y, column x) for the whole K loop
+    const int bn = tid % BN, bk0 = tid / BN;
+    const int p = p0 + bn;
+    const bool pixel = p < P;
+    const int ts = pixel ? p / HW : 0;
+    const int rem = pixel ? p - ts * HW : 0;
+    const int y = rem / W, x = rem - (rem / W) * W;
+#if POOLED
+    const int obase = (b0 + ts / kc) * O;  // the image's switches (classes share them)
+#endif
+    // this thread's A entries: row ak0 + 4j (of BM), column ak (of BK)
+    const int ak = tid % BK, ak0 = tid / BK;
+
+    float ra[A_LOADS], rb[B_LOADS];
+    float acc[2][4][4];
+    for (int mi = 0; mi < 2; ++mi)
+        for (int ni = 0; ni < 4; ++ni)
+            for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
+
+    // K runs over (tap, o) in steps of BK channels of one tap: the tap, and with it this thread's source
+    // pixel and its bounds, are the same for a whole step; channels past O are zeros in A and in B
+    const int OB = (O + BK - 1) / BK, steps = TAPS * OB;
+    const int plane = Hs * Ws, nplane = n * plane;
+    const float floor = rect ? 0.0f : -3.402823466e38f;  // rectify as read: max(v, floor) (inputs are finite)
+    auto load = [&](int s) {
+        // every load below reads a valid address (indices clamped into the arrays) and what must be zero is
+        // selected away after it: no branches around loads. 32-bit indices: launch() refuses arrays of 2^31
+        // elements or more.
+        const int tap = s / OB, c0 = (s - tap * OB) * BK;
+        const float* wq = weight + (min(i0 + ak0, I - 1) * TAPS + tap) * O;
+#pragma unroll
+        for (int j = 0; j < A_LOADS; ++j) {
+            const int i = i0 + ak0 + j * (THREADS / BK), o = c0 + ak;
+            const int ic = min(i, I - 1), oc = FULL_CHUNKS ? o : min(o, O - 1);
+            const float v = wq[(ic - i0 - ak0) * TAPS * O + oc];
+            ra[j] = (i < I && (FULL_CHUNKS || o < O)) ? v : 0.0f;
+        }
+        const int ky = tap / KW, kx = tap - (tap / KW) * KW;
+        const int u = y + PH - ky, w = x + PW - kx;
+        bool inside = pixel && u >= 0 && u < Hu && w >= 0 && w < Wu;
+#if POOLED
+        const int pp = (u + PPH) / PSH, qq = (w + PPW) / PSW;
+        const int dy = u + PPH - pp * PSH, dx = w + PPW - qq * PSW;
+        inside = inside && dy < PKH && dx < PKW && pp < Hs && qq < Ws;
+        const int cell = inside ? pp * Ws + qq : 0;
+        const int d = dy * PKW + dx;
+        const int* oq = offs + (obase + c0 + bk0) * plane + cell;  // channel c0 + bk0 + r at oq[r * plane]
+        const float* vq = src + ((c0 + bk0) * n + ts) * plane + cell;  // ... at vq[r * nplane]
+#else
+        const float* vq = src + ((c0 + bk0) * n + ts) * plane + (inside ? u * Ws + w : 0);
+#endif
+#pragma unroll
+        for (int j = 0; j < B_LOADS; ++j) {
+            const int r = j * B_ROW_STEP, o = c0 + bk0 + r;
+            const int rc = FULL_CHUNKS ? r : min(o, O - 1) - c0 - bk0;
+            float v = vq[rc * nplane];
+#if POOLED
+            v = oq[rc * plane] == d ? v : 0.0f;
+#endif
+            v = (inside && (FULL_CHUNKS || o < O)) ? fmaxf(v, floor) : 0.0f;
+            rb[j] = v;
+        }
+    };
+    auto stage = [&]() {
+#pragma unroll
+        for (int j = 0; j < A_LOADS; ++j) As[ak0 + j * (THREADS / BK)][ak] = __float_as_uint(ra[j]);  // TF32 already
+#pragma unroll
+        for (int j = 0; j < B_LOADS; ++j) Bs[bk0 + j * B_ROW_STEP][bn] = to_tf32(rb[j]);
+    };
+
+    load(0);
+    stage();
+    __syncthreads();
+    for (int s = 0; s < steps; ++s) {
+        const bool more = s + 1 < steps;
+        if (more) load(s + 1);  // in flight while the tensor cores work on this step
+#pragma unroll
+        for (int ks = 0; ks < BK; ks += 8) {
+            unsigned a[2][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                const int row = wm * 32 + mi * 16 + g;
+                a[mi][0] = As[row][ks + t4];
+                a[mi][1] = As[row + 8][ks + t4];
+                a[mi][2] = As[row][ks + t4 + 4];
+                a[mi][3] = As[row + 8][ks + t4 + 4];
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int col = wn * 32 + ni * 8 + g;
+                b[ni][0] = Bs[ks + t4][col];
+                b[ni][1] = Bs[ks + t4 + 4][col];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) mma_tf32(acc[mi][ni], a[mi], b[ni]);
+        }
+        __syncthreads();
+        if (more) {
+            stage();
+            __syncthreads();
+        }
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int i = i0 + wm * 32 + mi * 16 + g + (q >> 1) * 8;
+                const int pc = p0 + wn * 32 + ni * 8 + 2 * t4 + (q & 1);
+                if (i < I && pc < P) out[i * P + pc] = acc[mi][ni][q];
+            }
+}
+"""
+
+_HOST_ENTRY = r"""
+extern "C" void tc_launch(unsigned gx, unsigned gy, const float* src, const int* offs, const float* weight,
+                          float* out, int O, int I, int n, int Hs, int Ws, int Hu, int Wu, int H, int W,
+                          int b0, int kc, int rect) {
+    tc_host_launch(gx, gy, THREADS, [=] {
+        tc_transpose(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect);
+    });
+}
+"""
+
+_NO_POOL = (1, 1, 1, 1, 0, 0)
+
+
+def tile_m(I: int) -> int:
+    """Output channels per block: 32 when the layer has at most 32 (each block then covers 128 pixels),
+    else 64."""
+    return 32 if I <= 32 else 64
+
+
+def supports(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, pool: tuple | None) -> bool:
+    """Whether this kernel can do the transposed conv: stride 1, padding inside the kernel, and a dense
+    source or a pool whose windows do not overlap (kernel <= stride: each unpooled pixel has one window)."""
+    if (sh, sw) != (1, 1) or not (0 <= ph < kh and 0 <= pw < kw):
+        return False
+    if pool is not None:
+        pkh, pkw, psh, psw, pph, ppw = pool
+        if pkh > psh or pkw > psw or pph < 0 or ppw < 0:
+            return False
+    return True
+
+
+def fits(src_size: int, out_size: int) -> bool:
+    """Whether the kernel's 32-bit indices reach every element of the source and of the output."""
+    return max(int(src_size), int(out_size)) < 2**31
+
+
+def round_tf32(a) -> np.ndarray:
+    """``a`` as C-contiguous float32 rounded to TF32 as cvt.rna does (10 mantissa bits, to nearest, ties away
+    from zero): the weights are staged as they are, the source is rounded in the kernel."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def source(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, bm: int, full: bool) -> str:
+    """The CUDA C source of one specialisation (geometry and tile as macros; ``full``: the source has a
+    multiple of BK channels, so no step has channels to mask)."""
+    pkh, pkw, psh, psw, pph, ppw = pool or _NO_POOL
+    bn = {32: 128, 64: 64}[bm]
+    defines = dict(KH=kh, KW=kw, PH=ph, PW=pw, POOLED=int(pool is not None), PKH=pkh, PKW=pkw, PSH=psh,
+                   PSW=psw, PPH=pph, PPW=ppw, BM=bm, BN=bn, FULL_CHUNKS=int(bool(full)))
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+
+
+def grid(I: int, pixels: int) -> tuple[int, int]:
+    bm = tile_m(I)
+    bn = {32: 128, 64: 64}[bm]
+    return dv.ceil_div(pixels, bn), dv.ceil_div(I, bm)
+
+
+def available() -> str | None:
+    """None when the kernel can run here, else why not: the GPU must have tensor cores with TF32
+    (compute capability 8.0 or later); without a GPU, a C++20 compiler must run the emulation."""
+    if dv.cp is not None:
+        major = int(dv.cp.cuda.Device().compute_capability[:-1] or 0)
+        return None if major >= 8 else f"compute capability {dv.cp.cuda.Device().compute_capability} < 8.0"
+    return None if _compiler() else "no C++ compiler (c++ / g++) for the host emulation"
+
+
+def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, kernel, padding, pool):
+    """out (I, n, H, W) = the stride-1 transposed conv (``kernel``, ``padding``) of src (O, n, Hs, Ws)
+    ((Hs, Ws) the pooled size when ``pool``, whose window offsets ``offs`` (B, O, Hs, Ws) int32 are read),
+    rectified as read when ``rect``; weight (I, kh, kw, O) float32 rounded to TF32 (:func:`round_tf32`).
+    TF32 inputs, float32 sums."""
+    if not fits(src.size, out.size) or not fits(offs.size, weight.size):
+        raise ValueError(f"tensor_cores.launch: arrays of {max(src.size, out.size, offs.size)} elements; the "
+                         "kernel's 32-bit indices reach 2^31 - 1")
+    kh, kw = kernel
+    ph, pw = padding
+    bm, full = tile_m(I), O % BK == 0
+    gx, gy = grid(I, n * H * W)
+    ints = (O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, int(bool(rect)))
+    if dv.cp is not None:  # pragma: no cover - needs a GPU
+        fn = _gpu_kernel(kh, kw, ph, pw, pool, bm, full)
+        fn((gx, gy), (THREADS,), (src, offs, weight, out, *(np.int32(v) for v in ints)))
+        if dv.CHECK_LAUNCHES:
+            dv.synchronize()
+        return out
+    lib = _host_library(kh, kw, ph, pw, pool, bm, full)
+    arrays = []
+    for a, dtype in ((src, np.float32), (offs, np.int32), (weight, np.float32), (out, np.float32)):
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            raise ValueError(f"tensor_cores.launch: a {a.dtype} array (contiguous: {a.flags.c_contiguous}); "
+                             f"expected C-contiguous {np.dtype(dtype)}")
+        arrays.append(a.ctypes.data_as(ctypes.c_void_p))
+    lib.tc_launch(ctypes.c_uint(gx), ctypes.c_uint(gy), *arrays, *(ctypes.c_int(int(v)) for v in ints))
+    return out
+
+
+@lru_cache(maxsize=None)
+def _gpu_kernel(kh, kw, ph, pw, pool, bm, full):  # pragma: no cover - needs a GPU
+    return dv.cp.RawKernel(source(kh, kw, ph, pw, pool, bm, full), "tc_transpose", options=("--std=c++17",))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@lru_cache(maxsize=None)
+def _host_library(kh, kw, ph, pw, pool, bm, full):
+    """The specialisation compiled for the CPU with tc_host.hpp (cached by the source's hash)."""
+    header = Path(__file__).with_name("tc_host.hpp")
+    code = f'#include "{header}"\n' + source(kh, kw, ph, pw, pool, bm, full) + _HOST_ENTRY
+    digest = hashlib.sha256((code + header.read_text()).encode()).hexdigest()[:16]
+    root = os.environ.get("CLEARMAPS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "clearmaps")
+    folder = Path(root) / "tc-host"
+    folder.mkdir(parents=True, exist_ok=True)
+    lib = folder / f"tc_{digest}.so"
+    if not lib.exists():
+        cxx = _compiler()
+        if cxx is None:
+            raise RuntimeError("tensor_cores: no C++ compiler to build the host emulation (set CXX)")
+        cpp = folder / f"tc_{digest}.{os.getpid()}.cpp"
+        cpp.write_text(code)
+        tmp = folder / f".tc_{digest}.{os.getpid()}.so"
+        done = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-o", str(tmp), str(cpp)],
+                              capture_output=True, text=True)
+        cpp.unlink(missing_ok=True)
+        if done.returncode:
+            raise RuntimeError(f"tensor_cores: the host emulation did not compile:\n{done.stderr[-4000:]}")
+        os.replace(tmp, lib)
+    return ctypes.CDLL(str(lib))

@@ -1,0 +1,157 @@
+"""The fast mode's tensor-core kernel (kernels/cuda/tensor_cores.py) against the float64 reference.
+
+Under the simulator its CUDA C runs through tc_host.hpp (blocks as threads, the mma instruction emulated
+with the PTX ISA's fragment layouts); on a GPU (bench/device.sh) the same tests run the real kernel. The
+reference is fed the inputs rounded to TF32, as the kernel rounds them, so what is left is float32
+summation: a wrong index, lane, register or row anywhere would be an O(1) error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clearmaps import reference as ref
+from clearmaps.kernels import cuda as kc
+from clearmaps.reference import Conv, MaxPool, Network, ReLU
+
+from ..tolerances import RTOL_F32, assert_close, decisive, rel_err
+
+assert kc.is_available(), kc.why_unavailable()
+from clearmaps.kernels.cuda import backend  # noqa: E402
+from clearmaps.kernels.cuda import device as dv  # noqa: E402
+from clearmaps.kernels.cuda import sparse_kernels as sk  # noqa: E402
+from clearmaps.kernels.cuda import tensor_cores as tc  # noqa: E402
+
+pytestmark = pytest.mark.skipif(tc.available() is not None, reason=str(tc.available()))
+
+
+def _tf32(a):
+    return tc.round_tf32(a).astype(np.float64)
+
+
+def run_kernel(seed, k, p, pool, O, I, B, kc_, Hu, Wu, rect):
+    """(kernel output (n, I, H, W), float64 reference of the TF32-rounded inputs)."""
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    n = B * kc_
+    image = np.arange(n) // kc_
+    if pool is None:
+        y = rng.normal(size=(n, O, Hu, Wu))
+        U = _tf32(y)
+        offsets, geo = np.zeros(1, np.int32), None
+    else:
+        pk, ps, pp = pool
+        _, sw = ref.max_pool_with_switches(rng.normal(size=(B, O, Hu, Wu)), pk, ps, pp)
+        y = rng.normal(size=(n, *sw.shape[1:]))
+        geo = (pk, pk, ps, ps, pp, pp)
+        offsets, inside = sk.window_offsets(sw.astype(np.int32), geo, (Hu, Wu))
+        assert inside
+        U = ref.unpool(_tf32(y), sw[image], (Hu, Wu))
+    weight = rng.normal(size=(O, I, kh, kw))
+    want = ref.conv_transpose2d(np.maximum(U, 0) if rect else U, _tf32(weight), 1, p)
+    H, W = want.shape[2:]
+    Hs, Ws = y.shape[2:]
+    out = dv.asdevice(np.full((I, n, H, W), np.nan, np.float32))
+    tc.launch(dv.asdevice(np.ascontiguousarray(y.transpose(1, 0, 2, 3), np.float32)), dv.asdevice(offsets),
+              dv.asdevice(tc.round_tf32(weight.transpose(1, 2, 3, 0))), out, O, I, n, Hs, Ws, Hu, Wu, H, W, 0, kc_,
+              rect, (kh, kw), p, geo)
+    return dv.tohost(out).transpose(1, 0, 2, 3), want
+
+
+# (kernel, padding, pool, O, I, B, kc, Hu, Wu, rect): dense and pooled sources (windows that tile, are
+# padded, leave gaps); O a multiple of 32 (no channel masks: FULL_CHUNKS) or not, one or several steps per
+# tap; I <= 32 (32 x 128 tiles) and wider (64 x 64), ragged against the tile; several images with several
+# classes each (the switches are the signal's image's); non-square kernels and padding
+CASES = [
+    ((3, 3), (1, 1), None, 32, 20, 1, 3, 7, 9, True),
+    ((3, 3), (1, 1), None, 37, 70, 2, 1, 6, 5, False),
+    ((3, 2), (2, 0), None, 5, 33, 1, 2, 5, 8, True),
+    ((3, 3), (1, 1), (2, 2, 0), 64, 33, 2, 2, 8, 10, True),
+    ((3, 3), (1, 1), (2, 2, 0), 9, 20, 1, 3, 9, 7, False),
+    ((3, 3), (1, 1), (2, 2, 1), 32, 64, 2, 1, 8, 8, True),
+    ((2, 3), (1, 0), (2, 3, 1), 33, 5, 1, 2, 11, 10, True),
+    ((1, 1), (0, 0), (2, 2, 0), 40, 96, 1, 2, 6, 6, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tensor_core_transpose_equals_reference(case):
+    got, want = run_kernel(3, *case)
+    assert not np.isnan(got).any(), "pixels left unwritten"
+    assert_close(got, want, RTOL_F32, "tensor-core transposed conv (TF32 inputs)")
+
+
+def test_wrong_fragment_layouts_are_caught(monkeypatch):
+    """Negative controls: the kernel with a0/a2 of the A fragment swapped, or with the rows of B's b0/b1
+    swapped, must fail the comparison (the emulation models the PTX layouts; it does not forgive them)."""
+    case = CASES[3]
+    for old, new in (("a[mi][0] = As[row][ks + t4];", "a[mi][0] = As[row][ks + t4 + 4];"),
+                     ("b[ni][1] = Bs[ks + t4 + 4][col];", "b[ni][1] = Bs[ks + t4][col];")):
+        assert old in tc._SOURCE
+        monkeypatch.setattr(tc, "_SOURCE", tc._SOURCE.replace(old, new))
+        tc._host_library.cache_clear()
+        tc._gpu_kernel.cache_clear()
+        try:
+            got, want = run_kernel(3, *case)
+        finally:
+            monkeypatch.undo()
+            tc._host_library.cache_clear()
+            tc._gpu_kernel.cache_clear()
+        assert rel_err(got, want) > 0.1, (old, rel_err(got, want))
+
+
+def test_tf32_rounding():
+    """round_tf32 keeps 10 mantissa bits, rounding to nearest (ties away from zero)."""
+    x = np.random.default_rng(0).normal(size=10000).astype(np.float32) * np.float32(1e3)
+    r = tc.round_tf32(x)
+    assert (r.view(np.uint32) & 0x1FFF == 0).all()
+    assert (np.abs(r.astype(np.float64) - x) <= np.abs(x.astype(np.float64)) * 2.0**-11).all()
+    ties = np.array([1 + 2**-11, -(1 + 2**-11), 1 + 3 * 2**-11], np.float32)
+    assert tc.round_tf32(ties).tolist() == [1 + 2**-10, -(1 + 2**-10), 1 + 2**-9]
+
+
+def test_supports_and_sizes():
+    assert tc.supports(3, 3, 1, 1, 1, 1, None) and tc.supports(3, 3, 1, 1, 1, 1, (2, 2, 2, 2, 0, 0))
+    assert not tc.supports(3, 3, 2, 2, 1, 1, None)  # strided: columns + GEMM
+    assert not tc.supports(3, 3, 1, 1, 1, 1, (3, 3, 2, 2, 0, 0))  # overlapping windows
+    assert not tc.supports(3, 3, 1, 1, 3, 1, None)  # padding beyond the kernel
+    assert tc.fits(2**31 - 1, 10) and not tc.fits(10, 2**31)
+    with pytest.raises(ValueError, match="32-bit"):
+        tc.launch(np.zeros(1, np.float32), np.zeros(1, np.int32), np.zeros(1, np.float32),
+                  np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (2**31,), (0,)),
+                  1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, False, (1, 1), (0, 0), None)
+
+
+def _net(rng):
+    def conv(i, o, k=3, p=1):
+        return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
+
+    return Network([conv(2, 6), ReLU(), conv(6, 9), ReLU(), MaxPool(2), conv(9, 8), ReLU(), conv(8, 8), ReLU(),
+                    MaxPool(2, 2, 1), conv(8, 7), ReLU(), conv(7, 4, 1, 0), ReLU()])
+
+
+def test_fast_mode_on_the_tensor_cores(monkeypatch):
+    """TENSOR_CORES on: in the fast mode the stride-1 transposed convs behind the 2x2 pools (one padded) and
+    on dense sources run on the tensor-core kernel (counted), the input layer's on the direct kernel; the
+    maps agree with the float64 reference to TF32 accuracy and the dominant class wherever it is decided by
+    more than that. In the exact mode the kernel is never used."""
+    monkeypatch.setattr(backend, "TENSOR_CORES", True)
+    used = []
+    real = tc.launch
+    monkeypatch.setattr(tc, "launch", lambda *a: used.append((a[4], a[5], a[-1])) or real(*a))
+    rng = np.random.default_rng(8)
+    net = _net(rng)
+    x = rng.normal(size=(2, 2, 12, 11))
+    classes = np.array([[0, 3, 1], [2, 1, 0]])
+    want = ref.clear_from_trace(net, ref.forward(net, x), classes)
+    exact = kc.clear_from_trace(net, kc.forward(net, x, fast=False), classes, fast=False)
+    assert used == []
+    got = kc.clear_from_trace(net, kc.forward(net, x, fast=True), classes, fast=True)
+    assert used == [(8, 8, (2, 2, 2, 2, 1, 1)), (8, 9, None), (9, 6, (2, 2, 2, 2, 0, 0))]
+    for out in (exact, got):
+        responses = dv.tohost(out.responses)
+        err = rel_err(responses, want.responses)
+        assert err < (RTOL_F32 if out is exact else 2e-3), err
+        mask = decisive(want.responses, margin=0.02)
+        assert mask.mean() > 0.5
+        assert (dv.tohost(out.dominant_index)[mask] == want.dominant_index[mask]).all()
