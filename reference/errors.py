@@ -37,7 +37,10 @@ def check_array(a, name: str, ndim: int | None = None, *, kinds: str = "f",
     if a.dtype.kind == "f" and a.dtype.itemsize < 4:
         raise ClearmapsError(f"{name} has dtype {a.dtype}; expected float32 or float64 "
                              "(convert half precision with .astype(np.float32)).")
-    if finite and a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+    # an array with all strides 0 (a broadcast scalar, such as the CUDA backend's stand-in for a GPU array,
+    # whose values it checks on the device) holds one value: test that one, not every copy of it
+    values = a[(0,) * a.ndim] if a.size and not any(a.strides) else a
+    if finite and a.dtype.kind == "f" and a.size and not np.isfinite(values).all():
         bad = np.argwhere(~np.isfinite(a))[0]
         raise ClearmapsError(f"{name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
                              "expected finite values.")

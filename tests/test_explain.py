@@ -101,6 +101,7 @@ def test_options_pass_through(net, x, reduce, rectify):
     (np.zeros((1, 2, 9, 8), dtype=np.float16), "float32 or float64"),
     (np.full((1, 2, 9, 8), np.nan), "NaN or Inf"),
     (np.full((1, 2, 9, 8), np.inf), "NaN or Inf"),
+    (np.broadcast_to(np.float64(np.nan), (1, 2, 9, 8)), "NaN or Inf"),  # one value, every stride 0
     (np.zeros((0, 2, 9, 8)), "empty batch"),
     ([[1, 2], [3]], "could not be read as an array"),
     (None, "missing"),
