@@ -12,12 +12,17 @@
 #      processes, into the shared kernel cache (bench/device_warm.py; their compile times)    warm.log
 #   3. the benchmark: allcnn-mnist batch 1024 and vgg16-fcn 224x224 batch 8, ten classes; methods
 #      captum-cuda, torch-cuda (fp32, TF32 off), torch-cuda-tf32, cuda (exact), cuda-gemm (exact, the
-#      columns + GEMM path instead of the sparse kernel), cuda-fast (TF32):
+#      columns + GEMM path instead of the sparse kernel), cuda-fast (TF32), cuda-fast-tc (TF32 with the
+#      transposed and forward convs on the tensor-core kernel, kernels/cuda/tensor_cores.py):
 #      the float32 contract against a float64 oracle first (vgg16-fcn: at 64x64, same weights; see
 #      bench/device_bench.py), then CUDA-event medians and per-layer breakdowns     bench.log/json/md
 #   4. pytest -m gpu: tests/test_cuda_gpu.py and the interop side-stream test          gpu_tests.log
+#   4b. the tensor-core kernel's equivalence tests (tests/cuda_sim/test_tensor_cores.py) on the real GPU
+#                                                                                    tensor_cores.log
 #   5. the variants on allcnn-mnist (cuda-rows: the row-blocked direct kernel for the last transposed conv;
-#      cuda-sparse: every stride-1 conv larger than 1x1 on the sparse kernel) beside cuda and torch-cuda
+#      cuda-sparse: every stride-1 conv larger than 1x1 on the sparse kernel; cuda-fast-tc and
+#      cuda-fast-tc-wide: the tensor-core kernel with 64- / 128-channel tiles on wide layers) beside cuda,
+#      torch-cuda and torch-cuda-tf32
 #                                                                                    variants/, variants.log
 #   5b. the same variants on vgg16-fcn 224 batch 8                               variants-vgg/, variants_vgg.log
 #   6. the CUDA equivalence tests of tests/cuda_sim on the real GPU (last: each hypothesis geometry
@@ -87,14 +92,16 @@ step preflight 30 python3 -m bench.device_preflight
 [ -s "$LOG/preflight.log" ] && head -n 20 "$LOG/preflight.log"
 export CLEARMAPS_CACHE_DIR=/tmp/clearmaps-cache
 step warm 90 python3 -m bench.device_warm
-step bench 180 python3 -m bench.device_bench --out "$LOG" --repeats 5
+step bench 120 python3 -m bench.device_bench --out "$LOG" --repeats 5
 step gpu_tests 90 env CLEARMAPS_CUDA_CHECK=1 \
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
-step variants 60 python3 -m bench.device_bench --out "$LOG/variants" --cases allcnn-mnist-b1024 \
+step tensor_cores 30 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
+    python3 -m pytest -q -p no:cacheprovider tests/cuda_sim/test_tensor_cores.py
+step variants 80 python3 -m bench.device_bench --out "$LOG/variants" --cases allcnn-mnist-b1024 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
-step variants_vgg 60 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
+step variants_vgg 100 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
-step equivalence 90 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
+step equivalence 60 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
     python3 -m pytest -q -p no:cacheprovider tests/cuda_sim
 
 echo
@@ -102,7 +109,7 @@ echo "================ clearmaps on $(nvidia-smi --query-gpu=name --format=csv,n
 [ -f "$LOG/bench.md" ] && cat "$LOG/bench.md"
 grep -h "breakdown" "$LOG/bench.log" 2> /dev/null  # per-layer steps: bench.log, bench.json
 grep -h "ceilings" "$LOG/bench.log" 2> /dev/null
-tail -n 1 "$LOG/gpu_tests.log" "$LOG/equivalence.log" 2> /dev/null
+tail -n 1 "$LOG/gpu_tests.log" "$LOG/tensor_cores.log" "$LOG/equivalence.log" 2> /dev/null
 [ -f "$LOG/variants/bench.md" ] && cat "$LOG/variants/bench.md"
 [ -f "$LOG/variants-vgg/bench.md" ] && cat "$LOG/variants-vgg/bench.md"
 note "total $(( $(date +%s) - T0 )) s"

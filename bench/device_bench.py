@@ -58,7 +58,7 @@ DEFAULT_CASES = "allcnn-mnist-b1024,vgg16-fcn-b8"
 # not yet timed) and cuda-sparse (the sparse kernel for every stride-1 conv larger than 1x1). cuda-cpt1 (one
 # output channel per thread) and cuda-8x8 (8x8 tiles) lost by 4-6% and 20% in run 5 and stay registered.
 DEFAULT_METHODS = "captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-gemm,cuda-fast,cuda-fast-tc"
-VARIANT_METHODS = "torch-cuda,cuda,cuda-rows,cuda-sparse"
+VARIANT_METHODS = "torch-cuda,torch-cuda-tf32,cuda,cuda-rows,cuda-sparse,cuda-fast-tc,cuda-fast-tc-wide"
 TORCH_FP32 = "torch-cuda"
 
 

@@ -55,7 +55,38 @@ def main() -> int:
         errs["tf32" if fast else "fp32"] = float(np.linalg.norm(cp.asnumpy(C) - want) / np.linalg.norm(want))
     print("numba.cuda kernel on CuPy arrays:", "ok" if ok_kernel else "WRONG")
     print("GEMM relative errors vs float64:", errs)
-    return 0 if ok_kernel and errs["fp32"] < 1e-5 and errs["tf32"] < 1e-2 else 1
+    tc_err = _tensor_cores(np, cp)
+    print("tensor-core kernel (NVRTC, mma.sync TF32) relative error vs float64:", tc_err)
+    return 0 if ok_kernel and errs["fp32"] < 1e-5 and errs["tf32"] < 1e-2 and tc_err < 1e-2 else 1
+
+
+def _tensor_cores(np, cp) -> float:
+    """One 3x3 transposed conv, 64 -> 64 channels on 16 signals of 14x14, through tensor_cores.py: its
+    relative error against float64 (TF32: ~1e-3), or inf when it does not compile or run."""
+    from clearmaps.kernels.cuda import tensor_cores as tc
+
+    why = tc.available()
+    if why:
+        print("tensor-core kernel unavailable:", why)
+        return float("inf")
+    rng = np.random.default_rng(1)
+    src = rng.normal(size=(64, 16, 14, 14)).astype(np.float32)
+    w = rng.normal(size=(64, 64, 3, 3)).astype(np.float32)
+    out = cp.full((64, 16, 14, 14), cp.nan, dtype=cp.float32)
+    try:
+        tc.launch(cp.asarray(src), cp.zeros(1, cp.int32), cp.asarray(tc.weight_layout(w)), out,
+                  64, 64, 16, 14, 14, 14, 14, 14, 14, 0, 1, False, (3, 3), (1, 1), None)
+        cp.cuda.runtime.deviceSynchronize()
+    except Exception as exc:  # what failed is the point of a preflight
+        print("tensor-core kernel FAILED:", type(exc).__name__, str(exc)[:2000])
+        return float("inf")
+    # out[i, t, y, x] = sum w[o, i, ky, kx] src[o, t, y + 1 - ky, x + 1 - kx]
+    pad = np.pad(src.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.zeros((64, 16, 14, 14))
+    for ky in range(3):
+        for kx in range(3):
+            want += np.einsum("oi,otyx->ityx", w[:, :, ky, kx], pad[:, :, 2 - ky:16 - ky, 2 - kx:16 - kx])
+    return float(np.linalg.norm(cp.asnumpy(out) - want) / np.linalg.norm(want))
 
 
 if __name__ == "__main__":

@@ -103,21 +103,22 @@ def _torch_method(base_setup, tf32: bool):
 
 
 def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None, rows=None, dense_min=None,
-         tensor=None):
+         tensor=None, wide=None):
     """Context: transposed convs with at most ``direct_limit`` output channels run as the direct kernel;
     ``sparse`` False sends the stride-1 ones to columns + GEMM instead of the sparse kernel; ``tile_rows``
     sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes; ``cpt``
     its most output channels per thread; ``rows`` the row-blocked direct kernel for the last transposed conv;
     ``dense_min`` the fewest source channels of a dense conv it takes; ``tensor`` the fast mode's tensor-core
-    kernel (None: as set)."""
+    kernel; ``wide`` its 128-channel tiles (None: as set)."""
     import contextlib
 
-    from clearmaps.kernels.cuda import backend, sparse_kernels
+    from clearmaps.kernels.cuda import backend, sparse_kernels, tensor_cores
 
     wanted = {(backend, "DIRECT_MAX_CHANNELS"): direct_limit, (backend, "SPARSE_TRANSPOSE"): sparse,
               (sparse_kernels, "TILE_ROWS"): tile_rows, (sparse_kernels, "DENSE_MAX_CHANNELS"): dense_max,
               (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt, (backend, "ROWS_DIRECT"): rows,
-              (sparse_kernels, "DENSE_MIN_SOURCE_CHANNELS"): dense_min, (backend, "TENSOR_CORES"): tensor}
+              (sparse_kernels, "DENSE_MIN_SOURCE_CHANNELS"): dense_min, (backend, "TENSOR_CORES"): tensor,
+              (tensor_cores, "WIDE_TILES"): wide}
 
     @contextlib.contextmanager
     def ctx():
@@ -135,8 +136,8 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
 
 def _clearmaps_setup(fast: bool, **knobs):
     """A clearmaps CUDA method run under ``ways(**knobs)``."""
-    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min, tensor = (knobs.get(k) for k in (
-        "direct_limit", "sparse", "tile_rows", "dense_max", "cpt", "rows", "dense_min", "tensor"))
+    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min, tensor, wide = (knobs.get(k) for k in (
+        "direct_limit", "sparse", "tile_rows", "dense_max", "cpt", "rows", "dense_min", "tensor", "wide"))
 
     def setup(case) -> Prepared:
         import cupy as cp
@@ -191,7 +192,8 @@ def _clearmaps_setup(fast: bool, **knobs):
                         ("" if cpt is None else f", at most {cpt} output channel(s) per thread") +
                         ("" if rows is None else f", row-blocked direct kernel {'on' if rows else 'off'}") +
                         ("" if dense_min is None else f", sparse on dense inputs from {dense_min} source channels") +
-                        ("" if tensor is None else f", tensor-core kernel {'on' if tensor else 'off'}"))
+                        ("" if tensor is None else f", tensor-core kernel {'on' if tensor else 'off'}") +
+                        ("" if wide is None else f", 128-channel tensor-core tiles {'on' if wide else 'off'}"))
     # the routing, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
     setup.knobs = knobs
     setup.fast = fast
@@ -252,4 +254,7 @@ register(Method("cuda-fast", "cuda", _clearmaps_setup(True), "clearmaps backend=
 # until a GPU run has checked and timed it)
 register(Method("cuda-fast-tc", "cuda", _clearmaps_setup(True, tensor=True),
                 "clearmaps backend='cuda', TF32, transposed convs on the tensor-core kernel (fast mode)",
+                available=_clearmaps_cuda_available, exact=False))
+register(Method("cuda-fast-tc-wide", "cuda", _clearmaps_setup(True, tensor=True, wide=True),
+                "clearmaps backend='cuda', TF32, tensor-core kernel with 128-channel tiles on wide layers",
                 available=_clearmaps_cuda_available, exact=False))

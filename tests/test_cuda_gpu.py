@@ -147,6 +147,35 @@ def test_fast_mode_reports_its_agreement(kc):
     assert report["decisive_agreement"] >= 0.97 and report["agreement"] >= 0.9, report
 
 
+@pytest.mark.parametrize("arch, size", [("allcnn-mnist", 28), ("vgg16-fcn", 64)])
+def test_tensor_cores_on_the_gpu(kc, monkeypatch, arch, size):
+    """The fast mode on the tensor-core kernel (backend.TENSOR_CORES), compiled by NVRTC for the real GPU:
+    every stride-1 transposed conv it takes, and the forward convs, against the float64 reference on the
+    exact trace's switches (TF32 accuracy), and its dominant-class agreement as agreement() reports it."""
+    from clearmaps import reference as ref
+    from clearmaps.kernels.cuda import backend
+    from clearmaps.kernels.cuda import tensor_cores as tc
+
+    monkeypatch.setattr(backend, "TENSOR_CORES", True)
+    used = []
+    real = tc.launch
+    monkeypatch.setattr(tc, "launch", lambda *a: used.append(a[4:6]) or real(*a))
+    net = _preset(arch, 6)
+    x = np.random.default_rng(6).uniform(size=(3, net.in_channels, size, size)).astype(np.float32)
+    classes = np.tile(np.arange(10), (3, 1))
+    trace = kc.forward(net, x, fast=False)
+    got = kc.clear_from_trace(net, trace, classes, fast=True)
+    assert len(used) >= 2, used
+    want = ref.clear_from_trace(net, ref.forward(net, x), classes)
+    err = np.linalg.norm(got.responses - want.responses) / np.linalg.norm(want.responses)
+    assert RTOL_F32 < err < 5e-3, err
+    mask = decisive(want.responses, margin=0.02)
+    assert mask.mean() > 0.3
+    assert (got.dominant_index[mask] == want.dominant_index[mask]).mean() >= 0.999
+    report = kc.agreement(net, x)
+    assert report["decisive_agreement"] >= 0.97, report
+
+
 def test_auto_picks_cuda_and_explain_runs(kc):
     import clearmaps
 

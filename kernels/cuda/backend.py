@@ -16,6 +16,9 @@ Data flow (all float32, channel-major (C, n, H, W) inside):
                     skips zeros; on a dense source only where sparse_kernels.dense_pays); else
                     the fused gather of its columns from the (unpooled, rectified) source + one GEMM; or,
                     when it has few output channels (the input layer), one direct kernel.
+    fast mode       with TENSOR_CORES on, the stride-1 convs of at least tensor_cores.MIN_CHANNELS source
+                    channels, forward (flipped kernels, bias) and transposed (dense source or behind a
+                    non-overlapping pool), run as tensor_cores.py's TF32 implicit GEMM instead.
     epilogue        one pass per chunk: channel reduction, argmax over classes, max, and HSV when the
                     normaliser is known (see epilogue.py).
 
@@ -148,7 +151,9 @@ class _ConvPlan:
     transposed  (I, O*kh*kw): weight[o, i, ky, kx] at [i, (o*kh + ky)*kw + kx] (transposed columns + GEMM)
     sparse      (O, kh, kw, I): what sparse_kernels.sparse_transpose reads
     flipped     (I, kh, kw, O): weight[o, i, kh-1-ky, kw-1-kx] at [i, ky, kx, o] (the forward conv, sparse)
-    tensor      (I, kh, kw, O): weight[o, i, ky, kx] at [i, ky, kx, o], rounded to TF32 (tensor_cores.py)
+    tensor      (I', kh, kw, O'): weight[o, i, ky, kx] at [i, ky, kx, o], padded, rounded to TF32
+                (tensor_cores.weight_layout)
+    tensor_flipped (O', kh, kw, I'): the same for the forward conv, the transposed conv of its flipped kernels
     bias        (O,)"""
 
     def __init__(self, layer: Conv):
@@ -190,7 +195,11 @@ class _ConvPlan:
 
     @cached_property
     def tensor(self):
-        return dv.asdevice(tc.round_tf32(self._w.transpose(1, 2, 3, 0)))
+        return dv.asdevice(tc.weight_layout(self._w))
+
+    @cached_property
+    def tensor_flipped(self):
+        return dv.asdevice(tc.weight_layout(self._w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)))
 
     @cached_property
     def bias(self):
@@ -285,12 +294,26 @@ def _sparse_forward(layer: Conv) -> bool:
             and pw < kw and sk.supports(kh, kw, *layer.stride, kh - 1 - ph, kw - 1 - pw, None))
 
 
+def _tensor_cores(kernel, stride, padding, pool, source_channels: int, sizes: tuple, fast: bool) -> bool:
+    """Whether a transposed conv (forward: of the flipped kernels) runs on the tensor-core kernel: in the fast
+    mode with TENSOR_CORES on, for a geometry it supports, a source of at least tc.MIN_CHANNELS channels and
+    arrays its 32-bit indices reach (``sizes``: the source's and the output's element counts)."""
+    return (fast and TENSOR_CORES and source_channels >= tc.MIN_CHANNELS and tc.fits(*sizes)
+            and tc.supports(*kernel, *stride, *padding, pool) and tc.available() is None)
+
+
 def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
     """a (I, Bc, H, W) → conv output (O, Bc, oh, ow) with bias; ``rect`` rectifies a pending ReLU."""
     I, Bc, H, W = a.shape
     O = layer.out_channels
     kh, kw = layer.kernel
     oh, ow = layer.output_size((H, W))
+    flipped = (kh - 1 - layer.padding[0], kw - 1 - layer.padding[1])
+    if _tensor_cores(layer.kernel, layer.stride, flipped, None, I, (a.size, O * Bc * oh * ow), fast):
+        out = xp.empty((O, Bc, oh, ow), dtype=np.float32)
+        tc.launch(a, _dummy(np.int32), plan.tensor_flipped, out, I, O, Bc, H, W, H, W, oh, ow, 0, 1, rect,
+                  layer.kernel, flipped, None, plan.bias)
+        return out
     if _sparse_forward(layer):  # the transposed conv of the flipped kernels, input channels as its "O"
         out = xp.empty((O, Bc, oh, ow), dtype=np.float32)
         _launch_sparse(a, None, plan.flipped, plan.bias, out, (kh, kw), (kh - 1 - layer.padding[0],
@@ -529,9 +552,8 @@ def _route(src: _Source, layer: Conv, out_size, fast: bool) -> str:
     if layer.in_channels <= DIRECT_MAX_CHANNELS:
         return ("direct rows" if ROWS_DIRECT and src.kind == bk.DENSE and layer.stride == (1, 1)
                 else "direct")
-    if fast and TENSOR_CORES and tc.supports(*layer.kernel, *layer.stride, *layer.padding, src.pool) and \
-            tc.fits(src.array.size, layer.in_channels * src.array.shape[1] * out_size[0] * out_size[1]) and \
-            tc.available() is None:
+    if _tensor_cores(layer.kernel, layer.stride, layer.padding, src.pool, layer.out_channels,
+                     (src.array.size, layer.in_channels * src.array.shape[1] * out_size[0] * out_size[1]), fast):
         return "tensor cores"
     return "sparse" if src.sparse(layer) else "gemm"
 
@@ -556,7 +578,7 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
         return out
     if route == "tensor cores":
         tc.launch(src.array, _dummy(np.int32) if src.kind == bk.DENSE else src.switches.offsets, plan.tensor, out,
-                  O, I, *dims[1:], H, W, b0, kc, src.pre or src.post, (kh, kw), layer.padding, src.pool)
+                  O, I, *dims[1:], H, W, b0, kc, src.pre or src.post, layer.kernel, layer.padding, src.pool)
         return out
     if route == "sparse":
         _launch_sparse(src.array, None if src.kind == bk.DENSE else src.switches.offsets, plan.sparse, None, out,

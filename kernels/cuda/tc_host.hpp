@@ -32,6 +32,11 @@ static std::barrier<>* tc_block_barrier = nullptr;
 #define __restrict__ __restrict
 #define __shared__ static
 #define __launch_bounds__(threads)
+#define __align__(n) __attribute__((aligned(n)))
+
+struct uint2 {
+    unsigned x, y;
+};
 
 inline void __syncthreads() { tc_block_barrier->arrive_and_wait(); }
 

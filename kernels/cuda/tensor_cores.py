@@ -18,12 +18,15 @@ only: kernel <= stride), rectified as read when ``rect``, rounded to TF32 (cvt.r
 of K is BK channels of one tap, so a thread's source pixel and its bounds test serve the whole step; sums
 are float32 on the tensor cores.
 
-How the work is laid out. A block of 4 warps owns BM output channels x BN pixels (64 x 64, or 32 x 128 when
-I <= 32, so that a 32-channel layer wastes no half of its M); each warp a 32 x 32 piece as 2 x 4 mma tiles
-of 16 x 8, 32 float accumulators per thread. Per step of BK = 32 along K, the next step's A and B slices are
-loaded into registers while the tensor cores work on the current one from shared memory (padded rows: no
-bank conflicts for the fragment loads). Accumulators go straight to global memory: a quad of lanes writes
-8 consecutive pixels of one channel.
+How the work is laid out. A block of 4 warps owns BM output channels x BN pixels (TILES: 64 x 64; 32 x 128
+when I <= 32, so that a 32-channel layer wastes no half of its M; 128 x 64 for wide layers when WIDE_TILES);
+each warp a (16 MI) x 32 piece as MI x 4 mma tiles of 16 x 8, 16 MI float accumulators per thread. Per step
+of BK = 32 along K, the next step's A and B slices are loaded into registers while the tensor cores work on
+the current one from shared memory (padded rows, A's columns paired: no bank conflicts for the fragment
+loads). Accumulators go straight to global memory: a quad of lanes writes 8 consecutive pixels of one
+channel. The sm_90 SASS of the loop (nvcc 13.0, 3x3 conv) has ~12-15 instructions per mma on 64 x 64
+tiles (395 dense, 488 behind a pool, per 32 mma), ~22 on 32 x 128 tiles behind a pool, at 96-128
+registers; ~9.5-10 on 128 x 64 tiles at 163-167 registers. No spills.
 
 Without a GPU (Numba's CUDA simulator: the tests), the same source is compiled by the host C++ compiler
 with tc_host.hpp in front of it, which runs each block as threads and emulates the mma instruction with
@@ -46,11 +49,15 @@ from . import device as dv
 
 BK = 32
 THREADS = 128
+# A source of fewer channels fills a fraction of each step of BK (the rest are zeros multiplied): the input
+# layer's 1 or 3 channels stay on the direct kernel / columns + GEMM.
+MIN_CHANNELS = 16
 
 _SOURCE = r"""
 #define BK 32
 #define THREADS 128
-#define WARPS_N (BN / 32)
+#define WARPS_N (4 / WARPS_M)
+#define WROWS (MI * 16)  // a warp's rows: MI mma tiles of 16; its columns: 4 tiles of 8
 #define TAPS (KH * KW)
 #define A_LOADS (BM * BK / THREADS)
 #define B_LOADS (BK * BN / THREADS)
@@ -79,10 +86,13 @@ __device__ __forceinline__ void mma_tf32(float d[4], const unsigned a[4], const 
 
 extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
         const float* __restrict__ src, const int* __restrict__ offs, const float* __restrict__ weight,
-        float* __restrict__ out, int O, int I, int n, int Hs, int Ws, int Hu, int Wu, int H, int W,
-        int b0, int kc, int rect) {
-    __shared__ unsigned As[BM][BK + 4];
-    __shared__ unsigned Bs[BK][BN + 8];
+        const float* __restrict__ bias, float* __restrict__ out, int O, int I, int n, int Hs, int Ws, int Hu,
+        int Wu, int H, int W, int b0, int kc, int rect) {
+    // A's columns are stored permuted within each group of 8 (k -> 2 (k % 4) + (k / 4) % 2), so that the two
+    // registers of a fragment row, columns t4 and t4 + 4, are adjacent: one 64-bit shared load. Row strides of
+    // 40 and BN + 8 words: no bank conflicts for the fragment loads nor for the staging stores.
+    __shared__ __align__(16) unsigned As[BM][BK + 8];
+    __shared__ __align__(16) unsigned Bs[BK][BN + 8];
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     const int g = lane >> 2, t4 = lane & 3;
@@ -100,33 +110,30 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
 #if POOLED
     const int obase = (b0 + ts / kc) * O;  // the image's switches (classes share them)
 #endif
-    // this thread's A entries: row ak0 + 4j (of BM), column ak (of BK)
+    // this thread's A entries: rows ak0 + 4j (of BM), column ak (of BK), stored at column ap
     const int ak = tid % BK, ak0 = tid / BK;
+    const int ap = (ak & ~7) | ((ak & 3) << 1) | ((ak >> 2) & 1);
 
     float ra[A_LOADS], rb[B_LOADS];
-    float acc[2][4][4];
-    for (int mi = 0; mi < 2; ++mi)
+    float acc[MI][4][4];
+    for (int mi = 0; mi < MI; ++mi)
         for (int ni = 0; ni < 4; ++ni)
             for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
 
     // K runs over (tap, o) in steps of BK channels of one tap: the tap, and with it this thread's source
-    // pixel and its bounds, are the same for a whole step; channels past O are zeros in A and in B
-    const int OB = (O + BK - 1) / BK, steps = TAPS * OB;
+    // pixel and its bounds, are the same for a whole step. The weight is padded with zeros (launch()):
+    // OP = O rounded up to BK channels, rows up to a multiple of 128; so A needs no masks, and B's channels
+    // past O (read clamped, then zeroed) meet zero weights anyway.
+    const int OB = (O + BK - 1) / BK, OP = OB * BK, steps = TAPS * OB;
     const int plane = Hs * Ws, nplane = n * plane;
     const float floor = rect ? 0.0f : -3.402823466e38f;  // rectify as read: max(v, floor) (inputs are finite)
-    auto load = [&](int s) {
-        // every load below reads a valid address (indices clamped into the arrays) and what must be zero is
-        // selected away after it: no branches around loads. 32-bit indices: launch() refuses arrays of 2^31
-        // elements or more.
-        const int tap = s / OB, c0 = (s - tap * OB) * BK;
-        const float* wq = weight + (min(i0 + ak0, I - 1) * TAPS + tap) * O;
+    const float* wrow = weight + (i0 + ak0) * TAPS * OP + ak;
+    auto load = [&](int tap, int c0) {
+        // every load below reads a valid address and what must be zero is selected away after it: no
+        // branches around loads. 32-bit indices: launch() refuses arrays of 2^31 elements or more.
+        const float* wq = wrow + tap * OP + c0;
 #pragma unroll
-        for (int j = 0; j < A_LOADS; ++j) {
-            const int i = i0 + ak0 + j * (THREADS / BK), o = c0 + ak;
-            const int ic = min(i, I - 1), oc = FULL_CHUNKS ? o : min(o, O - 1);
-            const float v = wq[(ic - i0 - ak0) * TAPS * O + oc];
-            ra[j] = (i < I && (FULL_CHUNKS || o < O)) ? v : 0.0f;
-        }
+        for (int j = 0; j < A_LOADS; ++j) ra[j] = wq[j * (THREADS / BK) * TAPS * OP];
         const int ky = tap / KW, kx = tap - (tap / KW) * KW;
         const int u = y + PH - ky, w = x + PW - kx;
         bool inside = pixel && u >= 0 && u < Hu && w >= 0 && w < Wu;
@@ -149,33 +156,36 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
 #if POOLED
             v = oq[rc * plane] == d ? v : 0.0f;
 #endif
-            v = (inside && (FULL_CHUNKS || o < O)) ? fmaxf(v, floor) : 0.0f;
-            rb[j] = v;
+            rb[j] = (inside && (FULL_CHUNKS || o < O)) ? fmaxf(v, floor) : 0.0f;
         }
     };
-    auto stage = [&]() {
+    auto stage = [&]() {  // A is TF32 already (launch()); B is rounded here
 #pragma unroll
-        for (int j = 0; j < A_LOADS; ++j) As[ak0 + j * (THREADS / BK)][ak] = __float_as_uint(ra[j]);  // TF32 already
+        for (int j = 0; j < A_LOADS; ++j) As[ak0 + j * (THREADS / BK)][ap] = __float_as_uint(ra[j]);
 #pragma unroll
         for (int j = 0; j < B_LOADS; ++j) Bs[bk0 + j * B_ROW_STEP][bn] = to_tf32(rb[j]);
     };
 
-    load(0);
+    int tap = 0, c0 = 0;  // the step being computed
+    load(0, 0);
     stage();
     __syncthreads();
     for (int s = 0; s < steps; ++s) {
         const bool more = s + 1 < steps;
-        if (more) load(s + 1);  // in flight while the tensor cores work on this step
+        const int ntap = c0 + BK < OP ? tap : tap + 1, nc0 = c0 + BK < OP ? c0 + BK : 0;
+        if (more) load(ntap, nc0);  // in flight while the tensor cores work on this step
 #pragma unroll
         for (int ks = 0; ks < BK; ks += 8) {
-            unsigned a[2][4], b[4][2];
+            unsigned a[MI][4], b[4][2];
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-                const int row = wm * 32 + mi * 16 + g;
-                a[mi][0] = As[row][ks + t4];
-                a[mi][1] = As[row + 8][ks + t4];
-                a[mi][2] = As[row][ks + t4 + 4];
-                a[mi][3] = As[row + 8][ks + t4 + 4];
+            for (int mi = 0; mi < MI; ++mi) {
+                const int row = wm * WROWS + mi * 16 + g;
+                const uint2 lo = *reinterpret_cast<const uint2*>(&As[row][ks + 2 * t4]);      // (g, t4), (g, t4 + 4)
+                const uint2 hi = *reinterpret_cast<const uint2*>(&As[row + 8][ks + 2 * t4]);  // rows + 8
+                a[mi][0] = lo.x;
+                a[mi][1] = hi.x;
+                a[mi][2] = lo.y;
+                a[mi][3] = hi.y;
             }
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
@@ -184,7 +194,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
                 b[ni][1] = Bs[ks + t4 + 4][col];
             }
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
+            for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                 for (int ni = 0; ni < 4; ++ni) mma_tf32(acc[mi][ni], a[mi], b[ni]);
         }
@@ -193,26 +203,32 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
             stage();
             __syncthreads();
         }
+        tap = ntap;
+        c0 = nc0;
     }
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                const int i = i0 + wm * 32 + mi * 16 + g + (q >> 1) * 8;
+                const int i = i0 + wm * WROWS + mi * 16 + g + (q >> 1) * 8;
                 const int pc = p0 + wn * 32 + ni * 8 + 2 * t4 + (q & 1);
+#if BIAS
+                if (i < I && pc < P) out[i * P + pc] = acc[mi][ni][q] + bias[i];
+#else
                 if (i < I && pc < P) out[i * P + pc] = acc[mi][ni][q];
+#endif
             }
 }
 """
 
 _HOST_ENTRY = r"""
 extern "C" void tc_launch(unsigned gx, unsigned gy, const float* src, const int* offs, const float* weight,
-                          float* out, int O, int I, int n, int Hs, int Ws, int Hu, int Wu, int H, int W,
-                          int b0, int kc, int rect) {
+                          const float* bias, float* out, int O, int I, int n, int Hs, int Ws, int Hu, int Wu,
+                          int H, int W, int b0, int kc, int rect) {
     tc_host_launch(gx, gy, THREADS, [=] {
-        tc_transpose(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect);
+        tc_transpose(src, offs, weight, bias, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect);
     });
 }
 """
@@ -220,10 +236,19 @@ extern "C" void tc_launch(unsigned gx, unsigned gy, const float* src, const int*
 _NO_POOL = (1, 1, 1, 1, 0, 0)
 
 
+# Block tiles: BM output channels x BN pixels, by 4 warps (WARPS_M along M) of MI x 4 mma tiles each.
+TILES = {32: dict(BN=128, WARPS_M=1, MI=2), 64: dict(BN=64, WARPS_M=2, MI=2), 128: dict(BN=64, WARPS_M=2, MI=4)}
+# 128-channel tiles for layers of at least 128 output channels: each gathered B element then feeds twice the
+# mma, at 64 accumulators per thread (fewer warps per SM). Off until a GPU run has timed it (bench method
+# cuda-fast-tc-wide).
+WIDE_TILES = os.environ.get("CLEARMAPS_CUDA_TC_WIDE", "0") == "1"
+ROW_PAD = 128  # weight_layout pads the rows to a multiple of the largest BM
+
+
 def tile_m(I: int) -> int:
-    """Output channels per block: 32 when the layer has at most 32 (each block then covers 128 pixels),
-    else 64."""
-    return 32 if I <= 32 else 64
+    """Output channels per block: 32 when the layer has at most 32 (each block then covers 128 pixels), 128
+    for 128 or more when WIDE_TILES, else 64."""
+    return 32 if I <= 32 else 128 if WIDE_TILES and I >= 128 else 64
 
 
 def supports(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, pool: tuple | None) -> bool:
@@ -243,6 +268,17 @@ def fits(src_size: int, out_size: int) -> bool:
     return max(int(src_size), int(out_size)) < 2**31
 
 
+def weight_layout(w) -> np.ndarray:
+    """The A operand of the transposed conv whose weight is ``w`` (O, I, kh, kw) (out[i] gets w[o, i] times
+    source channel o): laid out (I', kh, kw, O') with I' = I rounded up to ROW_PAD rows and O' = O to BK channels,
+    zeros in the padding, rounded to TF32. A forward conv's is that of its flipped kernels,
+    ``w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)``."""
+    O, I, kh, kw = w.shape
+    out = np.zeros((-(-I // ROW_PAD) * ROW_PAD, kh, kw, -(-O // BK) * BK), np.float32)
+    out[:I, :, :, :O] = np.asarray(w, np.float32).transpose(1, 2, 3, 0)
+    return round_tf32(out)
+
+
 def round_tf32(a) -> np.ndarray:
     """``a`` as C-contiguous float32 rounded to TF32 as cvt.rna does (10 mantissa bits, to nearest, ties away
     from zero): the weights are staged as they are, the source is rounded in the kernel."""
@@ -250,20 +286,18 @@ def round_tf32(a) -> np.ndarray:
     return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
 
 
-def source(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, bm: int, full: bool) -> str:
+def source(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, bm: int, full: bool, bias: bool = False) -> str:
     """The CUDA C source of one specialisation (geometry and tile as macros; ``full``: the source has a
-    multiple of BK channels, so no step has channels to mask)."""
+    multiple of BK channels, so no step has channels to mask; ``bias``: bias[i] is added to the output)."""
     pkh, pkw, psh, psw, pph, ppw = pool or _NO_POOL
-    bn = {32: 128, 64: 64}[bm]
     defines = dict(KH=kh, KW=kw, PH=ph, PW=pw, POOLED=int(pool is not None), PKH=pkh, PKW=pkw, PSH=psh,
-                   PSW=psw, PPH=pph, PPW=ppw, BM=bm, BN=bn, FULL_CHUNKS=int(bool(full)))
+                   PSW=psw, PPH=pph, PPW=ppw, BM=bm, **TILES[bm], FULL_CHUNKS=int(bool(full)), BIAS=int(bool(bias)))
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
 def grid(I: int, pixels: int) -> tuple[int, int]:
     bm = tile_m(I)
-    bn = {32: 128, 64: 64}[bm]
-    return dv.ceil_div(pixels, bn), dv.ceil_div(I, bm)
+    return dv.ceil_div(pixels, TILES[bm]["BN"]), dv.ceil_div(I, bm)
 
 
 def available() -> str | None:
@@ -275,28 +309,37 @@ def available() -> str | None:
     return None if _compiler() else "no C++ compiler (c++ / g++) for the host emulation"
 
 
-def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, kernel, padding, pool):
+def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, kernel, padding, pool, bias=None):
     """out (I, n, H, W) = the stride-1 transposed conv (``kernel``, ``padding``) of src (O, n, Hs, Ws)
     ((Hs, Ws) the pooled size when ``pool``, whose window offsets ``offs`` (B, O, Hs, Ws) int32 are read),
-    rectified as read when ``rect``; weight (I, kh, kw, O) float32 rounded to TF32 (:func:`round_tf32`).
-    TF32 inputs, float32 sums."""
+    rectified as read when ``rect``; weight (I', kh, kw, O') float32 as :func:`weight_layout` makes it;
+    ``bias`` (I,) float32 added to the output unless None. TF32 inputs, float32 sums. A forward stride-1 conv
+    is the transposed conv of its flipped kernels with padding kernel - 1 - padding (backend.py)."""
     if not fits(src.size, out.size) or not fits(offs.size, weight.size):
         raise ValueError(f"tensor_cores.launch: arrays of {max(src.size, out.size, offs.size)} elements; the "
                          "kernel's 32-bit indices reach 2^31 - 1")
     kh, kw = kernel
     ph, pw = padding
+    rows, cols = -(-I // ROW_PAD) * ROW_PAD, -(-O // BK) * BK
+    if weight.size != rows * kh * kw * cols:
+        raise ValueError(f"tensor_cores.launch: a weight of {weight.size} elements; weight_layout gives "
+                         f"{rows} x {kh} x {kw} x {cols} for {O} -> {I} channels")
     bm, full = tile_m(I), O % BK == 0
     gx, gy = grid(I, n * H * W)
     ints = (O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, int(bool(rect)))
+    has_bias = bias is not None
+    if bias is None:
+        bias = weight  # any float32 array: not read
     if dv.cp is not None:  # pragma: no cover - needs a GPU
-        fn = _gpu_kernel(kh, kw, ph, pw, pool, bm, full)
-        fn((gx, gy), (THREADS,), (src, offs, weight, out, *(np.int32(v) for v in ints)))
+        fn = _gpu_kernel(kh, kw, ph, pw, pool, bm, full, has_bias)
+        fn((gx, gy), (THREADS,), (src, offs, weight, bias, out, *(np.int32(v) for v in ints)))
         if dv.CHECK_LAUNCHES:
             dv.synchronize()
         return out
-    lib = _host_library(kh, kw, ph, pw, pool, bm, full)
+    lib = _host_library(kh, kw, ph, pw, pool, bm, full, has_bias)
     arrays = []
-    for a, dtype in ((src, np.float32), (offs, np.int32), (weight, np.float32), (out, np.float32)):
+    for a, dtype in ((src, np.float32), (offs, np.int32), (weight, np.float32), (bias, np.float32),
+                     (out, np.float32)):
         if a.dtype != dtype or not a.flags.c_contiguous:
             raise ValueError(f"tensor_cores.launch: a {a.dtype} array (contiguous: {a.flags.c_contiguous}); "
                              f"expected C-contiguous {np.dtype(dtype)}")
@@ -306,8 +349,8 @@ def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, 
 
 
 @lru_cache(maxsize=None)
-def _gpu_kernel(kh, kw, ph, pw, pool, bm, full):  # pragma: no cover - needs a GPU
-    return dv.cp.RawKernel(source(kh, kw, ph, pw, pool, bm, full), "tc_transpose", options=("--std=c++17",))
+def _gpu_kernel(kh, kw, ph, pw, pool, bm, full, bias):  # pragma: no cover - needs a GPU
+    return dv.cp.RawKernel(source(kh, kw, ph, pw, pool, bm, full, bias), "tc_transpose")
 
 
 def _compiler() -> str | None:
@@ -318,10 +361,10 @@ def _compiler() -> str | None:
 
 
 @lru_cache(maxsize=None)
-def _host_library(kh, kw, ph, pw, pool, bm, full):
+def _host_library(kh, kw, ph, pw, pool, bm, full, bias):
     """The specialisation compiled for the CPU with tc_host.hpp (cached by the source's hash)."""
     header = Path(__file__).with_name("tc_host.hpp")
-    code = f'#include "{header}"\n' + source(kh, kw, ph, pw, pool, bm, full) + _HOST_ENTRY
+    code = f'#include "{header}"\n' + source(kh, kw, ph, pw, pool, bm, full, bias) + _HOST_ENTRY
     digest = hashlib.sha256((code + header.read_text()).encode()).hexdigest()[:16]
     root = os.environ.get("CLEARMAPS_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "clearmaps")

@@ -29,7 +29,7 @@ def _tf32(a):
     return tc.round_tf32(a).astype(np.float64)
 
 
-def run_kernel(seed, k, p, pool, O, I, B, kc_, Hu, Wu, rect):
+def run_kernel(seed, k, p, pool, O, I, B, kc_, Hu, Wu, rect, bias=False):
     """(kernel output (n, I, H, W), float64 reference of the TF32-rounded inputs)."""
     rng = np.random.default_rng(seed)
     kh, kw = k
@@ -49,12 +49,15 @@ def run_kernel(seed, k, p, pool, O, I, B, kc_, Hu, Wu, rect):
         U = ref.unpool(_tf32(y), sw[image], (Hu, Wu))
     weight = rng.normal(size=(O, I, kh, kw))
     want = ref.conv_transpose2d(np.maximum(U, 0) if rect else U, _tf32(weight), 1, p)
+    b = rng.normal(size=I).astype(np.float32)
+    if bias:
+        want = want + b.reshape(1, I, 1, 1)
     H, W = want.shape[2:]
     Hs, Ws = y.shape[2:]
     out = dv.asdevice(np.full((I, n, H, W), np.nan, np.float32))
     tc.launch(dv.asdevice(np.ascontiguousarray(y.transpose(1, 0, 2, 3), np.float32)), dv.asdevice(offsets),
-              dv.asdevice(tc.round_tf32(weight.transpose(1, 2, 3, 0))), out, O, I, n, Hs, Ws, Hu, Wu, H, W, 0, kc_,
-              rect, (kh, kw), p, geo)
+              dv.asdevice(tc.weight_layout(weight)), out, O, I, n, Hs, Ws, Hu, Wu, H, W, 0, kc_,
+              rect, (kh, kw), p, geo, dv.asdevice(b) if bias else None)
     return dv.tohost(out).transpose(1, 0, 2, 3), want
 
 
@@ -81,11 +84,30 @@ def test_tensor_core_transpose_equals_reference(case):
     assert_close(got, want, RTOL_F32, "tensor-core transposed conv (TF32 inputs)")
 
 
+def test_wide_tiles(monkeypatch):
+    """WIDE_TILES: 128-channel blocks (4 x 4 mma tiles per warp) for a layer of 130 output channels (a ragged
+    second block), behind a pool and on a dense source."""
+    monkeypatch.setattr(tc, "WIDE_TILES", True)
+    assert tc.tile_m(130) == 128 and tc.tile_m(64) == 64
+    for case in (((3, 3), (1, 1), (2, 2, 0), 32, 130, 1, 2, 8, 6, True),
+                 ((3, 3), (1, 1), None, 40, 130, 1, 1, 5, 7, False)):
+        got, want = run_kernel(5, *case)
+        assert_close(got, want, RTOL_F32, "tensor-core transposed conv on 128-channel tiles")
+
+
+def test_tensor_core_bias():
+    """The forward conv's bias (BIAS): added once per output channel."""
+    got, want = run_kernel(4, *CASES[1], bias=True)
+    assert_close(got, want, RTOL_F32, "tensor-core transposed conv with bias")
+
+
 def test_wrong_fragment_layouts_are_caught(monkeypatch):
-    """Negative controls: the kernel with a0/a2 of the A fragment swapped, or with the rows of B's b0/b1
-    swapped, must fail the comparison (the emulation models the PTX layouts; it does not forgive them)."""
+    """Negative controls: the kernel with registers a1/a2 of the A fragment swapped, with A staged unpermuted
+    (its paired 64-bit loads then pick columns t4 and t4 + 1), or with B's b1 taken from b0's row, must fail
+    the comparison (the emulation models the PTX layouts; it does not forgive them)."""
     case = CASES[3]
-    for old, new in (("a[mi][0] = As[row][ks + t4];", "a[mi][0] = As[row][ks + t4 + 4];"),
+    for old, new in (("a[mi][1] = hi.x;", "a[mi][1] = lo.y;"), ("a[mi][2] = lo.y;", "a[mi][2] = hi.x;"),
+                     ("[ak0 + j * (THREADS / BK)][ap]", "[ak0 + j * (THREADS / BK)][ak]"),
                      ("b[ni][1] = Bs[ks + t4 + 4][col];", "b[ni][1] = Bs[ks + t4][col];")):
         assert old in tc._SOURCE
         monkeypatch.setattr(tc, "_SOURCE", tc._SOURCE.replace(old, new))
@@ -126,32 +148,43 @@ def _net(rng):
     def conv(i, o, k=3, p=1):
         return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
 
-    return Network([conv(2, 6), ReLU(), conv(6, 9), ReLU(), MaxPool(2), conv(9, 8), ReLU(), conv(8, 8), ReLU(),
-                    MaxPool(2, 2, 1), conv(8, 7), ReLU(), conv(7, 4, 1, 0), ReLU()])
+    return Network([conv(2, 16), ReLU(), conv(16, 17), ReLU(), MaxPool(2), conv(17, 16), ReLU(), conv(16, 16), ReLU(),
+                    MaxPool(2, 2, 1), conv(16, 7), ReLU(), conv(7, 4, 1, 0), ReLU()])
 
 
 def test_fast_mode_on_the_tensor_cores(monkeypatch):
-    """TENSOR_CORES on: in the fast mode the stride-1 transposed convs behind the 2x2 pools (one padded) and
-    on dense sources run on the tensor-core kernel (counted), the input layer's on the direct kernel; the
-    maps agree with the float64 reference to TF32 accuracy and the dominant class wherever it is decided by
-    more than that. In the exact mode the kernel is never used."""
+    """TENSOR_CORES on, fast mode: the forward convs with at least tc.MIN_CHANNELS source channels run on the
+    tensor-core kernel as transposed convs of their flipped kernels, bias added (the input conv and the 7->4
+    head do not); so do the back-projection's stride-1 transposed convs behind the 2x2 pools (one padded)
+    and on a dense source, while the input layer's stays on the direct kernel. Every launch is counted. The
+    forward's logits, and the maps made from the exact trace (same switches), agree with the float64
+    reference to TF32 accuracy, and the dominant class wherever it is decided by more than that. In the
+    exact mode the kernel is never used."""
     monkeypatch.setattr(backend, "TENSOR_CORES", True)
     used = []
     real = tc.launch
-    monkeypatch.setattr(tc, "launch", lambda *a: used.append((a[4], a[5], a[-1])) or real(*a))
+    monkeypatch.setattr(tc, "launch", lambda *a: used.append((a[4], a[5], a[18], len(a) > 19)) or real(*a))
     rng = np.random.default_rng(8)
     net = _net(rng)
     x = rng.normal(size=(2, 2, 12, 11))
     classes = np.array([[0, 3, 1], [2, 1, 0]])
-    want = ref.clear_from_trace(net, ref.forward(net, x), classes)
-    exact = kc.clear_from_trace(net, kc.forward(net, x, fast=False), classes, fast=False)
+    want_trace = ref.forward(net, x)
+    want = ref.clear_from_trace(net, want_trace, classes)
+    trace = kc.forward(net, x, fast=False)
+    exact = kc.clear_from_trace(net, trace, classes, fast=False)
     assert used == []
-    got = kc.clear_from_trace(net, kc.forward(net, x, fast=True), classes, fast=True)
-    assert used == [(8, 8, (2, 2, 2, 2, 1, 1)), (8, 9, None), (9, 6, (2, 2, 2, 2, 0, 0))]
-    for out in (exact, got):
+    fast_trace = kc.forward(net, x, fast=True)
+    assert used == [(16, 17, None, True), (17, 16, None, True), (16, 16, None, True), (16, 7, None, True)]
+    err = rel_err(dv.tohost(fast_trace.logits), want_trace.logits)
+    assert RTOL_F32 < err < 2e-3, err  # really TF32, and only that far off
+    del used[:]
+    got = kc.clear_from_trace(net, trace, classes, fast=True)
+    assert used == [(16, 16, (2, 2, 2, 2, 1, 1), False), (16, 17, None, False), (17, 16, (2, 2, 2, 2, 0, 0), False)]
+    for out, tol in ((exact, RTOL_F32), (got, 2e-3)):
         responses = dv.tohost(out.responses)
         err = rel_err(responses, want.responses)
-        assert err < (RTOL_F32 if out is exact else 2e-3), err
+        assert err < tol, err
         mask = decisive(want.responses, margin=0.02)
-        assert mask.mean() > 0.5
+        assert mask.mean() > 0.3  # enough pixels decided to test
         assert (dv.tohost(out.dominant_index)[mask] == want.dominant_index[mask]).all()
+    assert rel_err(dv.tohost(got.responses), want.responses) > RTOL_F32  # the tensor cores' TF32, not float32
