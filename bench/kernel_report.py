@@ -47,7 +47,7 @@ _INSTR = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 
 
 def loop_bodies(sass: str):
-    """(instructions, LDG, STG, FFMA) of every loop body: from a label to the backward branch to it."""
+    """(instructions, LDG, STG, FFMA, HMMA) of every loop body: from a label to the backward branch to it."""
     lines = sass.splitlines()
     labels, out = {}, []
     for n, line in enumerate(lines):
@@ -57,14 +57,43 @@ def loop_bodies(sass: str):
         m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), n) < n:
             ops = collections.Counter(x.group(1) for x in map(_INSTR.match, lines[labels[m.group(1)]:n + 1]) if x)
-            out.append((sum(ops.values()), ops["LDG"], ops["STG"], ops["FFMA"]))
+            out.append((sum(ops.values()), ops["LDG"], ops["STG"], ops["FFMA"], ops["HMMA"]))
     return out
 
 
+def _nvrtc_ptx(source: str, cc) -> str:
+    """PTX of CUDA C ``source`` for ``cc`` through NVRTC (the pip package's libnvrtc), as CuPy compiles it."""
+    import ctypes
+
+    import nvidia
+
+    libs = [p for root in nvidia.__path__ for sub in ("cu13/lib", "cuda_nvrtc/lib", "cu12/lib")
+            for p in sorted((Path(root) / sub).glob("libnvrtc.so*"))]
+    if not libs:
+        raise RuntimeError("libnvrtc not found: pip install 'nvidia-cuda-nvrtc==13.*'")
+    lib = ctypes.CDLL(str(libs[0]))
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    opts = (ctypes.c_char_p * 1)(f"-arch=compute_{cc[0]}{cc[1]}".encode())
+    status = lib.nvrtcCompileProgram(prog, 1, opts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if status:
+        raise RuntimeError(f"NVRTC: {log.value.decode()[:2000]}")
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    return ptx.value.decode()
+
+
 def compile_one(kernel, sig, name, cc, tools, sass_dir=None) -> dict:
+    """``kernel`` is a numba.cuda kernel compiled for ``sig``, or CUDA C source text (``sig`` None)."""
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
+    ptx = _nvrtc_ptx(kernel, cc) if isinstance(kernel, str) else cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0]
     work = Path(sass_dir or "/tmp/clearmaps-kernel-report")
     work.mkdir(parents=True, exist_ok=True)
     src, cubin = work / f"{name}.ptx", work / f"{name}.cubin"
@@ -119,6 +148,14 @@ def kernels():
                 out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
         k = sk.sparse_transpose(*g, None, 128, True)  # a forward conv (bias)
         out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
+    from clearmaps.kernels.cuda import tensor_cores as tc
+
+    for g in ((3, 3, 1, 1), (1, 1, 0, 0)):  # CUDA C: compiled by NVRTC, as CuPy does
+        for pool in (None, (2, 2, 2, 2, 0, 0)):
+            for bm in sorted(tc.TILES):
+                tag = "k{}x{}_p{}x{}".format(*g) + ("_dense" if pool is None else "_unpooled_k2x2_s2x2")
+                out.append((f"tc_transpose_{tag}_bm{bm}", tc.source(*g, pool, bm, True), None))
+    out.append(("tc_transpose_k3x3_p1x1_dense_bm64_bias_masked", tc.source(3, 3, 1, 1, None, 64, False, True), None))
     for I, k_, p_ in ((1, 3, 1), (3, 3, 1), (1, 5, 2)):
         for px in (2, 4):
             k = bk.direct_rows(I, k_, k_, p_, p_, px)
@@ -147,7 +184,8 @@ def main(argv=None):
     tools = _tools()
     _fake_device(cc)
     failed = 0
-    print("| kernel | registers | stack B | spill B | loop bodies (instructions, LDG, STG, FFMA) |\n|---|---|---|---|---|")
+    print("| kernel | registers | stack B | spill B | loop bodies (instructions, LDG, STG, FFMA, HMMA) |\n"
+          "|---|---|---|---|---|")
     for name, kernel, sig in kernels():
         if args.only not in name:
             continue

@@ -45,7 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import device as dv
+
+
+def _dv():
+    # the backend's device module, imported on first use: bench/kernel_report.py reads the sources here on a
+    # machine with neither a GPU nor CuPy
+    from . import device
+
+    return device
 
 BK = 32
 THREADS = 128
@@ -297,12 +304,13 @@ def source(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, bm: int, full
 
 def grid(I: int, pixels: int) -> tuple[int, int]:
     bm = tile_m(I)
-    return dv.ceil_div(pixels, TILES[bm]["BN"]), dv.ceil_div(I, bm)
+    return -(-pixels // TILES[bm]["BN"]), -(-I // bm)
 
 
 def available() -> str | None:
     """None when the kernel can run here, else why not: the GPU must have tensor cores with TF32
     (compute capability 8.0 or later); without a GPU, a C++20 compiler must run the emulation."""
+    dv = _dv()
     if dv.cp is not None:
         major = int(dv.cp.cuda.Device().compute_capability[:-1] or 0)
         return None if major >= 8 else f"compute capability {dv.cp.cuda.Device().compute_capability} < 8.0"
@@ -330,6 +338,7 @@ def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, 
     has_bias = bias is not None
     if bias is None:
         bias = weight  # any float32 array: not read
+    dv = _dv()
     if dv.cp is not None:  # pragma: no cover - needs a GPU
         fn = _gpu_kernel(kh, kw, ph, pw, pool, bm, full, has_bias)
         fn((gx, gy), (THREADS,), (src, offs, weight, bias, out, *(np.int32(v) for v in ints)))
@@ -350,7 +359,7 @@ def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, 
 
 @lru_cache(maxsize=None)
 def _gpu_kernel(kh, kw, ph, pw, pool, bm, full, bias):  # pragma: no cover - needs a GPU
-    return dv.cp.RawKernel(source(kh, kw, ph, pw, pool, bm, full, bias), "tc_transpose")
+    return _dv().cp.RawKernel(source(kh, kw, ph, pw, pool, bm, full, bias), "tc_transpose")
 
 
 def _compiler() -> str | None:
