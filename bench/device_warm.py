@@ -27,7 +27,7 @@ from .run import load_methods
 # the networks of the GPU benchmark's cases, at sizes that are quick to run: the kernels a layer needs
 # depend on its channels, kernel, padding and pool, not on the image size or the batch
 DEFAULT_CASES = "allcnn-mnist,vgg16-fcn-64"
-DEFAULT_METHODS = "cuda,cuda-gemm,cuda-fast,cuda-rows,cuda-sparse"
+DEFAULT_METHODS = "cuda,cuda-gemm,cuda-fast,cuda-fast-tc,cuda-rows,cuda-sparse"
 KNOB_NAMES = ("TILE_ROWS", "TILE_COLS", "MAX_CHANNELS_PER_THREAD")  # what the launcher reads
 
 

@@ -61,39 +61,13 @@ def loop_bodies(sass: str):
     return out
 
 
-def _nvrtc_ptx(source: str, cc) -> str:
-    """PTX of CUDA C ``source`` for ``cc`` through NVRTC (the pip package's libnvrtc), as CuPy compiles it."""
-    import ctypes
-
-    import nvidia
-
-    libs = [p for root in nvidia.__path__ for sub in ("cu13/lib", "cuda_nvrtc/lib", "cu12/lib")
-            for p in sorted((Path(root) / sub).glob("libnvrtc.so*"))]
-    if not libs:
-        raise RuntimeError("libnvrtc not found: pip install 'nvidia-cuda-nvrtc==13.*'")
-    lib = ctypes.CDLL(str(libs[0]))
-    prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None):
-        raise RuntimeError("nvrtcCreateProgram failed")
-    opts = (ctypes.c_char_p * 1)(f"-arch=compute_{cc[0]}{cc[1]}".encode())
-    status = lib.nvrtcCompileProgram(prog, 1, opts)
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    if status:
-        raise RuntimeError(f"NVRTC: {log.value.decode()[:2000]}")
-    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-    ptx = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetPTX(prog, ptx)
-    return ptx.value.decode()
-
-
 def compile_one(kernel, sig, name, cc, tools, sass_dir=None) -> dict:
     """``kernel`` is a numba.cuda kernel compiled for ``sig``, or CUDA C source text (``sig`` None)."""
     from numba import cuda
 
-    ptx = _nvrtc_ptx(kernel, cc) if isinstance(kernel, str) else cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0]
+    from clearmaps.kernels.cuda.tensor_cores import nvrtc_ptx
+
+    ptx = nvrtc_ptx(kernel, cc) if isinstance(kernel, str) else cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0]
     work = Path(sass_dir or "/tmp/clearmaps-kernel-report")
     work.mkdir(parents=True, exist_ok=True)
     src, cubin = work / f"{name}.ptx", work / f"{name}.cubin"

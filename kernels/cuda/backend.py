@@ -294,12 +294,15 @@ def _sparse_forward(layer: Conv) -> bool:
             and pw < kw and sk.supports(kh, kw, *layer.stride, kh - 1 - ph, kw - 1 - pw, None))
 
 
-def _tensor_cores(kernel, stride, padding, pool, source_channels: int, sizes: tuple, fast: bool) -> bool:
+def _tensor_cores(kernel, stride, padding, pool, source_channels: int, out_channels: int, sizes: tuple,
+                  fast: bool) -> bool:
     """Whether a transposed conv (forward: of the flipped kernels) runs on the tensor-core kernel: in the fast
     mode with TENSOR_CORES on, for a geometry it supports, a source of at least tc.MIN_CHANNELS channels and
-    arrays its 32-bit indices reach (``sizes``: the source's and the output's element counts)."""
+    arrays its 32-bit indices reach (``sizes``: the source's and the output's element counts; the switch
+    offsets it reads are the chunk's images', no more than the source)."""
+    weight = int(np.prod(tc.padded_shape(source_channels, out_channels, *kernel)))
     return (fast and TENSOR_CORES and source_channels >= tc.MIN_CHANNELS and tc.fits(*sizes)
-            and tc.supports(*kernel, *stride, *padding, pool) and tc.available() is None)
+            and tc.fits(weight, 0) and tc.supports(*kernel, *stride, *padding, pool) and tc.available() is None)
 
 
 def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
@@ -309,7 +312,7 @@ def _conv_forward(a, layer: Conv, plan: _ConvPlan, rect: bool, fast: bool):
     kh, kw = layer.kernel
     oh, ow = layer.output_size((H, W))
     flipped = (kh - 1 - layer.padding[0], kw - 1 - layer.padding[1])
-    if _tensor_cores(layer.kernel, layer.stride, flipped, None, I, (a.size, O * Bc * oh * ow), fast):
+    if _tensor_cores(layer.kernel, layer.stride, flipped, None, I, O, (a.size, O * Bc * oh * ow), fast):
         out = xp.empty((O, Bc, oh, ow), dtype=np.float32)
         tc.launch(a, _dummy(np.int32), plan.tensor_flipped, out, I, O, Bc, H, W, H, W, oh, ow, 0, 1, rect,
                   layer.kernel, flipped, None, plan.bias)
@@ -552,7 +555,7 @@ def _route(src: _Source, layer: Conv, out_size, fast: bool) -> str:
     if layer.in_channels <= DIRECT_MAX_CHANNELS:
         return ("direct rows" if ROWS_DIRECT and src.kind == bk.DENSE and layer.stride == (1, 1)
                 else "direct")
-    if _tensor_cores(layer.kernel, layer.stride, layer.padding, src.pool, layer.out_channels,
+    if _tensor_cores(layer.kernel, layer.stride, layer.padding, src.pool, layer.out_channels, layer.in_channels,
                      (src.array.size, layer.in_channels * src.array.shape[1] * out_size[0] * out_size[1]), fast):
         return "tensor cores"
     return "sparse" if src.sparse(layer) else "gemm"
@@ -577,8 +580,10 @@ def _transpose_conv(src: _Source, layer: Conv, plan: _ConvPlan, out_size, b0: in
                src_flat, sw, plan.weight.reshape(-1), out.reshape(-1), *dims, H, W, b0, kc, src.pre, src.post)
         return out
     if route == "tensor cores":
-        tc.launch(src.array, _dummy(np.int32) if src.kind == bk.DENSE else src.switches.offsets, plan.tensor, out,
-                  O, I, *dims[1:], H, W, b0, kc, src.pre or src.post, layer.kernel, layer.padding, src.pool)
+        # the switch offsets of this chunk's images only (signal t is image b0 + t // kc): 32-bit indices
+        offsets = _dummy(np.int32) if src.kind == bk.DENSE else src.switches.offsets[b0:b0 + n // kc]
+        tc.launch(src.array, offsets, plan.tensor, out, O, I, *dims[1:], H, W, 0, kc, src.pre or src.post,
+                  layer.kernel, layer.padding, src.pool)
         return out
     if route == "sparse":
         _launch_sparse(src.array, None if src.kind == bk.DENSE else src.switches.offsets, plan.sparse, None, out,

@@ -5,13 +5,16 @@
 // shared by the block's threads and __syncthreads() is a real barrier. The tensor-core instruction
 // (mma.sync.m16n8k8 .tf32) is emulated as a warp-collective operation with the fragment layouts of the PTX
 // ISA: every lane publishes its registers, then computes the elements of D it owns from the whole warp's
-// A and B. A kernel that put an element in the wrong register, lane or row would get wrong numbers here,
-// as on the GPU. What is not emulated: the tensor cores' own summation order inside one mma (it adds in
-// float, k in order), timing, and memory races other than those the barriers order.
+// A and B. Its barriers are the warp's own (as mma.sync synchronises one warp, not the block), so a
+// missing __syncthreads() between warps stays a race here too. A kernel that put an element in the wrong
+// register, lane or row would get wrong numbers here, as on the GPU. What is not emulated: the tensor
+// cores' own summation order inside one mma (it adds in float, k in order), timing, uninitialised shared
+// memory (statics start at zero), alignment faults, and memory races other than those the barriers order.
 #pragma once
 
 #include <algorithm>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -25,6 +28,7 @@ struct tc_dim3 {
 static thread_local tc_dim3 threadIdx, blockIdx;
 static tc_dim3 blockDim, gridDim;
 static std::barrier<>* tc_block_barrier = nullptr;
+static std::vector<std::barrier<>*> tc_warp_barriers;
 
 #define __global__
 #define __device__
@@ -71,7 +75,7 @@ inline void tc_host_mma(float d[4], const unsigned a[4], const unsigned b[2]) {
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     for (int r = 0; r < 4; ++r) tc_a_regs[warp][lane][r] = a[r];
     for (int r = 0; r < 2; ++r) tc_b_regs[warp][lane][r] = b[r];
-    __syncthreads();  // every warp of a block issues the same mma sequence (the kernel keeps it uniform)
+    tc_warp_barriers[warp]->arrive_and_wait();
     const unsigned g = lane >> 2, t = lane & 3;
     for (int q = 0; q < 4; ++q) {
         const unsigned row = g + (q >> 1) * 8, col = 2 * t + (q & 1);
@@ -83,7 +87,12 @@ inline void tc_host_mma(float d[4], const unsigned a[4], const unsigned b[2]) {
         }
         d[q] += sum;
     }
-    __syncthreads();  // nobody republishes before every lane has read
+    tc_warp_barriers[warp]->arrive_and_wait();  // no lane republishes before every lane of its warp has read
+}
+
+// For the tests' negative controls: warp 0 falls behind the others (what a missing barrier then exposes).
+inline void tc_host_skew(int warp) {
+    if (warp == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
 }
 
 // Launch: blocks in order, each as blockDim.x threads.
@@ -93,6 +102,7 @@ void tc_host_launch(unsigned gx, unsigned gy, unsigned threads, Kernel body) {
     blockDim = {threads, 1, 1};
     std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
     tc_block_barrier = &barrier;
+    for (unsigned w = 0; w < threads / 32; ++w) tc_warp_barriers.push_back(new std::barrier<>(32));
     for (unsigned by = 0; by < gy; ++by) {
         for (unsigned bx = 0; bx < gx; ++bx) {
             std::vector<std::thread> team;
@@ -108,4 +118,6 @@ void tc_host_launch(unsigned gx, unsigned gy, unsigned threads, Kernel body) {
         }
     }
     tc_block_barrier = nullptr;
+    for (auto* b : tc_warp_barriers) delete b;
+    tc_warp_barriers.clear();
 }

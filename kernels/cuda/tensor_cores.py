@@ -24,9 +24,9 @@ each warp a (16 MI) x 32 piece as MI x 4 mma tiles of 16 x 8, 16 MI float accumu
 of BK = 32 along K, the next step's A and B slices are loaded into registers while the tensor cores work on
 the current one from shared memory (padded rows, A's columns paired: no bank conflicts for the fragment
 loads). Accumulators go straight to global memory: a quad of lanes writes 8 consecutive pixels of one
-channel. The sm_90 SASS of the loop (nvcc 13.0, 3x3 conv) has ~12-15 instructions per mma on 64 x 64
-tiles (395 dense, 488 behind a pool, per 32 mma), ~22 on 32 x 128 tiles behind a pool, at 96-128
-registers; ~9.5-10 on 128 x 64 tiles at 163-167 registers. No spills.
+channel. The sm_90 SASS of the loop (NVRTC 13.5 + ptxas, 3x3 conv; `python -m bench.kernel_report --only
+tc_`) has ~13-18 instructions per mma on 64 x 64 tiles (~400 dense, ~580 behind a pool, per 32 mma), ~19-23
+on 32 x 128 tiles, ~9-10 on 128 x 64 tiles (~590-660 per 64 mma), at 96-168 registers. No spills.
 
 Without a GPU (Numba's CUDA simulator: the tests), the same source is compiled by the host C++ compiler
 with tc_host.hpp in front of it, which runs each block as threads and emulates the mma instruction with
@@ -133,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
     // past O (read clamped, then zeroed) meet zero weights anyway.
     const int OB = (O + BK - 1) / BK, OP = OB * BK, steps = TAPS * OB;
     const int plane = Hs * Ws, nplane = n * plane;
-    const float floor = rect ? 0.0f : -3.402823466e38f;  // rectify as read: max(v, floor) (inputs are finite)
+    const float floor = rect ? 0.0f : -3.402823466e38f;  // rectify as read: v < floor -> floor
     const float* wrow = weight + (i0 + ak0) * TAPS * OP + ak;
     auto load = [&](int tap, int c0) {
         // every load below reads a valid address and what must be zero is selected away after it: no
@@ -160,10 +160,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
             const int r = j * B_ROW_STEP, o = c0 + bk0 + r;
             const int rc = FULL_CHUNKS ? r : min(o, O - 1) - c0 - bk0;
             float v = vq[rc * nplane];
+            // rectified when rect, as the reference does it: a NaN stays NaN (fmaxf would make it 0, silently;
+            // it was ~15% fewer instructions behind a pool)
+            v = v < floor ? floor : v;
 #if POOLED
             v = oq[rc * plane] == d ? v : 0.0f;
 #endif
-            rb[j] = (inside && (FULL_CHUNKS || o < O)) ? fmaxf(v, floor) : 0.0f;
+            rb[j] = (inside && (FULL_CHUNKS || o < O)) ? v : 0.0f;
         }
     };
     auto stage = [&]() {  // A is TF32 already (launch()); B is rounded here
@@ -275,13 +278,18 @@ def fits(src_size: int, out_size: int) -> bool:
     return max(int(src_size), int(out_size)) < 2**31
 
 
+def padded_shape(O: int, I: int, kh: int, kw: int) -> tuple:
+    """The shape weight_layout gives a transposed conv of O -> I channels: rows to ROW_PAD, channels to BK."""
+    return -(-I // ROW_PAD) * ROW_PAD, kh, kw, -(-O // BK) * BK
+
+
 def weight_layout(w) -> np.ndarray:
     """The A operand of the transposed conv whose weight is ``w`` (O, I, kh, kw) (out[i] gets w[o, i] times
     source channel o): laid out (I', kh, kw, O') with I' = I rounded up to ROW_PAD rows and O' = O to BK channels,
     zeros in the padding, rounded to TF32. A forward conv's is that of its flipped kernels,
     ``w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)``."""
     O, I, kh, kw = w.shape
-    out = np.zeros((-(-I // ROW_PAD) * ROW_PAD, kh, kw, -(-O // BK) * BK), np.float32)
+    out = np.zeros(padded_shape(O, I, kh, kw), np.float32)
     out[:I, :, :, :O] = np.asarray(w, np.float32).transpose(1, 2, 3, 0)
     return round_tf32(out)
 
@@ -328,10 +336,17 @@ def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, 
                          "kernel's 32-bit indices reach 2^31 - 1")
     kh, kw = kernel
     ph, pw = padding
-    rows, cols = -(-I // ROW_PAD) * ROW_PAD, -(-O // BK) * BK
-    if weight.size != rows * kh * kw * cols:
-        raise ValueError(f"tensor_cores.launch: a weight of {weight.size} elements; weight_layout gives "
-                         f"{rows} x {kh} x {kw} x {cols} for {O} -> {I} channels")
+    if not supports(kh, kw, 1, 1, ph, pw, pool):
+        raise ValueError(f"tensor_cores.launch: a {kh}x{kw} kernel with padding {padding} behind pool {pool}; "
+                         "supports() is False for it")
+    for a, dtype in ((src, np.float32), (offs, np.int32), (weight, np.float32), (out, np.float32)) + (
+            () if bias is None else ((bias, np.float32),)):
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            raise ValueError(f"tensor_cores.launch: a {a.dtype} array (contiguous: {a.flags.c_contiguous}); "
+                             f"expected C-contiguous {np.dtype(dtype)}")
+    if weight.shape != padded_shape(O, I, kh, kw):
+        raise ValueError(f"tensor_cores.launch: a weight of shape {tuple(weight.shape)}; weight_layout gives "
+                         f"{padded_shape(O, I, kh, kw)} for {O} -> {I} channels")
     bm, full = tile_m(I), O % BK == 0
     gx, gy = grid(I, n * H * W)
     ints = (O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, int(bool(rect)))
@@ -346,13 +361,7 @@ def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, 
             dv.synchronize()
         return out
     lib = _host_library(kh, kw, ph, pw, pool, bm, full, has_bias)
-    arrays = []
-    for a, dtype in ((src, np.float32), (offs, np.int32), (weight, np.float32), (bias, np.float32),
-                     (out, np.float32)):
-        if a.dtype != dtype or not a.flags.c_contiguous:
-            raise ValueError(f"tensor_cores.launch: a {a.dtype} array (contiguous: {a.flags.c_contiguous}); "
-                             f"expected C-contiguous {np.dtype(dtype)}")
-        arrays.append(a.ctypes.data_as(ctypes.c_void_p))
+    arrays = [a.ctypes.data_as(ctypes.c_void_p) for a in (src, offs, weight, bias, out)]
     lib.tc_launch(ctypes.c_uint(gx), ctypes.c_uint(gy), *arrays, *(ctypes.c_int(int(v)) for v in ints))
     return out
 
@@ -360,6 +369,37 @@ def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, 
 @lru_cache(maxsize=None)
 def _gpu_kernel(kh, kw, ph, pw, pool, bm, full, bias):  # pragma: no cover - needs a GPU
     return _dv().cp.RawKernel(source(kh, kw, ph, pw, pool, bm, full, bias), "tc_transpose")
+
+
+def nvrtc_ptx(code: str, cc: tuple = (9, 0)) -> str:
+    """The PTX NVRTC makes of CUDA C ``code`` for compute capability ``cc``, as CuPy's RawKernel compiles it,
+    without a GPU (the pip package nvidia-cuda-nvrtc's libnvrtc). Raises RuntimeError with NVRTC's log
+    when it does not compile."""
+    import nvidia  # the namespace package of NVIDIA's pip wheels
+
+    libs = [p for root in nvidia.__path__ for sub in ("cu13/lib", "cuda_nvrtc/lib", "cu12/lib")
+            for p in sorted((Path(root) / sub).glob("libnvrtc.so*"))]
+    if not libs:
+        raise RuntimeError("libnvrtc not found: pip install 'nvidia-cuda-nvrtc==13.*'")
+    lib = ctypes.CDLL(str(libs[0]))
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), b"tc_transpose.cu", 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        opts = (ctypes.c_char_p * 1)(f"-arch=compute_{cc[0]}{cc[1]}".encode())
+        status = lib.nvrtcCompileProgram(prog, 1, opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        if status:
+            raise RuntimeError(f"NVRTC could not compile the kernel:\n{log.value.decode()[-4000:]}")
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        return ptx.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 def _compiler() -> str | None:

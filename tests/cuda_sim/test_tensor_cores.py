@@ -14,7 +14,7 @@ from clearmaps import reference as ref
 from clearmaps.kernels import cuda as kc
 from clearmaps.reference import Conv, MaxPool, Network, ReLU
 
-from ..tolerances import RTOL_F32, assert_close, decisive, rel_err
+from ..tolerances import RTOL_F32, assert_close, assert_equal, decisive, rel_err
 
 assert kc.is_available(), kc.why_unavailable()
 from clearmaps.kernels.cuda import backend  # noqa: E402
@@ -95,6 +95,21 @@ def test_wide_tiles(monkeypatch):
         assert_close(got, want, RTOL_F32, "tensor-core transposed conv on 128-channel tiles")
 
 
+def test_a_nan_in_the_source_stays_nan():
+    """Rectification as the reference does it (s < 0 -> 0): a NaN that overflow left in a signal comes out as
+    NaN where it reaches, rectified or not, never as a plausible 0."""
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=(32, 1, 4, 4)).astype(np.float32)
+    y[5, 0, 1, 2] = np.nan
+    w = dv.asdevice(tc.weight_layout(rng.normal(size=(32, 8, 3, 3))))
+    for rect in (True, False):
+        out = dv.asdevice(np.zeros((8, 1, 4, 4), np.float32))
+        tc.launch(dv.asdevice(y), dv.asdevice(np.zeros(1, np.int32)), w, out, 32, 8, 1, 4, 4, 4, 4, 4, 4, 0, 1, rect,
+                  (3, 3), (1, 1), None)
+        got = dv.tohost(out)
+        assert np.isnan(got[:, 0, 0:3, 1:4]).all() and not np.isnan(got[:, 0, 3, 0]).any(), rect
+
+
 def test_tensor_core_bias():
     """The forward conv's bias (BIAS): added once per output channel."""
     got, want = run_kernel(4, *CASES[1], bias=True)
@@ -103,8 +118,8 @@ def test_tensor_core_bias():
 
 def test_wrong_fragment_layouts_are_caught(monkeypatch):
     """Negative controls: the kernel with registers a1/a2 of the A fragment swapped, with A staged unpermuted
-    (its paired 64-bit loads then pick columns t4 and t4 + 1), or with B's b1 taken from b0's row, must fail
-    the comparison (the emulation models the PTX layouts; it does not forgive them)."""
+    (its paired 64-bit loads then pick columns 2 t4 and 2 t4 + 1), or with B's b1 taken from b0's row, must
+    fail the comparison (the emulation models the PTX layouts; it does not forgive them)."""
     case = CASES[3]
     for old, new in (("a[mi][1] = hi.x;", "a[mi][1] = lo.y;"), ("a[mi][2] = lo.y;", "a[mi][2] = hi.x;"),
                      ("[ak0 + j * (THREADS / BK)][ap]", "[ak0 + j * (THREADS / BK)][ak]"),
@@ -120,6 +135,47 @@ def test_wrong_fragment_layouts_are_caught(monkeypatch):
             tc._host_library.cache_clear()
             tc._gpu_kernel.cache_clear()
         assert rel_err(got, want) > 0.1, (old, rel_err(got, want))
+
+
+def test_a_missing_barrier_between_warps_is_caught(monkeypatch):
+    """The emulated mma synchronises its own warp only, as mma.sync does: with the __syncthreads() between a
+    step's fragment reads and the next step's staging deleted, and warp 0 made to fall behind, the other
+    warps overwrite the tiles it is still reading, and the comparison fails (with the barrier, it passes:
+    the same skew is harmless). Emulation only: the skew is a host function."""
+    if dv.cp is not None:
+        pytest.skip("emulation only: the negative control injects a host-side delay")
+    loop = "#pragma unroll\n        for (int ks = 0; ks < BK; ks += 8) {"
+    barrier = "        __syncthreads();\n        if (more) {"
+    assert loop in tc._SOURCE and barrier in tc._SOURCE
+    skewed = tc._SOURCE.replace(loop, "        tc_host_skew(warp);\n" + loop)
+    errors = []
+    for code in (skewed, skewed.replace(barrier, "        if (more) {")):
+        monkeypatch.setattr(tc, "_SOURCE", code)
+        tc._host_library.cache_clear()
+        try:
+            got, want = run_kernel(3, *CASES[3])
+        finally:
+            monkeypatch.undo()
+            tc._host_library.cache_clear()
+        errors.append(rel_err(got, want))
+    assert errors[0] < RTOL_F32 and errors[1] > 0.1, errors
+
+
+def test_launch_refuses_what_it_cannot_do():
+    """launch() checks what it is given on every path: a geometry supports() refuses (overlapping windows),
+    offsets of another dtype, a weight not laid out by weight_layout."""
+    rng = np.random.default_rng(0)
+    src = dv.asdevice(rng.normal(size=(32, 2, 3, 3)).astype(np.float32))
+    out = dv.asdevice(np.zeros((8, 2, 6, 6), np.float32))
+    w = dv.asdevice(tc.weight_layout(rng.normal(size=(32, 8, 3, 3))))
+    offs = dv.asdevice(np.zeros((2, 32, 3, 3), np.int32))
+    args = (32, 8, 2, 3, 3, 6, 6, 6, 6, 0, 1, False, (3, 3), (1, 1))
+    with pytest.raises(ValueError, match="supports"):
+        tc.launch(src, offs, w, out, *args, (3, 3, 2, 2, 0, 0))
+    with pytest.raises(ValueError, match="int64"):
+        tc.launch(src, dv.asdevice(np.zeros((2, 32, 3, 3), np.int64)), w, out, *args, (2, 2, 2, 2, 0, 0))
+    with pytest.raises(ValueError, match="weight_layout"):
+        tc.launch(src, offs, dv.asdevice(np.zeros((8, 3, 3, 32), np.float32)), out, *args, (2, 2, 2, 2, 0, 0))
 
 
 def test_tf32_rounding():
@@ -188,3 +244,20 @@ def test_fast_mode_on_the_tensor_cores(monkeypatch):
         assert mask.mean() > 0.3  # enough pixels decided to test
         assert (dv.tohost(out.dominant_index)[mask] == want.dominant_index[mask]).all()
     assert rel_err(dv.tohost(got.responses), want.responses) > RTOL_F32  # the tensor cores' TF32, not float32
+
+
+def test_tensor_cores_in_chunks(monkeypatch):
+    """The work split into chunks of one image and some of its classes (b0 > 0, kc < K): the tensor-core
+    kernel reads the chunk's own images' switch offsets, and the maps are bit for bit those of one pass."""
+    monkeypatch.setattr(backend, "TENSOR_CORES", True)
+    rng = np.random.default_rng(9)
+    net = _net(rng)
+    x = rng.normal(size=(3, 2, 12, 11))
+    classes = np.array([[0, 3, 1], [2, 1, 0], [3, 2, 1]])
+    trace = kc.forward(net, x, fast=False)
+    whole = kc.clear_from_trace(net, trace, classes, fast=True)
+    pieces = [(b, 1, k0, k) for b in range(3) for k0, k in ((0, 2), (2, 1))]
+    monkeypatch.setattr(backend, "_chunks", lambda *a: pieces)
+    split = kc.clear_from_trace(net, trace, classes, fast=True)
+    assert_equal(dv.tohost(split.responses), dv.tohost(whole.responses), "responses")
+    assert_equal(dv.tohost(split.dominant_index), dv.tohost(whole.dominant_index), "dominant class")

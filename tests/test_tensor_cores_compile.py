@@ -1,0 +1,42 @@
+"""The tensor-core kernel's GPU side, compiled without a GPU: every specialisation the backend can ask for goes
+through NVRTC (the compiler CuPy's RawKernel uses) for the A100's and the H100's compute capabilities.
+
+The CPU emulation (tests/cuda_sim/test_tensor_cores.py) compiles the same source with its inline assembly
+swapped out; this is where the assembly itself, NVRTC's lack of host headers and CUDA's 48 KB of static
+shared memory per block are checked."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from clearmaps.kernels.cuda import tensor_cores as tc
+
+SPECS = [(k, pool, bm, full, bias)
+         for k in ((3, 3, 1, 1), (2, 3, 1, 0))
+         for pool in (None, (2, 2, 2, 2, 0, 0), (2, 2, 3, 3, 1, 1))
+         for bm in sorted(tc.TILES)
+         for full, bias in ((True, False), (False, True))]
+
+
+def _shared_bytes(ptx: str) -> int:
+    return sum(int(n) for n in re.findall(r"\.shared\s+\.align\s+\d+\s+\.b8\s+\S+\[(\d+)\]", ptx))
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
+def test_every_specialisation_compiles_with_nvrtc(cc):
+    for k, pool, bm, full, bias in SPECS:
+        ptx = tc.nvrtc_ptx(tc.source(*k, pool, bm, full, bias), cc)
+        assert ".entry tc_transpose" in ptx
+        # the loop's mma tiles (unrolled), and the staging's rounding of the source to TF32
+        assert ptx.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") >= 4 * tc.TILES[bm]["MI"] * 4
+        assert "cvt.rna.tf32.f32" in ptx
+        assert 0 < _shared_bytes(ptx) <= 48 << 10, (k, pool, bm, _shared_bytes(ptx))
+
+
+def test_nvrtc_errors_are_reported():
+    """A negative control: the mma given one operand too few does not compile, and says so."""
+    broken = tc.source(3, 3, 1, 1, None, 64, True).replace('"r"(b[0]), "r"(b[1]));', '"r"(b[0]));')
+    with pytest.raises(RuntimeError, match="NVRTC could not compile"):
+        tc.nvrtc_ptx(broken)
