@@ -18,6 +18,7 @@ from clearmaps.kernels import cuda as kc
 from clearmaps.reference import Conv, MaxPool, Network, ReLU
 
 from ..strategies import clear_cases
+from .signals import signals
 from ..tolerances import RTOL_F32, assert_close, assert_equal, decisive, rel_err
 
 assert kc.is_available(), kc.why_unavailable()
@@ -200,21 +201,11 @@ def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, cpt, B
     rng = np.random.default_rng(seed)
     k, p = conv
     n = B * kc_
-    image = np.arange(n) // kc_
-    if pool is None:
-        y = rng.normal(size=(n, O, Hu, Wu))
-        U = np.maximum(y, 0) if rect else y
-        offsets, geo = np.zeros(1, np.int32), None
-    else:
-        pk, ps, pp = pool
-        if (Hu + 2 * pp - pk) // ps + 1 < 1 or (Wu + 2 * pp - pk) // ps + 1 < 1:
-            return
-        _, sw = ref.max_pool_with_switches(rng.normal(size=(B, O, Hu, Wu)), pk, ps, pp)
-        y = rng.normal(size=(n, *sw.shape[1:]))
-        U = ref.unpool(np.maximum(y, 0) if rect else y, sw[image], (Hu, Wu))
-        geo = (pk, pk, ps, ps, pp, pp)
-        offsets, inside = sk.window_offsets(sw.astype(np.int32), geo, (Hu, Wu))
-        assert inside
+    drawn = signals(rng, B, kc_, O, Hu, Wu, pool)
+    if drawn is None:
+        return
+    y, offsets, geo, unpool = drawn
+    U = unpool(np.maximum(y, 0) if rect else y)
     weight = rng.normal(size=(O, I, k, k))
     want = ref.conv_transpose2d(U, weight, 1, p)
     H, W = want.shape[2:]

@@ -15,11 +15,11 @@ from clearmaps.kernels import cuda as kc
 from clearmaps.reference import Conv, MaxPool, Network, ReLU
 
 from ..tolerances import RTOL_F32, assert_close, assert_equal, decisive, rel_err
+from .signals import signals
 
 assert kc.is_available(), kc.why_unavailable()
 from clearmaps.kernels.cuda import backend  # noqa: E402
 from clearmaps.kernels.cuda import device as dv  # noqa: E402
-from clearmaps.kernels.cuda import sparse_kernels as sk  # noqa: E402
 from clearmaps.kernels.cuda import tensor_cores as tc  # noqa: E402
 
 pytestmark = pytest.mark.skipif(tc.available() is not None, reason=str(tc.available()))
@@ -34,19 +34,8 @@ def run_kernel(seed, k, p, pool, O, I, B, kc_, Hu, Wu, rect, bias=False):
     rng = np.random.default_rng(seed)
     kh, kw = k
     n = B * kc_
-    image = np.arange(n) // kc_
-    if pool is None:
-        y = rng.normal(size=(n, O, Hu, Wu))
-        U = _tf32(y)
-        offsets, geo = np.zeros(1, np.int32), None
-    else:
-        pk, ps, pp = pool
-        _, sw = ref.max_pool_with_switches(rng.normal(size=(B, O, Hu, Wu)), pk, ps, pp)
-        y = rng.normal(size=(n, *sw.shape[1:]))
-        geo = (pk, pk, ps, ps, pp, pp)
-        offsets, inside = sk.window_offsets(sw.astype(np.int32), geo, (Hu, Wu))
-        assert inside
-        U = ref.unpool(_tf32(y), sw[image], (Hu, Wu))
+    y, offsets, geo, unpool = signals(rng, B, kc_, O, Hu, Wu, pool)
+    U = unpool(_tf32(y))
     weight = rng.normal(size=(O, I, kh, kw))
     want = ref.conv_transpose2d(np.maximum(U, 0) if rect else U, _tf32(weight), 1, p)
     b = rng.normal(size=I).astype(np.float32)

@@ -1,0 +1,31 @@
+"""Signals for the kernel tests of this folder: what a transposed conv reads, a dense plane or the pooled
+values of a max pool with the switches of real pooling, and how the reference unpools them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clearmaps import reference as ref
+from clearmaps.kernels.cuda import sparse_kernels as sk
+
+
+def signals(rng, B: int, kc: int, O: int, Hu: int, Wu: int, pool):
+    """(y, offsets, geometry, unpool) for B images with kc classes each (n = B*kc signals, O channels).
+
+    ``pool`` None: y (n, O, Hu, Wu) is the dense source itself, offsets a dummy, geometry None, unpool the
+    identity. ``pool`` (k, s, p): the switches of a k x k / s max pool (padding p) over random (B, O, Hu, Wu)
+    images, y (n, O, Hs, Ws) random pooled values, offsets the switches' window offsets (int32, as the
+    kernels read them), geometry (k, k, s, s, p, p), and unpool(values) the reference's unpooling of
+    (n, O, Hs, Ws) values through signal t's image's switches. None when the pool leaves no output."""
+    n = B * kc
+    if pool is None:
+        return rng.normal(size=(n, O, Hu, Wu)), np.zeros(1, np.int32), None, lambda v: v
+    k, s, p = pool
+    if (Hu + 2 * p - k) // s + 1 < 1 or (Wu + 2 * p - k) // s + 1 < 1:
+        return None
+    _, sw = ref.max_pool_with_switches(rng.normal(size=(B, O, Hu, Wu)), k, s, p)
+    geometry = (k, k, s, s, p, p)
+    offsets, inside = sk.window_offsets(sw.astype(np.int32), geometry, (Hu, Wu))
+    assert inside
+    image = np.arange(n) // kc
+    return rng.normal(size=(n, *sw.shape[1:])), offsets, geometry, lambda v: ref.unpool(v, sw[image], (Hu, Wu))
