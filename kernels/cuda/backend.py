@@ -65,10 +65,10 @@ COLUMN_BYTES = 256 << 20
 # Convs on a dense input take it only where sparse_kernels.dense_pays (measured in GPU run 5).
 SPARSE_TRANSPOSE = os.environ.get("CLEARMAPS_CUDA_SPARSE", "1") != "0"
 
-# In the fast (TF32) mode, stride-1 transposed convs on a dense source or behind a pool whose windows do not
-# overlap run on the tensor cores (tensor_cores.py: an implicit GEMM, no columns) when this is on. Off until a
-# GPU run has checked and timed it: it was written and tested without a GPU (its CUDA C runs in the tests
-# under a host emulation of the mma instruction). Bench method cuda-fast-tc.
+# In the fast (TF32) mode, stride-1 convs, forward and transposed (on a dense source or behind a pool whose
+# windows do not overlap), run on the tensor cores (tensor_cores.py: an implicit GEMM, no columns) when this is
+# on. Off until a GPU run has checked and timed it: it was written and tested without a GPU (its CUDA C runs
+# in the tests under a host emulation of the mma instruction). Bench method cuda-fast-tc.
 TENSOR_CORES = os.environ.get("CLEARMAPS_CUDA_TENSOR_CORES", "0") == "1"
 
 _PRECISIONS = ("exact", "tf32")

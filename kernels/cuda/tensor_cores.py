@@ -317,12 +317,20 @@ def grid(I: int, pixels: int) -> tuple[int, int]:
 
 def available() -> str | None:
     """None when the kernel can run here, else why not: the GPU must have tensor cores with TF32
-    (compute capability 8.0 or later); without a GPU, a C++20 compiler must run the emulation."""
+    (compute capability 8.0 or later); without a GPU, a C++20 compiler must run the emulation. Asked for
+    every conv the fast mode routes: the answer is kept per device."""
     dv = _dv()
-    if dv.cp is not None:
-        major = int(dv.cp.cuda.Device().compute_capability[:-1] or 0)
-        return None if major >= 8 else f"compute capability {dv.cp.cuda.Device().compute_capability} < 8.0"
-    return None if _compiler() else "no C++ compiler (c++ / g++) for the host emulation"
+    key = None if dv.cp is None else dv.cp.cuda.Device().id
+    if key not in _AVAILABLE:
+        if dv.cp is not None:
+            cc = dv.cp.cuda.Device().compute_capability
+            _AVAILABLE[key] = None if int(cc[:-1] or 0) >= 8 else f"compute capability {cc} < 8.0"
+        else:
+            _AVAILABLE[key] = None if _compiler() else "no C++ compiler (c++ / g++) for the host emulation"
+    return _AVAILABLE[key]
+
+
+_AVAILABLE: dict = {}
 
 
 def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, kernel, padding, pool, bias=None):
