@@ -57,6 +57,7 @@ inline float tc_bits_float(unsigned u) {
 }
 
 inline unsigned __float_as_uint(float f) { return tc_float_bits(f); }
+inline float __int_as_float(int i) { return tc_bits_float(static_cast<unsigned>(i)); }
 using std::min;
 
 // cvt.rna.tf32.f32: round the mantissa to 10 bits, to nearest, ties away from zero (on the magnitude)

@@ -133,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
     // past O (read clamped, then zeroed) meet zero weights anyway.
     const int OB = (O + BK - 1) / BK, OP = OB * BK, steps = TAPS * OB;
     const int plane = Hs * Ws, nplane = n * plane;
-    const float floor = rect ? 0.0f : -3.402823466e38f;  // rectify as read: v < floor -> floor
+    const float lowest = rect ? 0.0f : __int_as_float(0xff800000);  // -inf; rectify as read: v < lowest -> lowest
     const float* wrow = weight + (i0 + ak0) * TAPS * OP + ak;
     auto load = [&](int tap, int c0) {
         // every load below reads a valid address and what must be zero is selected away after it: no
@@ -162,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
             float v = vq[rc * nplane];
             // rectified when rect, as the reference does it: a NaN stays NaN (fmaxf would make it 0, silently;
             // it was ~15% fewer instructions behind a pool)
-            v = v < floor ? floor : v;
+            v = v < lowest ? lowest : v;
 #if POOLED
             v = oq[rc * plane] == d ? v : 0.0f;
 #endif
