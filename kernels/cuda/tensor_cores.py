@@ -423,9 +423,9 @@ def _host_library(kh, kw, ph, pw, pool, bm, full, bias):
     header = Path(__file__).with_name("tc_host.hpp")
     code = f'#include "{header}"\n' + source(kh, kw, ph, pw, pool, bm, full, bias) + _HOST_ENTRY
     digest = hashlib.sha256((code + header.read_text()).encode()).hexdigest()[:16]
-    root = os.environ.get("CLEARMAPS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "clearmaps")
-    folder = Path(root) / "tc-host"
+    from .sparse_kernels import cache_root
+
+    folder = cache_root() / "tc-host"
     folder.mkdir(parents=True, exist_ok=True)
     lib = folder / f"tc_{digest}.so"
     if not lib.exists():
