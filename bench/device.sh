@@ -20,7 +20,7 @@
 #   4b. the tensor-core kernel's equivalence tests (tests/cuda_sim/test_tensor_cores.py) on the real GPU
 #                                                                                    tensor_cores.log
 #   5. the variants on allcnn-mnist (cuda-rows: the row-blocked direct kernel for the last transposed conv;
-#      cuda-sparse: every stride-1 conv larger than 1x1 on the sparse kernel; cuda-fast-tc and
+#      cuda-eager: the sparse kernel loading switch offsets ahead of its zero tests; cuda-fast-tc and
 #      cuda-fast-tc-wide: the tensor-core kernel with 64- / 128-channel tiles on wide layers) beside cuda,
 #      torch-cuda and torch-cuda-tf32
 #                                                                                    variants/, variants.log

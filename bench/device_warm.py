@@ -27,8 +27,8 @@ from .run import load_methods
 # the networks of the GPU benchmark's cases, at sizes that are quick to run: the kernels a layer needs
 # depend on its channels, kernel, padding and pool, not on the image size or the batch
 DEFAULT_CASES = "allcnn-mnist,vgg16-fcn-64"
-DEFAULT_METHODS = "cuda,cuda-gemm,cuda-fast,cuda-fast-tc,cuda-rows,cuda-sparse"
-KNOB_NAMES = ("TILE_ROWS", "TILE_COLS", "MAX_CHANNELS_PER_THREAD")  # what the launcher reads
+DEFAULT_METHODS = "cuda,cuda-gemm,cuda-fast,cuda-fast-tc,cuda-rows,cuda-eager"
+KNOB_NAMES = ("TILE_ROWS", "TILE_COLS", "MAX_CHANNELS_PER_THREAD", "EAGER_OFFSETS")  # what the launcher reads
 
 
 def record(methods, cases) -> dict:
@@ -45,7 +45,8 @@ def record(methods, cases) -> dict:
         I = out.shape[0]
         cpt = sk.channels_per_thread(I)
         tile = sk.tile_shape(pool)
-        name = sk.kernel_name(*kernel, *padding, pool, sk.block_threads(I, cpt), bias is not None, tile, cpt)
+        name = sk.kernel_name(*kernel, *padding, pool, sk.block_threads(I, cpt), bias is not None, tile, cpt,
+                              sk.EAGER_OFFSETS)
         calls.setdefault(name, dict(
             src=tuple(src.shape), offsets=None if offsets is None else tuple(offsets.shape),
             weight=tuple(weight.shape), bias=None if bias is None else tuple(bias.shape), out=tuple(out.shape),

@@ -118,8 +118,10 @@ def kernels():
     for g in ((3, 3, 1, 1), (5, 5, 2, 2), (1, 1, 0, 0)):
         for _, pool in sources:
             for threads, cpt in ((32, 1), (128, 1), (32, 2)):
-                k = sk.sparse_transpose(*g, pool, threads, False, None, cpt)
-                out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
+                # behind a pool, the 3x3 convs also with their offsets loaded ahead of the zero tests
+                for eager in (False, True) if pool and g == (3, 3, 1, 1) else (False,):
+                    k = sk.sparse_transpose(*g, pool, threads, False, None, cpt, eager)
+                    out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
         k = sk.sparse_transpose(*g, None, 128, True)  # a forward conv (bias)
         out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
     from clearmaps.kernels.cuda import tensor_cores as tc

@@ -103,13 +103,14 @@ def _torch_method(base_setup, tf32: bool):
 
 
 def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None, rows=None, dense_min=None,
-         tensor=None, wide=None):
+         tensor=None, wide=None, eager=None):
     """Context: transposed convs with at most ``direct_limit`` output channels run as the direct kernel;
     ``sparse`` False sends the stride-1 ones to columns + GEMM instead of the sparse kernel; ``tile_rows``
     sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes; ``cpt``
     its most output channels per thread; ``rows`` the row-blocked direct kernel for the last transposed conv;
     ``dense_min`` the fewest source channels of a dense conv it takes; ``tensor`` the fast mode's tensor-core
-    kernel; ``wide`` its 128-channel tiles (None: as set)."""
+    kernel; ``wide`` its 128-channel tiles; ``eager`` the sparse kernel's offsets loaded before the zero test
+    (sparse_kernels.EAGER_OFFSETS) (None: as set)."""
     import contextlib
 
     from clearmaps.kernels.cuda import backend, sparse_kernels, tensor_cores
@@ -118,7 +119,7 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
               (sparse_kernels, "TILE_ROWS"): tile_rows, (sparse_kernels, "DENSE_MAX_CHANNELS"): dense_max,
               (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt, (backend, "ROWS_DIRECT"): rows,
               (sparse_kernels, "DENSE_MIN_SOURCE_CHANNELS"): dense_min, (backend, "TENSOR_CORES"): tensor,
-              (tensor_cores, "WIDE_TILES"): wide}
+              (tensor_cores, "WIDE_TILES"): wide, (sparse_kernels, "EAGER_OFFSETS"): eager}
 
     @contextlib.contextmanager
     def ctx():
@@ -136,8 +137,9 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
 
 def _clearmaps_setup(fast: bool, **knobs):
     """A clearmaps CUDA method run under ``ways(**knobs)``."""
-    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min, tensor, wide = (knobs.get(k) for k in (
-        "direct_limit", "sparse", "tile_rows", "dense_max", "cpt", "rows", "dense_min", "tensor", "wide"))
+    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min, tensor, wide, eager = (
+        knobs.get(k) for k in ("direct_limit", "sparse", "tile_rows", "dense_max", "cpt", "rows", "dense_min",
+                               "tensor", "wide", "eager"))
 
     def setup(case) -> Prepared:
         import cupy as cp
@@ -193,7 +195,8 @@ def _clearmaps_setup(fast: bool, **knobs):
                         ("" if rows is None else f", row-blocked direct kernel {'on' if rows else 'off'}") +
                         ("" if dense_min is None else f", sparse on dense inputs from {dense_min} source channels") +
                         ("" if tensor is None else f", tensor-core kernel {'on' if tensor else 'off'}") +
-                        ("" if wide is None else f", 128-channel tensor-core tiles {'on' if wide else 'off'}"))
+                        ("" if wide is None else f", 128-channel tensor-core tiles {'on' if wide else 'off'}") +
+                        ("" if eager is None else f", switch offsets loaded {'eagerly' if eager else 'in the branch'}"))
     # the routing, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
     setup.knobs = knobs
     setup.fast = fast
@@ -247,6 +250,11 @@ register(Method("cuda-direct", "cuda", _clearmaps_setup(False, direct_limit=64, 
 # the row-blocked direct kernel for the last transposed conv (backend.ROWS_DIRECT, off until timed)
 register(Method("cuda-rows", "cuda", _clearmaps_setup(False, rows=True),
                 "clearmaps backend='cuda', exact fp32, row-blocked direct kernel for the last transposed conv",
+                available=_clearmaps_cuda_available))
+# the sparse kernel behind a pool with each window's offset loaded beside its value, ahead of the zero test
+# (sparse_kernels.EAGER_OFFSETS, off until timed); same bits as cuda
+register(Method("cuda-eager", "cuda", _clearmaps_setup(False, eager=True),
+                "clearmaps backend='cuda', exact fp32, sparse kernel loading switch offsets ahead of the tests",
                 available=_clearmaps_cuda_available))
 register(Method("cuda-fast", "cuda", _clearmaps_setup(True), "clearmaps backend='cuda', TF32 GEMMs (fast mode)",
                 available=_clearmaps_cuda_available, exact=False))

@@ -279,7 +279,7 @@ def _launch_sparse(src, offsets, weight, bias, out, kernel, padding, pool, b0: i
     threads = sk.block_threads(I, cpt)
     TY, TX = tile = sk.tile_shape(pool)
     tiles_y, tiles_x = ceil_div(H, TY), ceil_div(W, TX)
-    launch(sk.sparse_transpose(*kernel, *padding, pool, threads, bias is not None, tile, cpt),
+    launch(sk.sparse_transpose(*kernel, *padding, pool, threads, bias is not None, tile, cpt, sk.EAGER_OFFSETS),
            (n * tiles_y * tiles_x, ceil_div(I, threads * cpt)), threads, src.reshape(-1),
            _dummy(np.int32) if offsets is None else offsets.reshape(-1), weight.reshape(-1),
            _dummy(np.float32) if bias is None else bias, out.reshape(-1), O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc,

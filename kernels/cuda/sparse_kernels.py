@@ -74,6 +74,13 @@ SHARED_LIMIT = 48 << 10
 # 1024->10 head conv took 0.38 ms sparse, 0.02 ms as a GEMM.
 DENSE_MAX_CHANNELS = 64
 DENSE_MIN_SOURCE_CHANNELS = 16
+# Behind a pool, load each window's offset d beside its value, before the zero test, instead of inside the
+# branch (where the compiler otherwise sinks it). Run 7 put the kernels reading through switches at ~1.6x their
+# model wherever a thread does two channels; the sm_90 SASS of the lazy walk has a shared load -> compare ->
+# branch chain per nonzero window (~30 cycles each), the eager one two 128-bit loads per four windows ahead
+# of their tests: the same FMAs in the same order (same bits), 126 registers instead of 117 at two channels
+# per thread (72 instead of 64 at one). Off until a GPU run times it (bench method cuda-eager).
+EAGER_OFFSETS = os.environ.get("CLEARMAPS_CUDA_SPARSE_EAGER", "0") == "1"
 
 
 def dense_pays(source_channels: int, out_channels: int, kh: int, kw: int) -> bool:
@@ -163,7 +170,7 @@ def _layout(kh, kw, ph, pw, pool, TY, TX):
     return TY, TX, plo, qlo, NWY, NWX, tuple(windows)
 
 
-def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt):
+def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager=False):
     """The kernel's Python source (see the module docstring); ``bias`` adds bias[i] to every output."""
     pooled = pool is not None
     TY, TX, plo, qlo, NWY, NWX, windows = layout(kh, kw, ph, pw, pool, tile)
@@ -171,6 +178,7 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt):
     taps, npix, nwin = kh * kw, TY * TX, NWY * NWX
     L = []
     a = L.append
+    eager = eager and pooled
     a("def kernel(src, offs, weight, bias, out, O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc, rect):")
     # one float32 buffer: the staged values while the tile is computed, then the tile on its way out
     a(f"    sval = cuda.shared.array({max(CHUNK * nwin, threads * (npix + 1))}, float32)")
@@ -250,11 +258,16 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt):
     a(f"            sb = oc * {nwin}")
     for wi, cases in windows:
         # (the values of consecutive windows come in wide shared loads; the offset is loaded in the branch:
-        # the compiler sinks it there even when it is written before)
+        # the compiler sinks it there even when it is written before, unless the test reads it, as the
+        # eager walk's does: d >= 0 always holds, but the compiler cannot know it)
         a(f"            s = sval[_ix(sb + {wi})]")
-        a("            if s != zero:")
-        if pooled:
-            a(f"                d = soff[_ix(sb + {wi})]")
+        if eager:
+            a(f"            d = soff[_ix(sb + {wi})]")
+            a("            if (s != zero) & (d >= 0):")
+        else:
+            a("            if s != zero:")
+            if pooled:
+                a(f"                d = soff[_ix(sb + {wi})]")
         for n_case, (d, fmas) in enumerate(cases):
             ind = "                "
             if pooled:
@@ -296,16 +309,17 @@ def shared_bytes(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads
 
 
 def kernel_name(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, bias: bool, tile: tuple,
-                cpt: int) -> str:
+                cpt: int, eager: bool = False) -> str:
     """The name of :func:`sparse_transpose`'s specialisation for these arguments (``tile`` resolved)."""
     return (f"sparse_transpose_k{kh}x{kw}_p{ph}x{pw}_t{threads}x{cpt}_{tile[0]}x{tile[1]}" +
             ("_bias" if bias else "") + "_" +
-            ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)))
+            ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)) +
+            ("_eager" if eager and pool is not None else ""))
 
 
 @lru_cache(maxsize=None)
 def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, bias: bool = False,
-                     tile: tuple | None = None, cpt: int = 1):
+                     tile: tuple | None = None, cpt: int = 1, eager: bool = False):
     """Kernel: the stride-1 transposed conv of a dense source (``pool`` None) or of a pool's unpooled plane
     read through its switches (``pool`` = (pkh, pkw, psh, psw, pph, ppw)), zeros skipped (module docstring).
 
@@ -314,7 +328,8 @@ def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, thr
     :func:`tile_shape` of ``pool``; a multiple of the pool's stride). Arguments: src
     (C*n*Hs*Ws,) float32; offs (B*C*Hs*Ws,) int32 window offsets (any int32 array for a dense source);
     weight (O*kh*kw*I,) float32 laid out (O, kh, kw, I); bias (I,) float32 (read only when ``bias``);
-    out (I*n*H*W,) float32; O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc; rect (rectify the source)."""
+    out (I*n*H*W,) float32; O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc; rect (rectify the source).
+    ``eager``: through a pool, load each window's offset before its zero test (EAGER_OFFSETS); same results."""
     tile = tuple(tile or tile_shape(pool))
     if threads % 32 or CHUNK % (threads // 32):
         raise ValueError(f"sparse_transpose: {threads} threads; expected whole warps that divide the {CHUNK} "
@@ -324,8 +339,8 @@ def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, thr
     if shared_bytes(kh, kw, ph, pw, pool, threads, tile) > SHARED_LIMIT:
         raise ValueError(f"sparse_transpose: {shared_bytes(kh, kw, ph, pw, pool, threads, tile)} bytes of shared "
                          f"memory for a {kh}x{kw} conv on tile {tile}; a block's static limit is {SHARED_LIMIT}")
-    code = _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt)
-    fn, cached = _define(code, kernel_name(kh, kw, ph, pw, pool, threads, bias, tile, cpt))
+    code = _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager)
+    fn, cached = _define(code, kernel_name(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager))
     kernel = cuda.jit(fn, cache=cached)
     kernel.source = code
     return kernel

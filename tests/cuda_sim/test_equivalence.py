@@ -94,17 +94,20 @@ def _net(seed=0, channels=3, width=6, classes=3):
 
 
 # how the transposed convs of more than 4 output channels run: (DIRECT_MAX_CHANNELS, SPARSE_TRANSPOSE, the
-# sparse kernel's output channels per thread: None as it chooses, 2 forced even for these narrow layers)
-WAYS = {"sparse": (0, True, None), "sparse-2-per-thread": (0, True, 2), "gemm": (0, False, None),
-        "direct": (8, False, None)}
+# sparse kernel's output channels per thread: None as it chooses, 2 forced even for these narrow layers,
+# its switch offsets loaded ahead of the zero tests: sk.EAGER_OFFSETS)
+WAYS = {"sparse": (0, True, None, False), "sparse-2-per-thread": (0, True, 2, False),
+        "sparse-eager-2-per-thread": (0, True, 2, True), "gemm": (0, False, None, False),
+        "direct": (8, False, None, False)}
 
 
 def _route(monkeypatch, way):
     from clearmaps.kernels.cuda import sparse_kernels as sk
 
-    direct, sparse, cpt = WAYS[way]
+    direct, sparse, cpt, eager = WAYS[way]
     monkeypatch.setattr(backend, "DIRECT_MAX_CHANNELS", direct)
     monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", sparse)
+    monkeypatch.setattr(sk, "EAGER_OFFSETS", eager)
     # these nets' few channels would send their dense convs to the GEMM (sk.dense_pays): not here
     monkeypatch.setattr(sk, "DENSE_MIN_SOURCE_CHANNELS", 1)
     if cpt is not None:
@@ -189,13 +192,13 @@ def test_overlapping_pool_through_the_sparse_kernel(monkeypatch, relu_after_pool
 @given(st.integers(0, 2**32 - 1), st.sampled_from([(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (5, 2)]),
        st.sampled_from([None, (2, 2, 0), (2, 2, 1), (2, 3, 1), (3, 2, 1), (3, 3, 0)]),
        st.sampled_from([1, 3, 33]), st.sampled_from([1, 5, 33]), st.sampled_from([1, 2]), st.integers(1, 2),
-       st.integers(1, 2), st.integers(5, 12), st.integers(5, 12), st.booleans())
-def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, cpt, B, kc_, Hu, Wu, rect):
+       st.integers(1, 2), st.integers(5, 12), st.integers(5, 12), st.booleans(), st.booleans())
+def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, cpt, B, kc_, Hu, Wu, rect, eager):
     """The sparse kernel alone against reference unpool + conv_transpose2d: every pool kind (windows that
     tile, leave gaps, are padded, overlap) or a dense source; kernels 1-5 with and without padding; 33 input
     channels (two staged chunks) and 33 output channels (two warps, or one warp of two channels per thread,
     with idle lanes either way); several images with several classes each (the switches are the signal's
-    image's)."""
+    image's); the offsets read in the branch or ahead of the zero test (``eager``)."""
     from clearmaps.kernels.cuda import sparse_kernels as sk
 
     rng = np.random.default_rng(seed)
@@ -213,12 +216,45 @@ def test_sparse_transpose_kernel_equals_reference(seed, conv, pool, O, I, cpt, B
     threads = sk.block_threads(I, cpt)
     out = np.zeros(I * n * H * W, np.float32)
     Hs, Ws = y.shape[2:]
-    kernel = sk.sparse_transpose(k, k, p, p, geo, threads, False, None, cpt)
+    kernel = sk.sparse_transpose(k, k, p, p, geo, threads, False, None, cpt, eager)
     kernel[(n * -(-H // TY) * -(-W // TX), -(-I // (threads * cpt))), threads](
         np.ascontiguousarray(y.transpose(1, 0, 2, 3), np.float32).reshape(-1), offsets.reshape(-1),
         np.ascontiguousarray(weight.transpose(0, 2, 3, 1), np.float32).reshape(-1), np.zeros(1, np.float32),
         out, O, I, n, Hs, Ws, H, W, -(-W // TX), -(-H // TY), 0, kc_, rect)
     assert_close(out.reshape(I, n, H, W).transpose(1, 0, 2, 3), want, RTOL_F32, "sparse transposed conv")
+
+
+@pytest.mark.parametrize("pool, cpt", [((2, 2, 0), 2), ((3, 2, 1), 1)])
+def test_eager_offsets_change_the_schedule_not_the_bits(pool, cpt):
+    """sk.EAGER_OFFSETS loads each window's switch offset beside its value, before the zero test, and tests
+    it there (so the compiler cannot sink the load into the branch); the FMAs and their order are the lazy
+    walk's, so the outputs are the same bits. The sources must differ as intended (else this test proves
+    nothing), and a dense source has no offsets: its walk is the same either way."""
+    rng = np.random.default_rng(3)
+    B, kc_, O, I, Hu, Wu = 2, 1, 5, 33, 10, 9
+    y, offsets, geo, _ = signals(rng, B, kc_, O, Hu, Wu, pool)
+    n, Hs, Ws = B * kc_, *y.shape[2:]
+    weight = np.ascontiguousarray(rng.normal(size=(O, 3, 3, I)), np.float32).reshape(-1)
+    src = np.ascontiguousarray(y.transpose(1, 0, 2, 3), np.float32).reshape(-1)
+    threads = sk.block_threads(I, cpt)
+    TY, TX = sk.tile_shape(geo)
+    H, W = Hu, Wu
+    outs = []
+    for eager in (False, True):
+        code = sk._source(3, 3, 1, 1, geo, threads, False, (TY, TX), cpt, eager)
+        assert ("if (s != zero) & (d >= 0):" in code) == eager
+        assert code.count("d = soff[") == len(sk.layout(3, 3, 1, 1, geo)[-1])
+        out = np.zeros(I * n * H * W, np.float32)
+        sk.sparse_transpose(3, 3, 1, 1, geo, threads, False, None, cpt, eager)[
+            (n * -(-H // TY) * -(-W // TX), -(-I // (threads * cpt))), threads](
+            src, offsets.reshape(-1), weight, np.zeros(1, np.float32), out, O, I, n, Hs, Ws, H, W, -(-W // TX),
+            -(-H // TY), 0, kc_, True)
+        outs.append(out)
+    assert np.abs(outs[0]).max() > 0
+    assert_equal(outs[1], outs[0], "eager against lazy offsets")
+    assert (sk._source(3, 3, 1, 1, None, threads, False, None, cpt, True) ==
+            sk._source(3, 3, 1, 1, None, threads, False, None, cpt, False))
+    assert sk.kernel_name(3, 3, 1, 1, geo, threads, False, (TY, TX), cpt, True).endswith("_eager")
 
 
 @settings(max_examples=8, deadline=None)
