@@ -35,11 +35,17 @@ static std::vector<std::barrier<>*> tc_warp_barriers;
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 
-struct uint2 {
+struct alignas(8) uint2 {
     unsigned x, y;
+};
+
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
 };
 
 inline void __syncthreads() { tc_block_barrier->arrive_and_wait(); }

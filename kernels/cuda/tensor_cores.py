@@ -22,11 +22,13 @@ How the work is laid out. A block of 4 warps owns BM output channels x BN pixels
 when I <= 32, so that a 32-channel layer wastes no half of its M; 128 x 64 for wide layers when WIDE_TILES);
 each warp a (16 MI) x 32 piece as MI x 4 mma tiles of 16 x 8, 16 MI float accumulators per thread. Per step
 of BK = 32 along K, the next step's A and B slices are loaded into registers while the tensor cores work on
-the current one from shared memory (padded rows, A's columns paired: no bank conflicts for the fragment
-loads). Accumulators go straight to global memory: a quad of lanes writes 8 consecutive pixels of one
-channel. The sm_90 SASS of the loop (NVRTC 13.5 + ptxas, 3x3 conv; `python -m bench.kernel_report --only
-tc_`) has ~13-18 instructions per mma on 64 x 64 tiles (~400 dense, ~580 behind a pool, per 32 mma), ~19-23
-on 32 x 128 tiles, ~9-10 on 128 x 64 tiles (~590-660 per 64 mma), at 96-168 registers. No spills.
+the current one from shared memory. A is stored in fragment order (weight_layout), so its staging is a copy
+of 16-byte pieces and each A fragment one 16-byte shared load into the registers the mma reads; B is staged
+as (b0, b1) pairs, swizzled against bank conflicts, one 8-byte shared load per B fragment. Accumulators go
+straight to global memory: a quad of lanes writes 8 consecutive pixels of one channel. The sm_90 SASS of the
+loop (NVRTC 13.5 + ptxas, 3x3 conv; `python -m bench.kernel_report --only tc_`) has ~10-12 instructions per
+mma on 64 x 64 tiles (~314 dense, ~382 behind a pool, per 32 mma), ~14-17 on 32 x 128 tiles, ~5.5-6.7 on
+128 x 64 tiles (~352-426 per 64 mma), at 128-168 registers (MIN_BLOCKS). No spills.
 
 Without a GPU (Numba's CUDA simulator: the tests), the same source is compiled by the host C++ compiler
 with tc_host.hpp in front of it, which runs each block as threads and emulates the mma instruction with
@@ -66,7 +68,7 @@ _SOURCE = r"""
 #define WARPS_N (4 / WARPS_M)
 #define WROWS (MI * 16)  // a warp's rows: MI mma tiles of 16; its columns: 4 tiles of 8
 #define TAPS (KH * KW)
-#define A_LOADS (BM * BK / THREADS)
+#define A_VECS (BM * BK / 4 / THREADS)  // 128-bit pieces of A per thread and step
 #define B_LOADS (BK * BN / THREADS)
 #define B_ROW_STEP (THREADS / BN)
 
@@ -91,15 +93,19 @@ __device__ __forceinline__ void mma_tf32(float d[4], const unsigned a[4], const 
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
-        const float* __restrict__ src, const int* __restrict__ offs, const float* __restrict__ weight,
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tc_transpose(
+        const float* __restrict__ src, const int* __restrict__ offs, const uint4* __restrict__ weight,
         const float* __restrict__ bias, float* __restrict__ out, int O, int I, int n, int Hs, int Ws, int Hu,
         int Wu, int H, int W, int b0, int kc, int rect) {
-    // A's columns are stored permuted within each group of 8 (k -> 2 (k % 4) + (k / 4) % 2), so that the two
-    // registers of a fragment row, columns t4 and t4 + 4, are adjacent: one 64-bit shared load. Row strides of
-    // 40 and BN + 8 words: no bank conflicts for the fragment loads nor for the staging stores.
-    __shared__ __align__(16) unsigned As[BM][BK + 8];
-    __shared__ __align__(16) unsigned Bs[BK][BN + 8];
+    // A comes in fragment order (weight_layout): per 16 rows and 8 columns, lane l's four registers a0..a3
+    // are 16 consecutive bytes, so a step's A tile is a plain copy (one 128-bit load and store per piece) and
+    // each fragment one 128-bit shared load straight into the four registers the mma reads (a warp reads
+    // 512 consecutive bytes: no bank conflicts).
+    __shared__ uint4 As[BM / 16][BK / 8 * 32];
+    // B in pairs: per 8 rows (k8) and column n, rows t and t + 4 (a fragment's b0, b1) are adjacent words, pair
+    // t stored at t ^ ((n / 4) % 4): a 64-bit store per pair when staging, a 64-bit load per fragment, and no
+    // bank conflicts for either (a half-warp's 16 columns, or 4 columns x 4 pairs, cover the 32 banks).
+    __shared__ uint2 Bs[BK / 8][BN][4];
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     const int g = lane >> 2, t4 = lane & 3;
@@ -117,11 +123,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
 #if POOLED
     const int obase = (b0 + ts / kc) * O;  // the image's switches (classes share them)
 #endif
-    // this thread's A entries: rows ak0 + 4j (of BM), column ak (of BK), stored at column ap
-    const int ak = tid % BK, ak0 = tid / BK;
-    const int ap = (ak & ~7) | ((ak & 3) << 1) | ((ak >> 2) & 1);
-
-    float ra[A_LOADS], rb[B_LOADS];
+    uint4 ra[A_VECS];  // this thread's pieces of A: piece tid of the 16-row groups j * THREADS / 128 + ...
+    float rb[B_LOADS];
     float acc[MI][4][4];
     for (int mi = 0; mi < MI; ++mi)
         for (int ni = 0; ni < 4; ++ni)
@@ -134,13 +137,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
     const int OB = (O + BK - 1) / BK, OP = OB * BK, steps = TAPS * OB;
     const int plane = Hs * Ws, nplane = n * plane;
     const float lowest = rect ? 0.0f : __int_as_float(0xff800000);  // -inf; rectify as read: v < lowest -> lowest
-    const float* wrow = weight + (i0 + ak0) * TAPS * OP + ak;
+    // A's 16-row groups are TAPS * OP / 8 fragments of 32 pieces long; a step reads BK / 8 fragments of each
+    // of its BM / 16 groups: 4 * 32 = THREADS consecutive pieces per group, piece tid for this thread
+    const int K8 = TAPS * OP / 8;
+    const uint4* wrow = weight + (i0 / 16) * K8 * 32 + tid;
     auto load = [&](int tap, int c0) {
         // every load below reads a valid address and what must be zero is selected away after it: no
         // branches around loads. 32-bit indices: launch() refuses arrays of 2^31 elements or more.
-        const float* wq = wrow + tap * OP + c0;
+        const uint4* wq = wrow + (tap * OP + c0) / 8 * 32;
 #pragma unroll
-        for (int j = 0; j < A_LOADS; ++j) ra[j] = wq[j * (THREADS / BK) * TAPS * OP];
+        for (int j = 0; j < A_VECS; ++j) ra[j] = wq[j * K8 * 32];
         const int ky = tap / KW, kx = tap - (tap / KW) * KW;
         const int u = y + PH - ky, w = x + PW - kx;
         bool inside = pixel && u >= 0 && u < Hu && w >= 0 && w < Wu;
@@ -171,9 +177,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
     };
     auto stage = [&]() {  // A is TF32 already (launch()); B is rounded here
 #pragma unroll
-        for (int j = 0; j < A_LOADS; ++j) As[ak0 + j * (THREADS / BK)][ap] = __float_as_uint(ra[j]);
+        for (int j = 0; j < A_VECS; ++j) As[j][tid] = ra[j];
+        // rb[j] is row k = bk0 + j B_ROW_STEP (bk0 < B_ROW_STEP, which divides 4): k % 8 < 4 for the j with
+        // (j B_ROW_STEP) % 8 < 4, and row k + 4 is rb[j + 4 / B_ROW_STEP]
 #pragma unroll
-        for (int j = 0; j < B_LOADS; ++j) Bs[bk0 + j * B_ROW_STEP][bn] = to_tf32(rb[j]);
+        for (int j = 0; j < B_LOADS; ++j) {
+            const int k = bk0 + j * B_ROW_STEP;
+            if ((j * B_ROW_STEP) % 8 < 4)
+                Bs[k / 8][bn][(k % 4) ^ ((bn / 4) % 4)] = make_uint2(to_tf32(rb[j]), to_tf32(rb[j + 4 / B_ROW_STEP]));
+        }
     };
 
     int tap = 0, c0 = 0;  // the step being computed
@@ -189,19 +201,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) tc_transpose(
             unsigned a[MI][4], b[4][2];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
-                const int row = wm * WROWS + mi * 16 + g;
-                const uint2 lo = *reinterpret_cast<const uint2*>(&As[row][ks + 2 * t4]);      // (g, t4), (g, t4 + 4)
-                const uint2 hi = *reinterpret_cast<const uint2*>(&As[row + 8][ks + 2 * t4]);  // rows + 8
-                a[mi][0] = lo.x;
-                a[mi][1] = hi.x;
-                a[mi][2] = lo.y;
-                a[mi][3] = hi.y;
+                const uint4 f = As[wm * MI + mi][ks / 8 * 32 + lane];  // (g, t4), (g + 8, t4), (g, t4 + 4), (g + 8, t4 + 4)
+                a[mi][0] = f.x;
+                a[mi][1] = f.y;
+                a[mi][2] = f.z;
+                a[mi][3] = f.w;
             }
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
                 const int col = wn * 32 + ni * 8 + g;
-                b[ni][0] = Bs[ks + t4][col];
-                b[ni][1] = Bs[ks + t4 + 4][col];
+                const uint2 f = Bs[ks / 8][col][t4 ^ ((col / 4) % 4)];  // (t4, g), (t4 + 4, g)
+                b[ni][0] = f.x;
+                b[ni][1] = f.y;
             }
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
@@ -238,7 +249,8 @@ extern "C" void tc_launch(unsigned gx, unsigned gy, const float* src, const int*
                           const float* bias, float* out, int O, int I, int n, int Hs, int Ws, int Hu, int Wu,
                           int H, int W, int b0, int kc, int rect) {
     tc_host_launch(gx, gy, THREADS, [=] {
-        tc_transpose(src, offs, weight, bias, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect);
+        tc_transpose(src, offs, reinterpret_cast<const uint4*>(weight), bias, out, O, I, n, Hs, Ws, Hu, Wu, H, W,
+                     b0, kc, rect);
     });
 }
 """
@@ -248,6 +260,10 @@ _NO_POOL = (1, 1, 1, 1, 0, 0)
 
 # Block tiles: BM output channels x BN pixels, by 4 warps (WARPS_M along M) of MI x 4 mma tiles each.
 TILES = {32: dict(BN=128, WARPS_M=1, MI=2), 64: dict(BN=64, WARPS_M=2, MI=2), 128: dict(BN=64, WARPS_M=2, MI=4)}
+# Blocks an SM must hold (dense source, behind a pool), which caps the registers at 65536 / (128 blocks): left
+# free, ptxas gave the 128 x 64 tile behind a pool 246 registers (2 blocks, 8 warps per SM) to keep more
+# loads in flight. One block less for the 32 x 128 tile behind a pool, which spills at 128 registers.
+MIN_BLOCKS = {32: (4, 3), 64: (4, 4), 128: (3, 3)}
 # 128-channel tiles for layers of at least 128 output channels: each gathered B element then feeds twice the
 # mma, at 64 accumulators per thread (fewer warps per SM). Off until a GPU run has timed it (bench method
 # cuda-fast-tc-wide).
@@ -279,19 +295,27 @@ def fits(src_size: int, out_size: int) -> bool:
 
 
 def padded_shape(O: int, I: int, kh: int, kw: int) -> tuple:
-    """The shape weight_layout gives a transposed conv of O -> I channels: rows to ROW_PAD, channels to BK."""
-    return -(-I // ROW_PAD) * ROW_PAD, kh, kw, -(-O // BK) * BK
+    """The shape weight_layout gives a transposed conv of O -> I channels, (I' / 16, kh * kw * O' / 8, 32, 4):
+    rows I' = I rounded up to ROW_PAD, channels O' = O to BK, in mma fragments."""
+    return -(-I // ROW_PAD) * ROW_PAD // 16, kh * kw * (-(-O // BK) * BK) // 8, 32, 4
 
 
 def weight_layout(w) -> np.ndarray:
     """The A operand of the transposed conv whose weight is ``w`` (O, I, kh, kw) (out[i] gets w[o, i] times
-    source channel o): laid out (I', kh, kw, O') with I' = I rounded up to ROW_PAD rows and O' = O to BK channels,
-    zeros in the padding, rounded to TF32. A forward conv's is that of its flipped kernels,
+    source channel o), rounded to TF32, in the order the kernel's mma fragments read it.
+
+    As a matrix A (I' x K'), row i, column k = (ky * kw + kx) * O' + o, with I' = I rounded up to ROW_PAD rows
+    and O' = O to BK channels, zeros in the padding. Stored as (I' / 16, K' / 8, 32, 4): per 16 rows and 8
+    columns, lane l = 4 g + t of a warp holds A's (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4) (the PTX ISA's
+    a0..a3 of mma.m16n8k8 .tf32), 16 consecutive bytes. A forward conv's is that of its flipped kernels,
     ``w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)``."""
     O, I, kh, kw = w.shape
-    out = np.zeros(padded_shape(O, I, kh, kw), np.float32)
-    out[:I, :, :, :O] = np.asarray(w, np.float32).transpose(1, 2, 3, 0)
-    return round_tf32(out)
+    rows, K8 = padded_shape(O, I, kh, kw)[:2]
+    a = np.zeros((rows * 16, kh, kw, K8 * 8 // (kh * kw)), np.float32)
+    a[:I, :, :, :O] = np.asarray(w, np.float32).transpose(1, 2, 3, 0)
+    # (m, r, g, kb, c, t) with row 16 m + 8 r + g and column 8 kb + 4 c + t -> (m, kb, g, t, c, r): register 2 c + r
+    a = a.reshape(rows, 2, 8, K8, 2, 4).transpose(0, 3, 2, 5, 4, 1)
+    return round_tf32(a.reshape(rows, K8, 32, 4))
 
 
 def round_tf32(a) -> np.ndarray:
@@ -306,7 +330,8 @@ def source(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, bm: int, full
     multiple of BK channels, so no step has channels to mask; ``bias``: bias[i] is added to the output)."""
     pkh, pkw, psh, psw, pph, ppw = pool or _NO_POOL
     defines = dict(KH=kh, KW=kw, PH=ph, PW=pw, POOLED=int(pool is not None), PKH=pkh, PKW=pkw, PSH=psh,
-                   PSW=psw, PPH=pph, PPW=ppw, BM=bm, **TILES[bm], FULL_CHUNKS=int(bool(full)), BIAS=int(bool(bias)))
+                   PSW=psw, PPH=pph, PPW=ppw, BM=bm, **TILES[bm], MIN_BLOCKS=MIN_BLOCKS[bm][pool is not None],
+                   FULL_CHUNKS=int(bool(full)), BIAS=int(bool(bias)))
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
@@ -355,6 +380,10 @@ def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, 
     if weight.shape != padded_shape(O, I, kh, kw):
         raise ValueError(f"tensor_cores.launch: a weight of shape {tuple(weight.shape)}; weight_layout gives "
                          f"{padded_shape(O, I, kh, kw)} for {O} -> {I} channels")
+    address = weight.data.ptr if hasattr(weight.data, "ptr") else weight.ctypes.data
+    if address % 16:
+        raise ValueError("tensor_cores.launch: a weight not aligned to 16 bytes; the kernel reads it 16 bytes at "
+                         "a time (a fresh array of weight_layout is)")
     bm, full = tile_m(I), O % BK == 0
     gx, gy = grid(I, n * H * W)
     ints = (O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, int(bool(rect)))
@@ -435,7 +464,7 @@ def _host_library(kh, kw, ph, pw, pool, bm, full, bias):
         cpp = folder / f"tc_{digest}.{os.getpid()}.cpp"
         cpp.write_text(code)
         tmp = folder / f".tc_{digest}.{os.getpid()}.so"
-        done = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-o", str(tmp), str(cpp)],
+        done = subprocess.run([cxx, "-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread", "-shared", "-fPIC", "-o", str(tmp), str(cpp)],
                               capture_output=True, text=True)
         cpp.unlink(missing_ok=True)
         if done.returncode:

@@ -106,15 +106,35 @@ def test_tensor_core_bias():
 
 
 def test_wrong_fragment_layouts_are_caught(monkeypatch):
-    """Negative controls: the kernel with registers a1/a2 of the A fragment swapped, with A staged unpermuted
-    (its paired 64-bit loads then pick columns 2 t4 and 2 t4 + 1), or with B's b1 taken from b0's row, must
-    fail the comparison (the emulation models the PTX layouts; it does not forgive them)."""
+    """Negative controls: the kernel with registers a1/a2 of the A fragment swapped, with A laid out row by row
+    instead of in fragment order (or with a1/a2's rows and columns confused in the layout), with B's b1
+    taken from b0's row, or with B's pairs read unswizzled, must fail the comparison (the emulation models the PTX layouts; it does not forgive
+    them)."""
     case = CASES[3]
-    for old, new in (("a[mi][1] = hi.x;", "a[mi][1] = lo.y;"), ("a[mi][2] = lo.y;", "a[mi][2] = hi.x;"),
-                     ("[ak0 + j * (THREADS / BK)][ap]", "[ak0 + j * (THREADS / BK)][ak]"),
-                     ("b[ni][1] = Bs[ks + t4 + 4][col];", "b[ni][1] = Bs[ks + t4][col];")):
-        assert old in tc._SOURCE
-        monkeypatch.setattr(tc, "_SOURCE", tc._SOURCE.replace(old, new))
+    rows_first = tc.weight_layout
+
+    def layout(order):
+        def wrong(w):
+            a = rows_first(w).reshape(-1, 8, 4, 4)  # (m * kb, g, t, 2 c + r), as weight_layout makes it
+            m, K8 = tc.padded_shape(*np.shape(w)[:2], *np.shape(w)[2:])[:2]
+            a = a.reshape(m, K8, 8, 4, 2, 2)  # (m, kb, g, t, c, r)
+            if order == "rows":  # plain (16 x 8) row-major blocks
+                a = a.transpose(0, 1, 5, 2, 4, 3)  # (m, kb, r, g, c, t): row 8 r + g, column 4 c + t
+            else:  # register 2 r + c
+                a = a.transpose(0, 1, 2, 3, 5, 4)
+            return np.ascontiguousarray(a).reshape(m, K8, 32, 4)
+        return wrong
+
+    controls = [("source", "a[mi][1] = f.y;", "a[mi][1] = f.z;"), ("source", "a[mi][2] = f.z;", "a[mi][2] = f.y;"),
+                ("source", "b[ni][1] = f.y;", "b[ni][1] = f.x;"),
+                ("source", "[t4 ^ ((col / 4) % 4)]", "[t4]"),
+                ("layout", "rows", None), ("layout", "registers", None)]
+    for kind, old, new in controls:
+        if kind == "source":
+            assert old in tc._SOURCE
+            monkeypatch.setattr(tc, "_SOURCE", tc._SOURCE.replace(old, new))
+        else:
+            monkeypatch.setattr(tc, "weight_layout", layout(old))
         tc._host_library.cache_clear()
         tc._gpu_kernel.cache_clear()
         try:
@@ -124,6 +144,29 @@ def test_wrong_fragment_layouts_are_caught(monkeypatch):
             tc._host_library.cache_clear()
             tc._gpu_kernel.cache_clear()
         assert rel_err(got, want) > 0.1, (old, rel_err(got, want))
+
+
+def test_weight_layout_is_the_fragment_order():
+    """weight_layout against its definition, element by element: F[m, kb, 4 g + t, q] is A[16 m + g + 8 (q % 2),
+    8 kb + t + 4 (q // 2)], A[i, (ky kw + kx) O' + o] = w[o, i, ky, kx] rounded to TF32, zeros in the padding."""
+    rng = np.random.default_rng(2)
+    O, I, kh, kw = 37, 20, 3, 2
+    w = rng.normal(size=(O, I, kh, kw))
+    F = tc.weight_layout(w)
+    assert F.shape == tc.padded_shape(O, I, kh, kw) == (128 // 16, kh * kw * 64 // 8, 32, 4)
+    assert F.dtype == np.float32 and F.flags.c_contiguous
+    OP = 64
+    A = np.zeros((128, kh * kw * OP), np.float32)
+    for ky in range(kh):
+        for kx in range(kw):
+            A[:I, (ky * kw + kx) * OP:(ky * kw + kx) * OP + O] = w[:, :, ky, kx].T
+    A = tc.round_tf32(A)
+    for m in range(F.shape[0]):
+        for kb in range(F.shape[1]):
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for q in range(4):
+                    assert F[m, kb, lane, q] == A[16 * m + g + 8 * (q % 2), 8 * kb + t + 4 * (q // 2)]
 
 
 def test_a_missing_barrier_between_warps_is_caught(monkeypatch):
@@ -152,7 +195,7 @@ def test_a_missing_barrier_between_warps_is_caught(monkeypatch):
 
 def test_launch_refuses_what_it_cannot_do():
     """launch() checks what it is given on every path: a geometry supports() refuses (overlapping windows),
-    offsets of another dtype, a weight not laid out by weight_layout."""
+    offsets of another dtype, a weight not laid out by weight_layout, or not aligned for 16-byte loads."""
     rng = np.random.default_rng(0)
     src = dv.asdevice(rng.normal(size=(32, 2, 3, 3)).astype(np.float32))
     out = dv.asdevice(np.zeros((8, 2, 6, 6), np.float32))
@@ -164,7 +207,10 @@ def test_launch_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="int64"):
         tc.launch(src, dv.asdevice(np.zeros((2, 32, 3, 3), np.int64)), w, out, *args, (2, 2, 2, 2, 0, 0))
     with pytest.raises(ValueError, match="weight_layout"):
-        tc.launch(src, offs, dv.asdevice(np.zeros((8, 3, 3, 32), np.float32)), out, *args, (2, 2, 2, 2, 0, 0))
+        tc.launch(src, offs, dv.asdevice(np.zeros((128, 3, 3, 32), np.float32)), out, *args, (2, 2, 2, 2, 0, 0))
+    shifted = dv.asdevice(np.zeros(w.size + 1, np.float32))[1:].reshape(w.shape)  # 4 bytes past an aligned start
+    with pytest.raises(ValueError, match="aligned"):
+        tc.launch(src, offs, shifted, out, *args, (2, 2, 2, 2, 0, 0))
 
 
 def test_tf32_rounding():
