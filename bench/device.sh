@@ -11,9 +11,10 @@
 #   2b. warm: compile the sparse kernel's specialisations every timed method will use, in parallel
 #      processes, into the shared kernel cache (bench/device_warm.py; their compile times)    warm.log
 #   3. the benchmark: allcnn-mnist batch 1024 and vgg16-fcn 224x224 batch 8, ten classes; methods
-#      captum-cuda, torch-cuda (fp32, TF32 off), torch-cuda-tf32, cuda (exact), cuda-gemm (exact, the
-#      columns + GEMM path instead of the sparse kernel), cuda-fast (TF32), cuda-fast-tc (TF32 with the
-#      transposed and forward convs on the tensor-core kernel, kernels/cuda/tensor_cores.py):
+#      captum-cuda, torch-cuda (fp32, TF32 off), torch-cuda-tf32, cuda (exact), cuda-rows-eager (exact, with
+#      the two kernels not yet timed: the row-blocked last conv and the eager switch offsets), cuda-fast
+#      (TF32), cuda-fast-tc and cuda-fast-tc-wide (TF32 with the stride-1 convs on the tensor-core kernel,
+#      kernels/cuda/tensor_cores.py, on 64- / 128-channel tiles for wide layers):
 #      the float32 contract against a float64 oracle first (vgg16-fcn: at 64x64, same weights; see
 #      bench/device_bench.py), then CUDA-event medians and per-layer breakdowns     bench.log/json/md
 #   4. pytest -m gpu: tests/test_cuda_gpu.py and the interop side-stream test          gpu_tests.log

@@ -256,6 +256,11 @@ register(Method("cuda-rows", "cuda", _clearmaps_setup(False, rows=True),
 register(Method("cuda-eager", "cuda", _clearmaps_setup(False, eager=True),
                 "clearmaps backend='cuda', exact fp32, sparse kernel loading switch offsets ahead of the tests",
                 available=_clearmaps_cuda_available))
+# both exact-mode candidates together (the row-blocked last conv and the eager offsets), in the main table so
+# that one run gives their ratios to Captum and torch in the same process, should they become the default
+register(Method("cuda-rows-eager", "cuda", _clearmaps_setup(False, rows=True, eager=True),
+                "clearmaps backend='cuda', exact fp32, row-blocked last conv and switch offsets loaded eagerly",
+                available=_clearmaps_cuda_available))
 register(Method("cuda-fast", "cuda", _clearmaps_setup(True), "clearmaps backend='cuda', TF32 GEMMs (fast mode)",
                 available=_clearmaps_cuda_available, exact=False))
 # the fast mode with its stride-1 transposed convs on the tensor-core implicit GEMM (backend.TENSOR_CORES, off

@@ -35,7 +35,7 @@ def test_warm_records_what_the_pipeline_builds_and_replays_it(monkeypatch):
 
     load_methods()
     case = _case()
-    methods = ["cuda", "cuda-gemm", "cuda-cpt1", "cuda-8x8"]
+    methods = ["cuda", "cuda-gemm", "cuda-cpt1", "cuda-8x8", "cuda-eager"]
     calls = device_warm.record(methods, [case])
 
     built = set()
@@ -53,6 +53,7 @@ def test_warm_records_what_the_pipeline_builds_and_replays_it(monkeypatch):
     assert built and set(calls) == built
     tiles = {re.search(r"_t\d+x\d+_(\d+x\d+)", name).group(1) for name in built}
     assert tiles == {"4x8", "8x8"}, tiles
+    assert any(name.endswith("_eager") for name in built)  # the knob reaches the recorded names
     assert backend._launch_sparse.__name__ == "_launch_sparse", "the recorder was left in place"
 
     monkeypatch.setattr(sk, "sparse_transpose", real)
