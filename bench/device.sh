@@ -21,9 +21,8 @@
 #   4b. the tensor-core kernel's equivalence tests (tests/cuda_sim/test_tensor_cores.py) on the real GPU
 #                                                                                    tensor_cores.log
 #   5. the variants on allcnn-mnist (cuda-rows: the row-blocked direct kernel for the last transposed conv;
-#      cuda-eager: the sparse kernel loading switch offsets ahead of its zero tests; cuda-fast-tc and
-#      cuda-fast-tc-wide: the tensor-core kernel with 64- / 128-channel tiles on wide layers) beside cuda,
-#      torch-cuda and torch-cuda-tf32
+#      cuda-eager: the sparse kernel loading switch offsets ahead of its zero tests; each alone, as
+#      cuda-rows-eager of step 3 has them together) beside cuda, torch-cuda and torch-cuda-tf32
 #                                                                                    variants/, variants.log
 #   5b. the same variants on vgg16-fcn 224 batch 8                               variants-vgg/, variants_vgg.log
 #   6. the CUDA equivalence tests of tests/cuda_sim on the real GPU (last: each hypothesis geometry
@@ -93,14 +92,14 @@ step preflight 30 python3 -m bench.device_preflight
 [ -s "$LOG/preflight.log" ] && head -n 20 "$LOG/preflight.log"
 export CLEARMAPS_CACHE_DIR=/tmp/clearmaps-cache
 step warm 90 python3 -m bench.device_warm
-step bench 120 python3 -m bench.device_bench --out "$LOG" --repeats 5
+step bench 150 python3 -m bench.device_bench --out "$LOG" --repeats 5
 step gpu_tests 90 env CLEARMAPS_CUDA_CHECK=1 \
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
 step tensor_cores 45 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
     python3 -m pytest -q -p no:cacheprovider tests/cuda_sim/test_tensor_cores.py
-step variants 80 python3 -m bench.device_bench --out "$LOG/variants" --cases allcnn-mnist-b1024 \
+step variants 65 python3 -m bench.device_bench --out "$LOG/variants" --cases allcnn-mnist-b1024 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
-step variants_vgg 100 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
+step variants_vgg 85 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
 step equivalence 45 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
     python3 -m pytest -q -p no:cacheprovider tests/cuda_sim

@@ -57,13 +57,13 @@ DEFAULT_CASES = "allcnn-mnist-b1024,vgg16-fcn-b8"
 # cuda-rows-eager and cuda-fast-tc(-wide) are the candidates for the defaults, in the main table so that one
 # run gives their ratios to Captum and torch. Variants are run by device.sh as a step of their own
 # (VARIANT_METHODS), after the tests: cuda-rows (the row-blocked direct kernel for the last transposed conv,
-# not yet timed), cuda-eager (the sparse kernel loading switch offsets ahead of its zero tests, not yet timed),
-# and the tensor-core kernel's two tilings. cuda-sparse (the sparse kernel for every stride-1 conv larger than
+# not yet timed) and cuda-eager (the sparse kernel loading switch offsets ahead of its zero tests, not yet
+# timed), each alone. cuda-sparse (the sparse kernel for every stride-1 conv larger than
 # 1x1: within noise on allcnn, 3% slower on vgg in run 5), cuda-cpt1 (one output channel per thread) and
 # cuda-8x8 (8x8 tiles) lost by 4-6% and 20% in run 5 and stay registered.
 DEFAULT_METHODS = ("captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-rows-eager,cuda-fast,cuda-fast-tc,"
                    "cuda-fast-tc-wide")
-VARIANT_METHODS = "torch-cuda,torch-cuda-tf32,cuda,cuda-rows,cuda-eager,cuda-fast-tc,cuda-fast-tc-wide"
+VARIANT_METHODS = "torch-cuda,torch-cuda-tf32,cuda,cuda-rows,cuda-eager"
 TORCH_FP32 = "torch-cuda"
 
 
