@@ -13,8 +13,8 @@
 #   3. the benchmark: allcnn-mnist batch 1024 and vgg16-fcn 224x224 batch 8, ten classes; methods
 #      captum-cuda, torch-cuda (fp32, TF32 off), torch-cuda-tf32, cuda (exact), cuda-rows-eager (exact, with
 #      the two kernels not yet timed: the row-blocked last conv and the eager switch offsets), cuda-fast
-#      (TF32), cuda-fast-tc and cuda-fast-tc-wide (TF32 with the stride-1 convs on the tensor-core kernel,
-#      kernels/cuda/tensor_cores.py, on 64- / 128-channel tiles for wide layers):
+#      (TF32), cuda-fast-tc-wide and cuda-fast-tc-halo-wide (TF32 with the stride-1 convs on the tensor-core
+#      kernels of kernels/cuda/tensor_cores.py, flat and halo, 128-channel tiles on wide layers):
 #      the float32 contract against a float64 oracle first (vgg16-fcn: at 64x64, same weights; see
 #      bench/device_bench.py), then CUDA-event medians and per-layer breakdowns     bench.log/json/md
 #   4. pytest -m gpu: tests/test_cuda_gpu.py and the interop side-stream test          gpu_tests.log
@@ -22,7 +22,8 @@
 #                                                                                    tensor_cores.log
 #   5. the variants on allcnn-mnist (cuda-rows: the row-blocked direct kernel for the last transposed conv;
 #      cuda-eager: the sparse kernel loading switch offsets ahead of its zero tests; each alone, as
-#      cuda-rows-eager of step 3 has them together) beside cuda, torch-cuda and torch-cuda-tf32
+#      cuda-rows-eager of step 3 has them together; cuda-fast-tc and cuda-fast-tc-halo on 64-channel tiles)
+#      beside cuda and torch-cuda-tf32
 #                                                                                    variants/, variants.log
 #   5b. the same variants on vgg16-fcn 224 batch 8                               variants-vgg/, variants_vgg.log
 #   6. the CUDA equivalence tests of tests/cuda_sim on the real GPU (last: each hypothesis geometry

@@ -54,16 +54,17 @@ DEFAULT_CASES = "allcnn-mnist-b1024,vgg16-fcn-b8"
 # cuda-direct (the direct kernel for <= 64 output channels) lost to gather + GEMM by 1.5x in run 2 and is
 # no longer in the default list; it stays registered (--methods ...,cuda-direct). cuda-gemm, the design
 # before the sparse kernel, was timed beside it in runs 5-7 (1.5x and 1.3x slower) and stays registered.
-# cuda-rows-eager and cuda-fast-tc(-wide) are the candidates for the defaults, in the main table so that one
-# run gives their ratios to Captum and torch. Variants are run by device.sh as a step of their own
-# (VARIANT_METHODS), after the tests: cuda-rows (the row-blocked direct kernel for the last transposed conv,
-# not yet timed) and cuda-eager (the sparse kernel loading switch offsets ahead of its zero tests, not yet
-# timed), each alone. cuda-sparse (the sparse kernel for every stride-1 conv larger than
+# cuda-rows-eager and the tensor-core kernels (flat and halo, with 128-channel tiles on wide layers; on
+# allcnn-mnist, whose layers have <= 64 channels, the same as without) are the candidates for the defaults,
+# in the main table so that one run gives their ratios to Captum and torch. Variants are run by device.sh as
+# a step of their own (VARIANT_METHODS), after the tests: cuda-rows (the row-blocked direct kernel for the
+# last transposed conv, not yet timed) and cuda-eager (the sparse kernel loading switch offsets ahead of its
+# zero tests, not yet timed), each alone, and both tensor-core kernels on 64-channel tiles. cuda-sparse (the sparse kernel for every stride-1 conv larger than
 # 1x1: within noise on allcnn, 3% slower on vgg in run 5), cuda-cpt1 (one output channel per thread) and
 # cuda-8x8 (8x8 tiles) lost by 4-6% and 20% in run 5 and stay registered.
-DEFAULT_METHODS = ("captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-rows-eager,cuda-fast,cuda-fast-tc,"
-                   "cuda-fast-tc-wide")
-VARIANT_METHODS = "torch-cuda,torch-cuda-tf32,cuda,cuda-rows,cuda-eager"
+DEFAULT_METHODS = ("captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-rows-eager,cuda-fast,cuda-fast-tc-wide,"
+                   "cuda-fast-tc-halo-wide")
+VARIANT_METHODS = "torch-cuda-tf32,cuda,cuda-rows,cuda-eager,cuda-fast-tc,cuda-fast-tc-halo"
 TORCH_FP32 = "torch-cuda"
 
 

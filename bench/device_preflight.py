@@ -55,16 +55,20 @@ def main() -> int:
         errs["tf32" if fast else "fp32"] = float(np.linalg.norm(cp.asnumpy(C) - want) / np.linalg.norm(want))
     print("numba.cuda kernel on CuPy arrays:", "ok" if ok_kernel else "WRONG")
     print("GEMM relative errors vs float64:", errs)
-    tc_err = _tensor_cores(np, cp)
+    tc_err = _tensor_cores(np, cp, False)
     print("tensor-core kernel (NVRTC, mma.sync TF32) relative error vs float64:", tc_err)
-    return 0 if ok_kernel and errs["fp32"] < 1e-5 and errs["tf32"] < 1e-2 and tc_err < 1e-2 else 1
+    halo_err = _tensor_cores(np, cp, True)
+    print("tensor-core halo kernel relative error vs float64:", halo_err)
+    return 0 if ok_kernel and errs["fp32"] < 1e-5 and errs["tf32"] < 1e-2 and max(tc_err, halo_err) < 1e-2 else 1
 
 
-def _tensor_cores(np, cp) -> float:
-    """One 3x3 transposed conv, 64 -> 64 channels on 16 signals of 14x14, through tensor_cores.py: its
-    relative error against float64 (TF32: ~1e-3), or inf when it does not compile or run."""
+def _tensor_cores(np, cp, halo: bool) -> float:
+    """One 3x3 transposed conv, 64 -> 64 channels on 16 signals of 14x14, through tensor_cores.py (its flat
+    kernel, or the halo kernel): its relative error against float64 (TF32: ~1e-3), or inf when it does not
+    compile or run."""
     from clearmaps.kernels.cuda import tensor_cores as tc
 
+    tc.HALO = halo
     why = tc.available()
     if why:
         print("tensor-core kernel unavailable:", why)

@@ -131,6 +131,8 @@ def kernels():
             for bm in sorted(tc.TILES):
                 tag = "k{}x{}_p{}x{}".format(*g) + ("_dense" if pool is None else "_unpooled_k2x2_s2x2")
                 out.append((f"tc_transpose_{tag}_bm{bm}", tc.source(*g, pool, bm, True), None))
+                pt = tc.PATCHES[tc.TILES[bm]["BN"]][0]  # the halo kernel on its squarest patch
+                out.append((f"tc_halo_{tag}_bm{bm}_{pt[0]}x{pt[1]}", tc.source(*g, pool, bm, True, False, pt), None))
     out.append(("tc_transpose_k3x3_p1x1_dense_bm64_bias_masked", tc.source(3, 3, 1, 1, None, 64, False, True), None))
     for I, k_, p_ in ((1, 3, 1), (3, 3, 1), (1, 5, 2)):
         for px in (2, 4):

@@ -103,14 +103,14 @@ def _torch_method(base_setup, tf32: bool):
 
 
 def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None, rows=None, dense_min=None,
-         tensor=None, wide=None, eager=None):
+         tensor=None, wide=None, eager=None, halo=None):
     """Context: transposed convs with at most ``direct_limit`` output channels run as the direct kernel;
     ``sparse`` False sends the stride-1 ones to columns + GEMM instead of the sparse kernel; ``tile_rows``
     sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes; ``cpt``
     its most output channels per thread; ``rows`` the row-blocked direct kernel for the last transposed conv;
     ``dense_min`` the fewest source channels of a dense conv it takes; ``tensor`` the fast mode's tensor-core
-    kernel; ``wide`` its 128-channel tiles; ``eager`` the sparse kernel's offsets loaded before the zero test
-    (sparse_kernels.EAGER_OFFSETS) (None: as set)."""
+    kernel; ``wide`` its 128-channel tiles; ``halo`` its halo kernel (tensor_cores.HALO); ``eager`` the sparse
+    kernel's offsets loaded before the zero test (sparse_kernels.EAGER_OFFSETS) (None: as set)."""
     import contextlib
 
     from clearmaps.kernels.cuda import backend, sparse_kernels, tensor_cores
@@ -119,7 +119,8 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
               (sparse_kernels, "TILE_ROWS"): tile_rows, (sparse_kernels, "DENSE_MAX_CHANNELS"): dense_max,
               (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt, (backend, "ROWS_DIRECT"): rows,
               (sparse_kernels, "DENSE_MIN_SOURCE_CHANNELS"): dense_min, (backend, "TENSOR_CORES"): tensor,
-              (tensor_cores, "WIDE_TILES"): wide, (sparse_kernels, "EAGER_OFFSETS"): eager}
+              (tensor_cores, "WIDE_TILES"): wide, (sparse_kernels, "EAGER_OFFSETS"): eager,
+              (tensor_cores, "HALO"): halo}
 
     @contextlib.contextmanager
     def ctx():
@@ -137,9 +138,9 @@ def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=Non
 
 def _clearmaps_setup(fast: bool, **knobs):
     """A clearmaps CUDA method run under ``ways(**knobs)``."""
-    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min, tensor, wide, eager = (
+    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min, tensor, wide, eager, halo = (
         knobs.get(k) for k in ("direct_limit", "sparse", "tile_rows", "dense_max", "cpt", "rows", "dense_min",
-                               "tensor", "wide", "eager"))
+                               "tensor", "wide", "eager", "halo"))
 
     def setup(case) -> Prepared:
         import cupy as cp
@@ -196,7 +197,8 @@ def _clearmaps_setup(fast: bool, **knobs):
                         ("" if dense_min is None else f", sparse on dense inputs from {dense_min} source channels") +
                         ("" if tensor is None else f", tensor-core kernel {'on' if tensor else 'off'}") +
                         ("" if wide is None else f", 128-channel tensor-core tiles {'on' if wide else 'off'}") +
-                        ("" if eager is None else f", switch offsets loaded {'eagerly' if eager else 'in the branch'}"))
+                        ("" if eager is None else f", switch offsets loaded {'eagerly' if eager else 'in the branch'}") +
+                        ("" if halo is None else f", tensor-core halo kernel {'on' if halo else 'off'}"))
     # the routing, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
     setup.knobs = knobs
     setup.fast = fast
@@ -270,4 +272,12 @@ register(Method("cuda-fast-tc", "cuda", _clearmaps_setup(True, tensor=True),
                 available=_clearmaps_cuda_available, exact=False))
 register(Method("cuda-fast-tc-wide", "cuda", _clearmaps_setup(True, tensor=True, wide=True),
                 "clearmaps backend='cuda', TF32, tensor-core kernel with 128-channel tiles on wide layers",
+                available=_clearmaps_cuda_available, exact=False))
+# the tensor-core halo kernel (tensor_cores.HALO: the source staged once per output patch and chunk, every tap
+# read from shared memory), with 64- and with 128-channel tiles on wide layers
+register(Method("cuda-fast-tc-halo", "cuda", _clearmaps_setup(True, tensor=True, halo=True),
+                "clearmaps backend='cuda', TF32, tensor-core halo kernel (fast mode)",
+                available=_clearmaps_cuda_available, exact=False))
+register(Method("cuda-fast-tc-halo-wide", "cuda", _clearmaps_setup(True, tensor=True, wide=True, halo=True),
+                "clearmaps backend='cuda', TF32, tensor-core halo kernel with 128-channel tiles on wide layers",
                 available=_clearmaps_cuda_available, exact=False))

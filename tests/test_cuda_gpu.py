@@ -148,15 +148,18 @@ def test_fast_mode_reports_its_agreement(kc):
 
 
 @pytest.mark.parametrize("arch, size", [("allcnn-mnist", 28), ("vgg16-fcn", 64)])
-def test_tensor_cores_on_the_gpu(kc, monkeypatch, arch, size):
-    """The fast mode on the tensor-core kernel (backend.TENSOR_CORES), compiled by NVRTC for the real GPU:
-    every stride-1 transposed conv it takes, and the forward convs, against the float64 reference on the
-    exact trace's switches (TF32 accuracy), and its dominant-class agreement as agreement() reports it."""
+@pytest.mark.parametrize("halo", [False, True], ids=["flat", "halo"])
+def test_tensor_cores_on_the_gpu(kc, monkeypatch, arch, size, halo):
+    """The fast mode on the tensor-core kernel (backend.TENSOR_CORES; flat, or the halo kernel), compiled by
+    NVRTC for the real GPU: every stride-1 transposed conv it takes, and the forward convs, against the
+    float64 reference on the exact trace's switches (TF32 accuracy), and its dominant-class agreement as
+    agreement() reports it."""
     from clearmaps import reference as ref
     from clearmaps.kernels.cuda import backend
     from clearmaps.kernels.cuda import tensor_cores as tc
 
     monkeypatch.setattr(backend, "TENSOR_CORES", True)
+    monkeypatch.setattr(tc, "HALO", halo)
     used = []
     real = tc.launch
     monkeypatch.setattr(tc, "launch", lambda *a: used.append(a[4:6]) or real(*a))

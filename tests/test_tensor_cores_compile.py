@@ -1,7 +1,8 @@
 """The tensor-core kernel's GPU side, compiled without a GPU: every specialisation the backend can ask for goes
 through NVRTC (the compiler CuPy's RawKernel uses) for the A100's and the H100's compute capabilities.
 
-The CPU emulation (tests/cuda_sim/test_tensor_cores.py) compiles the same source with its inline assembly
+Both kernels (the flat one and the halo one, on every patch that fits) are compiled. The CPU emulation
+(tests/cuda_sim/test_tensor_cores.py) compiles the same source with its inline assembly
 swapped out; this is where the assembly itself, NVRTC's lack of host headers and CUDA's 48 KB of static
 shared memory per block are checked."""
 
@@ -13,11 +14,15 @@ import pytest
 
 from clearmaps.kernels.cuda import tensor_cores as tc
 
-SPECS = [(k, pool, bm, full, bias)
+# (kernel, pool, tile, full, bias, halo patch: None for the flat kernel); the halo kernel on each of its patches
+# that fits, at the largest halo the presets use (3x3) and a non-square kernel
+SPECS = [(k, pool, bm, full, bias, patch)
          for k in ((3, 3, 1, 1), (2, 3, 1, 0))
          for pool in (None, (2, 2, 2, 2, 0, 0), (2, 2, 3, 3, 1, 1))
          for bm in sorted(tc.TILES)
-         for full, bias in ((True, False), (False, True))]
+         for full, bias in ((True, False), (False, True))
+         for patch in (None,) + tuple(p for p in tc.PATCHES[tc.TILES[bm]["BN"]]
+                                      if tc.halo_shared_bytes(*k[:2], bm, p) <= tc.SHARED_LIMIT)]
 
 
 def _shared_bytes(ptx: str) -> int:
@@ -26,13 +31,16 @@ def _shared_bytes(ptx: str) -> int:
 
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
 def test_every_specialisation_compiles_with_nvrtc(cc):
-    for k, pool, bm, full, bias in SPECS:
-        ptx = tc.nvrtc_ptx(tc.source(*k, pool, bm, full, bias), cc)
+    assert sum(spec[-1] is not None for spec in SPECS) > len(SPECS) / 2  # the halo kernel's are there
+    for k, pool, bm, full, bias, patch in SPECS:
+        ptx = tc.nvrtc_ptx(tc.source(*k, pool, bm, full, bias, patch), cc)
         assert ".entry tc_transpose" in ptx
         # the loop's mma tiles (unrolled), and the staging's rounding of the source to TF32
         assert ptx.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") >= 4 * tc.TILES[bm]["MI"] * 4
         assert "cvt.rna.tf32.f32" in ptx
         assert 0 < _shared_bytes(ptx) <= 48 << 10, (k, pool, bm, _shared_bytes(ptx))
+        if patch is not None:  # what patch() counts on
+            assert _shared_bytes(ptx) == tc.halo_shared_bytes(*k[:2], bm, patch), (k, bm, patch)
 
 
 def test_nvrtc_errors_are_reported():

@@ -151,9 +151,9 @@ class _ConvPlan:
     transposed  (I, O*kh*kw): weight[o, i, ky, kx] at [i, (o*kh + ky)*kw + kx] (transposed columns + GEMM)
     sparse      (O, kh, kw, I): what sparse_kernels.sparse_transpose reads
     flipped     (I, kh, kw, O): weight[o, i, kh-1-ky, kw-1-kx] at [i, ky, kx, o] (the forward conv, sparse)
-    tensor      (I', kh, kw, O'): weight[o, i, ky, kx] at [i, ky, kx, o], padded, rounded to TF32
-                (tensor_cores.weight_layout)
-    tensor_flipped (O', kh, kw, I'): the same for the forward conv, the transposed conv of its flipped kernels
+    tensor      (I'/16, kh*kw*O'/8, 32, 4): the matrix [i, (ky*kw + kx)*O' + o] = weight[o, i, ky, kx], padded,
+                rounded to TF32, in mma fragment order (tensor_cores.weight_layout)
+    tensor_flipped: the same for the forward conv, the transposed conv of its flipped kernels
     bias        (O,)"""
 
     def __init__(self, layer: Conv):
@@ -279,7 +279,8 @@ def _launch_sparse(src, offsets, weight, bias, out, kernel, padding, pool, b0: i
     threads = sk.block_threads(I, cpt)
     TY, TX = tile = sk.tile_shape(pool)
     tiles_y, tiles_x = ceil_div(H, TY), ceil_div(W, TX)
-    launch(sk.sparse_transpose(*kernel, *padding, pool, threads, bias is not None, tile, cpt, sk.EAGER_OFFSETS),
+    launch(sk.sparse_transpose(*kernel, *padding, pool, threads, bias is not None, tile, cpt,
+                               sk.EAGER_OFFSETS and pool is not None),
            (n * tiles_y * tiles_x, ceil_div(I, threads * cpt)), threads, src.reshape(-1),
            _dummy(np.int32) if offsets is None else offsets.reshape(-1), weight.reshape(-1),
            _dummy(np.float32) if bias is None else bias, out.reshape(-1), O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc,

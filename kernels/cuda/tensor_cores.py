@@ -11,7 +11,7 @@ What it computes: the transposed conv of sparse_kernels.py, without skipping zer
     out[i, t, y, x] = sum over o, ky, kx of weight[o, i, ky, kx] * U[o, t, y + ph - ky, x + pw - kx]
 
 as the GEMM out (I x P) = A (I x K) @ B (K x P), P = n*H*W pixels, K = kh*kw*O ordered (tap, o): A is the
-weight laid out (I, kh, kw, O) and rounded to TF32 once (the plan's "tensor" layout), and B is never
+weight rounded to TF32 once and stored in mma fragment order (weight_layout; the plan's "tensor"), and B is never
 stored: each block gathers its (BK x BN) slice into shared memory from the source, a dense plane
 (C, n, Hs, Ws) or a pool's unpooled plane read through its switches' window offsets (non-overlapping pools
 only: kernel <= stride), rectified as read when ``rect``, rounded to TF32 (cvt.rna) as it is staged. A step
@@ -29,6 +29,14 @@ straight to global memory: a quad of lanes writes 8 consecutive pixels of one ch
 loop (NVRTC 13.5 + ptxas, 3x3 conv; `python -m bench.kernel_report --only tc_`) has ~10-12 instructions per
 mma on 64 x 64 tiles (~314 dense, ~382 behind a pool, per 32 mma), ~14-17 on 32 x 128 tiles, ~5.5-6.7 on
 128 x 64 tiles (~352-426 per 64 mma), at 128-168 registers (MIN_BLOCKS). No spills.
+
+The halo kernel (HALO, off by default; PATCHES, patch()): the same GEMM, but a block's BN pixels are a
+TH x TW patch of one signal's output, and per chunk of BK source channels the patch's (TH + kh - 1) x
+(TW + kw - 1) source pixels are staged once, unpooled, rectified and rounded, as (b0, b1) channel pairs; every
+tap then reads its B fragments from them with a constant shift, and A, one tap at a time, is double-buffered
+in shared memory. For a 3x3 conv on 8 x 8 patches that is 100 gathers per channel instead of 576. Its sm_90
+loop: ~3.7 instructions per mma per tap on 64 x 64 tiles (~2.9 on 128 x 64), plus the staging, ~6.7 (~4.4)
+in all against the flat kernel's ~9.8 (~5.5); behind a pool ~7.9 against ~11.9.
 
 Without a GPU (Numba's CUDA simulator: the tests), the same source is compiled by the host C++ compiler
 with tc_host.hpp in front of it, which runs each block as threads and emulates the mma instruction with
@@ -62,15 +70,21 @@ THREADS = 128
 # layer's 1 or 3 channels stay on the direct kernel / columns + GEMM.
 MIN_CHANNELS = 16
 
-_SOURCE = r"""
+# What both kernels share: the tile's macros, TF32 rounding and the mma.
+_PRELUDE = r"""
 #define BK 32
 #define THREADS 128
 #define WARPS_N (4 / WARPS_M)
 #define WROWS (MI * 16)  // a warp's rows: MI mma tiles of 16; its columns: 4 tiles of 8
 #define TAPS (KH * KW)
 #define A_VECS (BM * BK / 4 / THREADS)  // 128-bit pieces of A per thread and step
-#define B_LOADS (BK * BN / THREADS)
-#define B_ROW_STEP (THREADS / BN)
+// MIN_BLOCKS (tensor_cores.MIN_BLOCKS) is for sm_90; before it, 128-row tiles spill at 168 registers
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900 && BM == 128
+#define BLOCKS_PER_SM 2
+#else
+#define BLOCKS_PER_SM MIN_BLOCKS
+#endif
+static_assert(THREADS == BK / 8 * 32, "a step's A of one 16-row group is one piece per thread");
 
 __device__ __forceinline__ unsigned to_tf32(float x) {
 #ifdef __CUDA_ARCH__
@@ -92,8 +106,15 @@ __device__ __forceinline__ void mma_tf32(float d[4], const unsigned a[4], const 
     tc_host_mma(d, a, b);
 #endif
 }
+"""
 
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tc_transpose(
+# The flat kernel: a block's BN pixels are consecutive in (signal, row, column); B is gathered per tap.
+_SOURCE = r"""
+#define B_LOADS (BK * BN / THREADS)
+#define B_ROW_STEP (THREADS / BN)
+static_assert(4 % B_ROW_STEP == 0, "a thread stages both rows k and k + 4 of its column");
+
+extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) tc_transpose(
         const float* __restrict__ src, const int* __restrict__ offs, const uint4* __restrict__ weight,
         const float* __restrict__ bias, float* __restrict__ out, int O, int I, int n, int Hs, int Ws, int Hu,
         int Wu, int H, int W, int b0, int kc, int rect) {
@@ -123,7 +144,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tc_transpose(
 #if POOLED
     const int obase = (b0 + ts / kc) * O;  // the image's switches (classes share them)
 #endif
-    uint4 ra[A_VECS];  // this thread's pieces of A: piece tid of the 16-row groups j * THREADS / 128 + ...
+    uint4 ra[A_VECS];  // this thread's pieces of A: piece tid of each of the tile's BM / 16 row groups
     float rb[B_LOADS];
     float acc[MI][4][4];
     for (int mi = 0; mi < MI; ++mi)
@@ -244,6 +265,167 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) tc_transpose(
 }
 """
 
+# The halo kernel (HALO): a block's BN pixels are a TH x TW patch of one signal's output. Per chunk of BK source
+# channels it stages the patch's (TH + KH - 1) x (TW + KW - 1) source pixels once (unpooled, rectified,
+# rounded), then runs every tap from shared memory, a tap being a constant shift of each lane's pixel: for
+# 3x3 on 8 x 8 patches, 100 gathers per channel where the flat kernel makes 576.
+_HALO_SOURCE = r"""
+#define HH (TH + KH - 1)
+#define HW2 (TW + KW - 1)
+#define HP (HH * HW2)                 // halo pixels
+#define PAIRS (BK / 2 * HP)           // (8-channel group, halo pixel, channel pair) items of a chunk
+#define PAIR_ITERS ((PAIRS + THREADS - 1) / THREADS)
+#ifndef STAGE_UNROLL
+#define STAGE_UNROLL 2
+#endif
+
+extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) tc_transpose(
+        const float* __restrict__ src, const int* __restrict__ offs, const uint4* __restrict__ weight,
+        const float* __restrict__ bias, float* __restrict__ out, int O, int I, int n, int Hs, int Ws, int Hu,
+        int Wu, int H, int W, int b0, int kc, int rect) {
+    // A in fragment order (weight_layout), one tap's BK columns at a time, double-buffered: a fragment is one
+    // 128-bit load. B: per 8 channels and halo pixel, pair p holds channels p and p + 4 (a fragment's b0, b1)
+    // as one 64-bit word; a half-warp's fragment loads read 4 consecutive pixels x 4 pairs: 128 consecutive
+    // bytes, no bank conflicts, and the staging stores go to consecutive words.
+    __shared__ uint4 As[2][BM / 16][BK / 8 * 32];
+    __shared__ uint2 Bs[BK / 8][HP][4];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int tiles_x = (W + TW - 1) / TW, tiles_y = (H + TH - 1) / TH;
+    const int txi = blockIdx.x % tiles_x, rr = blockIdx.x / tiles_x;
+    const int tyi = rr % tiles_y, ts = rr / tiles_y;  // the patch's column, row, and its signal
+    const int y0 = tyi * TH, x0 = txi * TW;
+    const int u0 = y0 + PH - (KH - 1), v0 = x0 + PW - (KW - 1);  // the halo's origin in the source plane
+    const int i0 = blockIdx.y * BM;
+    const int HWo = H * W;
+#if POOLED
+    const int obase = (b0 + ts / kc) * O;  // the image's switches (classes share them)
+#endif
+    const int plane = Hs * Ws;
+    const float lowest = rect ? 0.0f : __int_as_float(0xff800000);  // -inf; rectify as read: v < lowest -> lowest
+    const int OB = (O + BK - 1) / BK, OP = OB * BK, K8 = TAPS * OP / 8;
+
+    // the halo pixel of each of this lane's B columns (patch pixel wn*32 + ni*8 + g), before the tap's shift
+    int pb[4];
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+        const int col = wn * 32 + ni * 8 + g;
+        pb[ni] = (col / TW) * HW2 + col % TW;
+    }
+    float acc[MI][4][4];
+    for (int mi = 0; mi < MI; ++mi)
+        for (int ni = 0; ni < 4; ++ni)
+            for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
+
+    uint4 ra[A_VECS];
+    const uint4* wrow = weight + (i0 / 16) * K8 * 32 + tid;
+    auto load_a = [&](int kb) {  // the BK columns from column 8 kb: 4 fragments x 32 pieces per 16 rows
+#pragma unroll
+        for (int j = 0; j < A_VECS; ++j) ra[j] = wrow[j * K8 * 32 + kb * 32];
+    };
+    auto store_a = [&](int buf) {
+#pragma unroll
+        for (int j = 0; j < A_VECS; ++j) As[buf][j][tid] = ra[j];
+    };
+    auto stage_b = [&](int c0) {
+        // every load reads a valid address; what must be zero is selected away after it (as the flat kernel).
+        // Unrolled by STAGE_UNROLL only: fully unrolled, the compiler put all the loads in flight and spilled.
+#pragma unroll STAGE_UNROLL
+        for (int it = 0; it < PAIR_ITERS; ++it) {
+            const int q = tid + it * THREADS;
+            if (PAIRS % THREADS == 0 || q < PAIRS) {
+                const int pr = q % 4, pix = (q / 4) % HP, grp = q / (4 * HP);
+                const int u = u0 + pix / HW2, w = v0 + pix % HW2;
+                bool inside = u >= 0 && u < Hu && w >= 0 && w < Wu;
+#if POOLED
+                const int pp = (u + PPH) / PSH, qq = (w + PPW) / PSW;
+                const int dy = u + PPH - pp * PSH, dx = w + PPW - qq * PSW;
+                inside = inside && dy < PKH && dx < PKW && pp < Hs && qq < Ws;
+                const int cell = inside ? pp * Ws + qq : 0;
+                const int d = dy * PKW + dx;
+#else
+                const int cell = inside ? u * Ws + w : 0;
+#endif
+                unsigned r[2];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int o = c0 + grp * 8 + pr + 4 * h;
+                    const int oc = FULL_CHUNKS ? o : min(o, O - 1);
+                    float v = src[(oc * n + ts) * plane + cell];
+                    v = v < lowest ? lowest : v;  // a NaN stays NaN, as in the reference
+#if POOLED
+                    v = offs[(obase + oc) * plane + cell] == d ? v : 0.0f;
+#endif
+                    r[h] = to_tf32((inside && (FULL_CHUNKS || o < O)) ? v : 0.0f);
+                }
+                Bs[grp][pix][pr] = make_uint2(r[0], r[1]);
+            }
+        }
+    };
+
+    int buf = 0;
+    load_a(0);
+    for (int c0 = 0; c0 < OP; c0 += BK) {
+        __syncthreads();  // the previous chunk's readers are done
+        stage_b(c0);
+        store_a(buf);
+        __syncthreads();
+#pragma unroll 1
+        for (int tap = 0; tap < TAPS; ++tap) {
+            const bool next_tap = tap + 1 < TAPS;
+            if (next_tap || c0 + BK < OP)  // in flight while the tensor cores work on this tap
+                load_a(next_tap ? ((tap + 1) * OP + c0) / 8 : (c0 + BK) / 8);
+            const int shift = (KH - 1 - tap / KW) * HW2 + (KW - 1 - tap % KW);
+#pragma unroll
+            for (int kk = 0; kk < BK / 8; ++kk) {
+                unsigned a[MI][4], b[4][2];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    const uint4 f = As[buf][wm * MI + mi][kk * 32 + lane];
+                    a[mi][0] = f.x;
+                    a[mi][1] = f.y;
+                    a[mi][2] = f.z;
+                    a[mi][3] = f.w;
+                }
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    const uint2 f = Bs[kk][pb[ni] + shift][t4];  // channels (t4, t4 + 4) at the shifted pixel
+                    b[ni][0] = f.x;
+                    b[ni][1] = f.y;
+                }
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni) mma_tf32(acc[mi][ni], a[mi], b[ni]);
+            }
+            if (next_tap) {  // the next tap's A into the other buffer, read by nobody since the last barrier
+                store_a(buf ^ 1);
+                __syncthreads();
+                buf ^= 1;
+            }
+        }
+    }
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int i = i0 + wm * WROWS + mi * 16 + g + (q >> 1) * 8;
+                const int col = wn * 32 + ni * 8 + 2 * t4 + (q & 1);
+                const int y = y0 + col / TW, x = x0 + col % TW;
+                if (i < I && y < H && x < W) {
+#if BIAS
+                    out[(i * n + ts) * HWo + y * W + x] = acc[mi][ni][q] + bias[i];
+#else
+                    out[(i * n + ts) * HWo + y * W + x] = acc[mi][ni][q];
+#endif
+                }
+            }
+}
+"""
+
 _HOST_ENTRY = r"""
 extern "C" void tc_launch(unsigned gx, unsigned gy, const float* src, const int* offs, const float* weight,
                           const float* bias, float* out, int O, int I, int n, int Hs, int Ws, int Hu, int Wu,
@@ -260,7 +442,7 @@ _NO_POOL = (1, 1, 1, 1, 0, 0)
 
 # Block tiles: BM output channels x BN pixels, by 4 warps (WARPS_M along M) of MI x 4 mma tiles each.
 TILES = {32: dict(BN=128, WARPS_M=1, MI=2), 64: dict(BN=64, WARPS_M=2, MI=2), 128: dict(BN=64, WARPS_M=2, MI=4)}
-# Blocks an SM must hold (dense source, behind a pool), which caps the registers at 65536 / (128 blocks): left
+# Blocks an SM must hold (dense source, behind a pool), which caps the registers at 65536 / (128 x blocks): left
 # free, ptxas gave the 128 x 64 tile behind a pool 246 registers (2 blocks, 8 warps per SM) to keep more
 # loads in flight. One block less for the 32 x 128 tile behind a pool, which spills at 128 registers.
 MIN_BLOCKS = {32: (4, 3), 64: (4, 4), 128: (3, 3)}
@@ -325,14 +507,45 @@ def round_tf32(a) -> np.ndarray:
     return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
 
 
-def source(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, bm: int, full: bool, bias: bool = False) -> str:
+def source(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, bm: int, full: bool, bias: bool = False,
+           patch: tuple | None = None) -> str:
     """The CUDA C source of one specialisation (geometry and tile as macros; ``full``: the source has a
-    multiple of BK channels, so no step has channels to mask; ``bias``: bias[i] is added to the output)."""
+    multiple of BK channels, so no step has channels to mask; ``bias``: bias[i] is added to the output;
+    ``patch`` (TH, TW): the halo kernel on TH x TW output patches, else the flat kernel)."""
     pkh, pkw, psh, psw, pph, ppw = pool or _NO_POOL
     defines = dict(KH=kh, KW=kw, PH=ph, PW=pw, POOLED=int(pool is not None), PKH=pkh, PKW=pkw, PSH=psh,
                    PSW=psw, PPH=pph, PPW=ppw, BM=bm, **TILES[bm], MIN_BLOCKS=MIN_BLOCKS[bm][pool is not None],
                    FULL_CHUNKS=int(bool(full)), BIAS=int(bool(bias)))
-    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+    if patch:
+        defines.update(TH=patch[0], TW=patch[1])
+    return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + _PRELUDE +
+            (_HALO_SOURCE if patch else _SOURCE))
+
+
+# The halo kernel's output patches (TH, TW) for each tile's BN pixels; patch() picks the one that covers a
+# layer's plane with the least waste (28 x 28 on 8 x 8 patches computes 32 x 32: 31% more).
+PATCHES = {64: ((8, 8), (4, 16), (2, 32)), 128: ((8, 16), (4, 32))}
+# The halo kernel for the fast mode's stride-1 convs (HALO, CLEARMAPS_CUDA_TC_HALO=1): off until a GPU run
+# has checked and timed it (bench method cuda-fast-tc-halo).
+HALO = os.environ.get("CLEARMAPS_CUDA_TC_HALO", "0") == "1"
+SHARED_LIMIT = 48 << 10
+
+
+def halo_shared_bytes(kh: int, kw: int, bm: int, patch: tuple) -> int:
+    """The halo kernel's static shared memory: A double-buffered (2 x BM x BK floats) and the staged halo
+    (BK channels x (TH + kh - 1) x (TW + kw - 1) pixels)."""
+    return 2 * bm * BK * 4 + BK * (patch[0] + kh - 1) * (patch[1] + kw - 1) * 4
+
+
+def patch(kh: int, kw: int, bm: int, H: int, W: int) -> tuple | None:
+    """The halo kernel's patch for a kh x kw conv with an H x W output on tiles of bm channels: of the
+    PATCHES that fit in SHARED_LIMIT, the one computing the fewest pixels (then the smallest halo); None when
+    none fits (the flat kernel runs)."""
+    fitting = [p for p in PATCHES[TILES[bm]["BN"]] if halo_shared_bytes(kh, kw, bm, p) <= SHARED_LIMIT]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda p: (-(-H // p[0]) * p[0] * -(-W // p[1]) * p[1],
+                                       (p[0] + kh - 1) * (p[1] + kw - 1)))
 
 
 def grid(I: int, pixels: int) -> tuple[int, int]:
@@ -361,7 +574,7 @@ _AVAILABLE: dict = {}
 def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, kernel, padding, pool, bias=None):
     """out (I, n, H, W) = the stride-1 transposed conv (``kernel``, ``padding``) of src (O, n, Hs, Ws)
     ((Hs, Ws) the pooled size when ``pool``, whose window offsets ``offs`` (B, O, Hs, Ws) int32 are read),
-    rectified as read when ``rect``; weight (I', kh, kw, O') float32 as :func:`weight_layout` makes it;
+    rectified as read when ``rect``; weight float32 as :func:`weight_layout` makes it (:func:`padded_shape`);
     ``bias`` (I,) float32 added to the output unless None. TF32 inputs, float32 sums. A forward stride-1 conv
     is the transposed conv of its flipped kernels with padding kernel - 1 - padding (backend.py)."""
     if not fits(src.size, out.size) or not fits(offs.size, weight.size):
@@ -385,27 +598,28 @@ def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, 
         raise ValueError("tensor_cores.launch: a weight not aligned to 16 bytes; the kernel reads it 16 bytes at "
                          "a time (a fresh array of weight_layout is)")
     bm, full = tile_m(I), O % BK == 0
-    gx, gy = grid(I, n * H * W)
+    pt = patch(kh, kw, bm, H, W) if HALO else None
+    gx, gy = grid(I, n * H * W) if pt is None else (n * -(-H // pt[0]) * -(-W // pt[1]), -(-I // bm))
     ints = (O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, int(bool(rect)))
     has_bias = bias is not None
     if bias is None:
         bias = weight  # any float32 array: not read
     dv = _dv()
     if dv.cp is not None:  # pragma: no cover - needs a GPU
-        fn = _gpu_kernel(kh, kw, ph, pw, pool, bm, full, has_bias)
+        fn = _gpu_kernel(kh, kw, ph, pw, pool, bm, full, has_bias, pt)
         fn((gx, gy), (THREADS,), (src, offs, weight, bias, out, *(np.int32(v) for v in ints)))
         if dv.CHECK_LAUNCHES:
             dv.synchronize()
         return out
-    lib = _host_library(kh, kw, ph, pw, pool, bm, full, has_bias)
+    lib = _host_library(kh, kw, ph, pw, pool, bm, full, has_bias, pt)
     arrays = [a.ctypes.data_as(ctypes.c_void_p) for a in (src, offs, weight, bias, out)]
     lib.tc_launch(ctypes.c_uint(gx), ctypes.c_uint(gy), *arrays, *(ctypes.c_int(int(v)) for v in ints))
     return out
 
 
 @lru_cache(maxsize=None)
-def _gpu_kernel(kh, kw, ph, pw, pool, bm, full, bias):  # pragma: no cover - needs a GPU
-    return _dv().cp.RawKernel(source(kh, kw, ph, pw, pool, bm, full, bias), "tc_transpose")
+def _gpu_kernel(kh, kw, ph, pw, pool, bm, full, bias, patch=None):  # pragma: no cover - needs a GPU
+    return _dv().cp.RawKernel(source(kh, kw, ph, pw, pool, bm, full, bias, patch), "tc_transpose")
 
 
 def nvrtc_ptx(code: str, cc: tuple = (9, 0)) -> str:
@@ -447,10 +661,10 @@ def _compiler() -> str | None:
 
 
 @lru_cache(maxsize=None)
-def _host_library(kh, kw, ph, pw, pool, bm, full, bias):
+def _host_library(kh, kw, ph, pw, pool, bm, full, bias, patch=None):
     """The specialisation compiled for the CPU with tc_host.hpp (cached by the source's hash)."""
     header = Path(__file__).with_name("tc_host.hpp")
-    code = f'#include "{header}"\n' + source(kh, kw, ph, pw, pool, bm, full, bias) + _HOST_ENTRY
+    code = f'#include "{header}"\n' + source(kh, kw, ph, pw, pool, bm, full, bias, patch) + _HOST_ENTRY
     digest = hashlib.sha256((code + header.read_text()).encode()).hexdigest()[:16]
     from .sparse_kernels import cache_root
 

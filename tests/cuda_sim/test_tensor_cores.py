@@ -66,17 +66,36 @@ CASES = [
 ]
 
 
+# the two kernels: the flat one (B gathered per tap) and the halo one (tc.HALO: B staged per patch and chunk)
+KERNELS = [False, True]
+KERNEL_IDS = ["flat", "halo"]
+
+
+def _halo_ran(monkeypatch):
+    """Record the patch of every launch (None: the flat kernel)."""
+    patches = []
+    real = tc.patch
+    monkeypatch.setattr(tc, "patch", lambda *a: patches.append(real(*a)) or patches[-1])
+    return patches
+
+
+@pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_tensor_core_transpose_equals_reference(case):
+def test_tensor_core_transpose_equals_reference(monkeypatch, case, halo):
+    monkeypatch.setattr(tc, "HALO", halo)
+    patches = _halo_ran(monkeypatch)
     got, want = run_kernel(3, *case)
     assert not np.isnan(got).any(), "pixels left unwritten"
     assert_close(got, want, RTOL_F32, "tensor-core transposed conv (TF32 inputs)")
+    assert all(patches) and len(patches) == halo  # the halo kernel ran where asked, and only there
 
 
-def test_wide_tiles(monkeypatch):
+@pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
+def test_wide_tiles(monkeypatch, halo):
     """WIDE_TILES: 128-channel blocks (4 x 4 mma tiles per warp) for a layer of 130 output channels (a ragged
     second block), behind a pool and on a dense source."""
     monkeypatch.setattr(tc, "WIDE_TILES", True)
+    monkeypatch.setattr(tc, "HALO", halo)
     assert tc.tile_m(130) == 128 and tc.tile_m(64) == 64
     for case in (((3, 3), (1, 1), (2, 2, 0), 32, 130, 1, 2, 8, 6, True),
                  ((3, 3), (1, 1), None, 40, 130, 1, 1, 5, 7, False)):
@@ -99,8 +118,10 @@ def test_a_nan_in_the_source_stays_nan():
         assert np.isnan(got[:, 0, 0:3, 1:4]).all() and not np.isnan(got[:, 0, 3, 0]).any(), rect
 
 
-def test_tensor_core_bias():
+@pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
+def test_tensor_core_bias(monkeypatch, halo):
     """The forward conv's bias (BIAS): added once per output channel."""
+    monkeypatch.setattr(tc, "HALO", halo)
     got, want = run_kernel(4, *CASES[1], bias=True)
     assert_close(got, want, RTOL_F32, "tensor-core transposed conv with bias")
 
@@ -167,6 +188,48 @@ def test_weight_layout_is_the_fragment_order():
                 g, t = divmod(lane, 4)
                 for q in range(4):
                     assert F[m, kb, lane, q] == A[16 * m + g + 8 * (q % 2), 8 * kb + t + 4 * (q // 2)]
+
+
+def test_halo_kernel_mistakes_are_caught(monkeypatch):
+    """Negative controls of the halo kernel: the tap's shift taken the wrong way round, b0 and b1 of a staged
+    pair swapped, the patch's rows read with the halo's width dropped, and (emulation only, warp 0 delayed)
+    the barrier after each tap's A store deleted: each must fail the comparison."""
+    monkeypatch.setattr(tc, "HALO", True)
+    controls = [("(KH - 1 - tap / KW) * HW2 + (KW - 1 - tap % KW)", "(tap / KW) * HW2 + (tap % KW)"),
+                ("Bs[grp][pix][pr] = make_uint2(r[0], r[1]);", "Bs[grp][pix][pr] = make_uint2(r[1], r[0]);"),
+                ("pb[ni] = (col / TW) * HW2 + col % TW;", "pb[ni] = col;")]
+    if dv.cp is None:
+        controls.append(("                store_a(buf ^ 1);\n                __syncthreads();",
+                         "                tc_host_skew(warp);\n                store_a(buf ^ 1);"))
+    for old, new in controls:
+        assert old in tc._HALO_SOURCE, old
+        monkeypatch.setattr(tc, "_HALO_SOURCE", tc._HALO_SOURCE.replace(old, new))
+        tc._host_library.cache_clear()
+        tc._gpu_kernel.cache_clear()
+        try:
+            got, want = run_kernel(3, *CASES[3])
+        finally:
+            monkeypatch.setattr(tc, "_HALO_SOURCE", _HALO)
+            tc._host_library.cache_clear()
+            tc._gpu_kernel.cache_clear()
+        assert rel_err(got, want) > 0.1, (old, rel_err(got, want))
+
+
+_HALO = tc._HALO_SOURCE
+
+
+def test_halo_patches():
+    """tc.patch: the patch that computes the fewest pixels of the plane (then the smallest halo), within the
+    48 KB of static shared memory; None (the flat kernel) when no patch fits."""
+    assert tc.patch(3, 3, 64, 28, 28) == (4, 16)  # 28 x 32 pixels, against 32 x 32 on 8 x 8
+    assert tc.patch(3, 3, 64, 224, 224) == (8, 8)  # no waste anywhere: the smallest halo
+    assert tc.patch(3, 3, 32, 14, 14) == (8, 16)  # 32-channel tiles have 128 pixels: 16 x 16, against 16 x 32
+    assert tc.patch(3, 3, 128, 7, 7) == (8, 8)  # 128-channel tiles have 64
+    for bm in (32, 64, 128):
+        for k in (1, 3, 5):
+            p = tc.patch(k, k, bm, 56, 56)
+            assert p is None or tc.halo_shared_bytes(k, k, bm, p) <= tc.SHARED_LIMIT
+    assert tc.patch(15, 15, 128, 56, 56) is None
 
 
 def test_a_missing_barrier_between_warps_is_caught(monkeypatch):
@@ -243,7 +306,8 @@ def _net(rng):
                     MaxPool(2, 2, 1), conv(16, 7), ReLU(), conv(7, 4, 1, 0), ReLU()])
 
 
-def test_fast_mode_on_the_tensor_cores(monkeypatch):
+@pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
+def test_fast_mode_on_the_tensor_cores(monkeypatch, halo):
     """TENSOR_CORES on, fast mode: the forward convs with at least tc.MIN_CHANNELS source channels run on the
     tensor-core kernel as transposed convs of their flipped kernels, bias added (the input conv and the 7->4
     head do not); so do the back-projection's stride-1 transposed convs behind the 2x2 pools (one padded)
@@ -252,6 +316,7 @@ def test_fast_mode_on_the_tensor_cores(monkeypatch):
     reference to TF32 accuracy, and the dominant class wherever it is decided by more than that. In the
     exact mode the kernel is never used."""
     monkeypatch.setattr(backend, "TENSOR_CORES", True)
+    monkeypatch.setattr(tc, "HALO", halo)
     used = []
     real = tc.launch
     monkeypatch.setattr(tc, "launch", lambda *a: used.append((a[4], a[5], a[18], len(a) > 19)) or real(*a))
@@ -281,10 +346,12 @@ def test_fast_mode_on_the_tensor_cores(monkeypatch):
     assert rel_err(dv.tohost(got.responses), want.responses) > RTOL_F32  # the tensor cores' TF32, not float32
 
 
-def test_tensor_cores_in_chunks(monkeypatch):
+@pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
+def test_tensor_cores_in_chunks(monkeypatch, halo):
     """The work split into chunks of one image and some of its classes (b0 > 0, kc < K): the tensor-core
     kernel reads the chunk's own images' switch offsets, and the maps are bit for bit those of one pass."""
     monkeypatch.setattr(backend, "TENSOR_CORES", True)
+    monkeypatch.setattr(tc, "HALO", halo)
     rng = np.random.default_rng(9)
     net = _net(rng)
     x = rng.normal(size=(3, 2, 12, 11))
