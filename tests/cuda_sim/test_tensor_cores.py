@@ -63,6 +63,9 @@ CASES = [
     ((3, 3), (1, 1), (2, 2, 1), 32, 64, 2, 1, 8, 8, True),
     ((2, 3), (1, 0), (2, 3, 1), 33, 5, 1, 2, 11, 10, True),
     ((1, 1), (0, 0), (2, 2, 0), 40, 96, 1, 2, 6, 6, False),
+    # flat planes, where the halo kernel picks its flattest patches: 4 x 32 (32-channel tiles), 2 x 32 (64)
+    ((3, 3), (1, 1), None, 32, 20, 1, 1, 4, 30, False),
+    ((3, 3), (1, 1), None, 32, 70, 1, 1, 2, 30, False),
 ]
 
 
@@ -72,7 +75,8 @@ KERNEL_IDS = ["flat", "halo"]
 
 
 def _halo_ran(monkeypatch):
-    """Record the patch of every launch (None: the flat kernel)."""
+    """Record the patch of every launch (None: the flat kernel). With tc.HALO on, every launch of these tests
+    must have one: else a change to PATCHES or the tiles would quietly test the flat kernel twice."""
     patches = []
     real = tc.patch
     monkeypatch.setattr(tc, "patch", lambda *a: patches.append(real(*a)) or patches[-1])
@@ -96,16 +100,21 @@ def test_wide_tiles(monkeypatch, halo):
     second block), behind a pool and on a dense source."""
     monkeypatch.setattr(tc, "WIDE_TILES", True)
     monkeypatch.setattr(tc, "HALO", halo)
+    patches = _halo_ran(monkeypatch)
     assert tc.tile_m(130) == 128 and tc.tile_m(64) == 64
     for case in (((3, 3), (1, 1), (2, 2, 0), 32, 130, 1, 2, 8, 6, True),
                  ((3, 3), (1, 1), None, 40, 130, 1, 1, 5, 7, False)):
         got, want = run_kernel(5, *case)
         assert_close(got, want, RTOL_F32, "tensor-core transposed conv on 128-channel tiles")
+    assert all(patches) and len(patches) == 2 * halo
 
 
-def test_a_nan_in_the_source_stays_nan():
+@pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
+def test_a_nan_in_the_source_stays_nan(monkeypatch, halo):
     """Rectification as the reference does it (s < 0 -> 0): a NaN that overflow left in a signal comes out as
     NaN where it reaches, rectified or not, never as a plausible 0."""
+    monkeypatch.setattr(tc, "HALO", halo)
+    patches = _halo_ran(monkeypatch)
     rng = np.random.default_rng(2)
     y = rng.normal(size=(32, 1, 4, 4)).astype(np.float32)
     y[5, 0, 1, 2] = np.nan
@@ -116,14 +125,17 @@ def test_a_nan_in_the_source_stays_nan():
                   (3, 3), (1, 1), None)
         got = dv.tohost(out)
         assert np.isnan(got[:, 0, 0:3, 1:4]).all() and not np.isnan(got[:, 0, 3, 0]).any(), rect
+    assert all(patches) and len(patches) == 2 * halo
 
 
 @pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
 def test_tensor_core_bias(monkeypatch, halo):
     """The forward conv's bias (BIAS): added once per output channel."""
     monkeypatch.setattr(tc, "HALO", halo)
+    patches = _halo_ran(monkeypatch)
     got, want = run_kernel(4, *CASES[1], bias=True)
     assert_close(got, want, RTOL_F32, "tensor-core transposed conv with bias")
+    assert all(patches) and len(patches) == halo
 
 
 def test_wrong_fragment_layouts_are_caught(monkeypatch):
@@ -198,9 +210,18 @@ def test_halo_kernel_mistakes_are_caught(monkeypatch):
     controls = [("(KH - 1 - tap / KW) * HW2 + (KW - 1 - tap % KW)", "(tap / KW) * HW2 + (tap % KW)"),
                 ("Bs[grp][pix][pr] = make_uint2(r[0], r[1]);", "Bs[grp][pix][pr] = make_uint2(r[1], r[0]);"),
                 ("pb[ni] = (col / TW) * HW2 + col % TW;", "pb[ni] = col;")]
+    barrier = "                store_a(buf ^ 1);\n                __syncthreads();"
     if dv.cp is None:
-        controls.append(("                store_a(buf ^ 1);\n                __syncthreads();",
-                         "                tc_host_skew(warp);\n                store_a(buf ^ 1);"))
+        controls.append((barrier, "                tc_host_skew(warp);\n                store_a(buf ^ 1);"))
+        # the positive control: the same delay with the barrier kept is harmless
+        monkeypatch.setattr(tc, "_HALO_SOURCE", _HALO.replace(barrier, "                tc_host_skew(warp);\n" + barrier))
+        tc._host_library.cache_clear()
+        try:
+            got, want = run_kernel(3, *CASES[3])
+        finally:
+            monkeypatch.setattr(tc, "_HALO_SOURCE", _HALO)
+            tc._host_library.cache_clear()
+        assert rel_err(got, want) < RTOL_F32
     for old, new in controls:
         assert old in tc._HALO_SOURCE, old
         monkeypatch.setattr(tc, "_HALO_SOURCE", tc._HALO_SOURCE.replace(old, new))
@@ -317,6 +338,7 @@ def test_fast_mode_on_the_tensor_cores(monkeypatch, halo):
     exact mode the kernel is never used."""
     monkeypatch.setattr(backend, "TENSOR_CORES", True)
     monkeypatch.setattr(tc, "HALO", halo)
+    patches = _halo_ran(monkeypatch)
     used = []
     real = tc.launch
     monkeypatch.setattr(tc, "launch", lambda *a: used.append((a[4], a[5], a[18], len(a) > 19)) or real(*a))
@@ -344,6 +366,7 @@ def test_fast_mode_on_the_tensor_cores(monkeypatch, halo):
         assert mask.mean() > 0.3  # enough pixels decided to test
         assert (dv.tohost(out.dominant_index)[mask] == want.dominant_index[mask]).all()
     assert rel_err(dv.tohost(got.responses), want.responses) > RTOL_F32  # the tensor cores' TF32, not float32
+    assert all(patches) and len(patches) == 7 * halo
 
 
 @pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
@@ -352,6 +375,7 @@ def test_tensor_cores_in_chunks(monkeypatch, halo):
     kernel reads the chunk's own images' switch offsets, and the maps are bit for bit those of one pass."""
     monkeypatch.setattr(backend, "TENSOR_CORES", True)
     monkeypatch.setattr(tc, "HALO", halo)
+    patches = _halo_ran(monkeypatch)
     rng = np.random.default_rng(9)
     net = _net(rng)
     x = rng.normal(size=(3, 2, 12, 11))
@@ -363,3 +387,4 @@ def test_tensor_cores_in_chunks(monkeypatch, halo):
     split = kc.clear_from_trace(net, trace, classes, fast=True)
     assert_equal(dv.tohost(split.responses), dv.tohost(whole.responses), "responses")
     assert_equal(dv.tohost(split.dominant_index), dv.tohost(whole.dominant_index), "dominant class")
+    assert all(patches) and bool(patches) == halo
