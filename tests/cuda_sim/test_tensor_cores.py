@@ -83,6 +83,21 @@ def _halo_ran(monkeypatch):
     return patches
 
 
+def _run_with(monkeypatch, name, code, case=None):
+    """run_kernel(3, case (default CASES[3])) with the kernel source tc.<name> replaced by ``code``: the
+    compiled kernels are rebuilt for it, and again after it is restored."""
+    original = getattr(tc, name)
+    monkeypatch.setattr(tc, name, code)
+    tc._host_library.cache_clear()
+    tc._gpu_kernel.cache_clear()
+    try:
+        return run_kernel(3, *(case or CASES[3]))
+    finally:
+        monkeypatch.setattr(tc, name, original)
+        tc._host_library.cache_clear()
+        tc._gpu_kernel.cache_clear()
+
+
 @pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_tensor_core_transpose_equals_reference(monkeypatch, case, halo):
@@ -165,17 +180,11 @@ def test_wrong_fragment_layouts_are_caught(monkeypatch):
     for kind, old, new in controls:
         if kind == "source":
             assert old in tc._SOURCE
-            monkeypatch.setattr(tc, "_SOURCE", tc._SOURCE.replace(old, new))
+            got, want = _run_with(monkeypatch, "_SOURCE", tc._SOURCE.replace(old, new), case)
         else:
-            monkeypatch.setattr(tc, "weight_layout", layout(old))
-        tc._host_library.cache_clear()
-        tc._gpu_kernel.cache_clear()
-        try:
-            got, want = run_kernel(3, *case)
-        finally:
-            monkeypatch.undo()
-            tc._host_library.cache_clear()
-            tc._gpu_kernel.cache_clear()
+            with monkeypatch.context() as m:
+                m.setattr(tc, "weight_layout", layout(old))
+                got, want = run_kernel(3, *case)
         assert rel_err(got, want) > 0.1, (old, rel_err(got, want))
 
 
@@ -214,29 +223,13 @@ def test_halo_kernel_mistakes_are_caught(monkeypatch):
     if dv.cp is None:
         controls.append((barrier, "                tc_host_skew(warp);\n                store_a(buf ^ 1);"))
         # the positive control: the same delay with the barrier kept is harmless
-        monkeypatch.setattr(tc, "_HALO_SOURCE", _HALO.replace(barrier, "                tc_host_skew(warp);\n" + barrier))
-        tc._host_library.cache_clear()
-        try:
-            got, want = run_kernel(3, *CASES[3])
-        finally:
-            monkeypatch.setattr(tc, "_HALO_SOURCE", _HALO)
-            tc._host_library.cache_clear()
+        got, want = _run_with(monkeypatch, "_HALO_SOURCE",
+                              tc._HALO_SOURCE.replace(barrier, "                tc_host_skew(warp);\n" + barrier))
         assert rel_err(got, want) < RTOL_F32
     for old, new in controls:
         assert old in tc._HALO_SOURCE, old
-        monkeypatch.setattr(tc, "_HALO_SOURCE", tc._HALO_SOURCE.replace(old, new))
-        tc._host_library.cache_clear()
-        tc._gpu_kernel.cache_clear()
-        try:
-            got, want = run_kernel(3, *CASES[3])
-        finally:
-            monkeypatch.setattr(tc, "_HALO_SOURCE", _HALO)
-            tc._host_library.cache_clear()
-            tc._gpu_kernel.cache_clear()
+        got, want = _run_with(monkeypatch, "_HALO_SOURCE", tc._HALO_SOURCE.replace(old, new))
         assert rel_err(got, want) > 0.1, (old, rel_err(got, want))
-
-
-_HALO = tc._HALO_SOURCE
 
 
 def test_halo_patches():
@@ -264,16 +257,8 @@ def test_a_missing_barrier_between_warps_is_caught(monkeypatch):
     barrier = "        __syncthreads();\n        if (more) {"
     assert loop in tc._SOURCE and barrier in tc._SOURCE
     skewed = tc._SOURCE.replace(loop, "        tc_host_skew(warp);\n" + loop)
-    errors = []
-    for code in (skewed, skewed.replace(barrier, "        if (more) {")):
-        monkeypatch.setattr(tc, "_SOURCE", code)
-        tc._host_library.cache_clear()
-        try:
-            got, want = run_kernel(3, *CASES[3])
-        finally:
-            monkeypatch.undo()
-            tc._host_library.cache_clear()
-        errors.append(rel_err(got, want))
+    errors = [rel_err(*_run_with(monkeypatch, "_SOURCE", code))
+              for code in (skewed, skewed.replace(barrier, "        if (more) {"))]
     assert errors[0] < RTOL_F32 and errors[1] > 0.1, errors
 
 
