@@ -96,6 +96,24 @@ __device__ __forceinline__ unsigned to_tf32(float x) {
 #endif
 }
 
+// The source cell that unpooled pixel (u, w) of the (Hu, Wu) plane reads: behind a pool (POOLED) the index of
+// its window in the pooled (Hs, Ws) plane, with d its offset in that window, which the window's switch must
+// equal; on a dense source its own index. ``inside`` (in: whether the pixel is wanted at all) comes out false,
+// and the cell 0 (a valid address, read and then selected away), off the plane or in a gap between windows.
+__device__ __forceinline__ int source_cell(int u, int w, int Hu, int Wu, int Hs, int Ws, bool& inside, int& d) {
+    inside = inside && u >= 0 && u < Hu && w >= 0 && w < Wu;
+#if POOLED
+    const int pp = (u + PPH) / PSH, qq = (w + PPW) / PSW;
+    const int dy = u + PPH - pp * PSH, dx = w + PPW - qq * PSW;
+    inside = inside && dy < PKH && dx < PKW && pp < Hs && qq < Ws;
+    d = dy * PKW + dx;
+    return inside ? pp * Ws + qq : 0;
+#else
+    d = 0;
+    return inside ? u * Ws + w : 0;
+#endif
+}
+
 __device__ __forceinline__ void mma_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
 #ifdef __CUDA_ARCH__
     asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
@@ -170,17 +188,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) tc_transpos
         for (int j = 0; j < A_VECS; ++j) ra[j] = wq[j * K8 * 32];
         const int ky = tap / KW, kx = tap - (tap / KW) * KW;
         const int u = y + PH - ky, w = x + PW - kx;
-        bool inside = pixel && u >= 0 && u < Hu && w >= 0 && w < Wu;
+        bool inside = pixel;
+        int d;
+        const int cell = source_cell(u, w, Hu, Wu, Hs, Ws, inside, d);
+        const float* vq = src + ((c0 + bk0) * n + ts) * plane + cell;  // channel c0 + bk0 + r at vq[r * nplane]
 #if POOLED
-        const int pp = (u + PPH) / PSH, qq = (w + PPW) / PSW;
-        const int dy = u + PPH - pp * PSH, dx = w + PPW - qq * PSW;
-        inside = inside && dy < PKH && dx < PKW && pp < Hs && qq < Ws;
-        const int cell = inside ? pp * Ws + qq : 0;
-        const int d = dy * PKW + dx;
-        const int* oq = offs + (obase + c0 + bk0) * plane + cell;  // channel c0 + bk0 + r at oq[r * plane]
-        const float* vq = src + ((c0 + bk0) * n + ts) * plane + cell;  // ... at vq[r * nplane]
-#else
-        const float* vq = src + ((c0 + bk0) * n + ts) * plane + (inside ? u * Ws + w : 0);
+        const int* oq = offs + (obase + c0 + bk0) * plane + cell;  // ... its switch's offset at oq[r * plane]
 #endif
 #pragma unroll
         for (int j = 0; j < B_LOADS; ++j) {
@@ -337,16 +350,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) tc_transpos
             if (PAIRS % THREADS == 0 || q < PAIRS) {
                 const int pr = q % 4, pix = (q / 4) % HP, grp = q / (4 * HP);
                 const int u = u0 + pix / HW2, w = v0 + pix % HW2;
-                bool inside = u >= 0 && u < Hu && w >= 0 && w < Wu;
-#if POOLED
-                const int pp = (u + PPH) / PSH, qq = (w + PPW) / PSW;
-                const int dy = u + PPH - pp * PSH, dx = w + PPW - qq * PSW;
-                inside = inside && dy < PKH && dx < PKW && pp < Hs && qq < Ws;
-                const int cell = inside ? pp * Ws + qq : 0;
-                const int d = dy * PKW + dx;
-#else
-                const int cell = inside ? u * Ws + w : 0;
-#endif
+                bool inside = true;
+                int d;
+                const int cell = source_cell(u, w, Hu, Wu, Hs, Ws, inside, d);
                 unsigned r[2];
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
