@@ -43,6 +43,10 @@ struct alignas(8) uint2 {
 };
 
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+struct alignas(8) int2 {
+    int x, y;
+};
+inline int2 make_int2(int x, int y) { return {x, y}; }
 
 struct alignas(16) uint4 {
     unsigned x, y, z, w;

@@ -34,9 +34,11 @@ The halo kernel (HALO, off by default; PATCHES, patch()): the same GEMM, but a b
 TH x TW patch of one signal's output, and per chunk of BK source channels the patch's (TH + kh - 1) x
 (TW + kw - 1) source pixels are staged once, unpooled, rectified and rounded, as (b0, b1) channel pairs; every
 tap then reads its B fragments from them with a constant shift, and A, one tap at a time, is double-buffered
-in shared memory. For a 3x3 conv on 8 x 8 patches that is 100 gathers per channel instead of 576. Its sm_90
-loop: ~3.7 instructions per mma per tap on 64 x 64 tiles (~2.9 on 128 x 64), plus the staging, ~6.7 (~4.4)
-in all against the flat kernel's ~9.8 (~5.5); behind a pool ~7.9 against ~11.9.
+in shared memory. For a 3x3 conv on 8 x 8 patches that is 100 gathers per channel instead of 576. Where each
+halo pixel reads (its source cell and switch offset) is worked out once per block, so staging a value costs
+~25 instructions (~31 behind a pool). Its sm_90 loop: ~3.7 instructions per mma per tap on 64 x 64 tiles
+(~2.9 on 128 x 64), plus the staging, ~5.9 (~4.0) in all against the flat kernel's ~9.8 (~5.5); behind a
+pool ~6.4 against ~11.9.
 
 Without a GPU (Numba's CUDA simulator: the tests), the same source is compiled by the host C++ compiler
 with tc_host.hpp in front of it, which runs each block as threads and emulates the mma instruction with
@@ -288,6 +290,7 @@ _HALO_SOURCE = r"""
 #define HP (HH * HW2)                 // halo pixels
 #define PAIRS (BK / 2 * HP)           // (8-channel group, halo pixel, channel pair) items of a chunk
 #define PAIR_ITERS ((PAIRS + THREADS - 1) / THREADS)
+static_assert(THREADS % 4 == 0 && PAIRS % 4 == 0, "a thread stages the same channel pair at every step");
 #ifndef STAGE_UNROLL
 #define STAGE_UNROLL 2
 #endif
@@ -302,6 +305,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) tc_transpos
     // bytes, no bank conflicts, and the staging stores go to consecutive words.
     __shared__ uint4 As[2][BM / 16][BK / 8 * 32];
     __shared__ uint2 Bs[BK / 8][HP][4];
+    __shared__ int2 Hc[HP];  // per halo pixel: its source cell (-1: reads nothing) and switch offset
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     const int g = lane >> 2, t4 = lane & 3;
@@ -341,18 +345,27 @@ extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) tc_transpos
 #pragma unroll
         for (int j = 0; j < A_VECS; ++j) As[buf][j][tid] = ra[j];
     };
+    // Where each halo pixel reads (bounds, pooled window, switch offset) is the same for every chunk of
+    // channels: worked out once here (made visible by the chunk loop's first barrier), so that staging a value
+    // is a shared load, two global loads and a select, with no division by the halo's width or the pool's.
+    for (int p = tid; p < HP; p += THREADS) {
+        bool inside = true;
+        int d;
+        const int cell = source_cell(u0 + p / HW2, v0 + p % HW2, Hu, Wu, Hs, Ws, inside, d);
+        Hc[p] = make_int2(inside ? cell : -1, d);
+    }
     auto stage_b = [&](int c0) {
         // every load reads a valid address; what must be zero is selected away after it (as the flat kernel).
         // Unrolled by STAGE_UNROLL only: fully unrolled, the compiler put all the loads in flight and spilled.
+        const int pr = tid % 4;  // item q = 4 j + pr: THREADS % 4 == 0, so a thread's pair is fixed
 #pragma unroll STAGE_UNROLL
         for (int it = 0; it < PAIR_ITERS; ++it) {
-            const int q = tid + it * THREADS;
-            if (PAIRS % THREADS == 0 || q < PAIRS) {
-                const int pr = q % 4, pix = (q / 4) % HP, grp = q / (4 * HP);
-                const int u = u0 + pix / HW2, w = v0 + pix % HW2;
-                bool inside = true;
-                int d;
-                const int cell = source_cell(u, w, Hu, Wu, Hs, Ws, inside, d);
+            const int j = tid / 4 + it * (THREADS / 4);  // the item's (8-channel group, halo pixel)
+            if (PAIRS % THREADS == 0 || j < PAIRS / 4) {
+                const int pix = j % HP, grp = j / HP;
+                const int2 hc = Hc[pix];
+                const bool inside = hc.x >= 0;
+                const int cell = inside ? hc.x : 0, d = hc.y;
                 unsigned r[2];
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
@@ -538,9 +551,9 @@ SHARED_LIMIT = 48 << 10
 
 
 def halo_shared_bytes(kh: int, kw: int, bm: int, patch: tuple) -> int:
-    """The halo kernel's static shared memory: A double-buffered (2 x BM x BK floats) and the staged halo
-    (BK channels x (TH + kh - 1) x (TW + kw - 1) pixels)."""
-    return 2 * bm * BK * 4 + BK * (patch[0] + kh - 1) * (patch[1] + kw - 1) * 4
+    """The halo kernel's static shared memory: A double-buffered (2 x BM x BK floats), the staged halo
+    (BK channels x (TH + kh - 1) x (TW + kw - 1) pixels) and each halo pixel's source cell (two ints)."""
+    return 2 * bm * BK * 4 + (BK * 4 + 8) * (patch[0] + kh - 1) * (patch[1] + kw - 1)
 
 
 def patch(kh: int, kw: int, bm: int, H: int, W: int) -> tuple | None:
