@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <cmath>
@@ -101,9 +102,12 @@ inline void tc_host_mma(float d[4], const unsigned a[4], const unsigned b[2]) {
     tc_warp_barriers[warp]->arrive_and_wait();  // no lane republishes before every lane of its warp has read
 }
 
-// For the tests' negative controls: warp 0 falls behind the others (what a missing barrier then exposes).
+// For the tests' negative controls: warp 0 falls behind the others (what a missing barrier then exposes). Its
+// first delays are long, so that the others get far ahead even on a loaded machine (2 ms alone was sometimes
+// too short while other processes ran), the rest short, to keep the tests quick.
 inline void tc_host_skew(int warp) {
-    if (warp == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    static std::atomic<int> calls{0};
+    if (warp == 0) std::this_thread::sleep_for(std::chrono::milliseconds(calls++ < 8 ? 30 : 2));
 }
 
 // Launch: blocks in order, each as blockDim.x threads.
