@@ -94,7 +94,7 @@ step preflight 30 python3 -m bench.device_preflight
 export CLEARMAPS_CACHE_DIR=/tmp/clearmaps-cache
 step warm 80 python3 -m bench.device_warm
 step bench 170 python3 -m bench.device_bench --out "$LOG" --repeats 5
-step gpu_tests 90 env CLEARMAPS_CUDA_CHECK=1 \
+step gpu_tests 105 env CLEARMAPS_CUDA_CHECK=1 \
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
 step tensor_cores 60 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
     python3 -m pytest -q -p no:cacheprovider tests/cuda_sim/test_tensor_cores.py
@@ -102,7 +102,7 @@ step variants 60 python3 -m bench.device_bench --out "$LOG/variants" --cases all
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
 step variants_vgg 75 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
-step equivalence 35 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
+step equivalence 20 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
     python3 -m pytest -q -p no:cacheprovider tests/cuda_sim
 
 echo

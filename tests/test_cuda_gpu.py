@@ -193,6 +193,38 @@ def test_auto_picks_cuda_and_explain_runs(kc):
     assert_equal(got.dominant_class[mask], want.dominant_class[mask], "dominant class")
 
 
+def test_warm_compiles_into_the_cache_that_explain_loads(kc, monkeypatch, tmp_path):
+    """kc.warm compiles a network's sparse kernels in worker processes into a fresh file cache; this
+    process's first call then loads every one of them from there (cache hits, no compile), and a second
+    warm finds nothing left to do."""
+    from clearmaps.kernels.cuda import sparse_kernels as sk
+    from clearmaps.kernels.cuda import warmup
+    from clearmaps.reference import Conv, MaxPool, Network, ReLU
+
+    monkeypatch.setenv("CLEARMAPS_CACHE_DIR", str(tmp_path))
+    sk.sparse_transpose.cache_clear()  # this process's dispatchers of earlier tests: built with another cache
+    try:
+        rng = np.random.default_rng(6)
+
+        def conv(i, o, k=3, p=1):
+            return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
+
+        # small, so that its 3-4 kernels compile in seconds: sparse forward and back, through a pool's switches
+        net = Network([conv(2, 16), ReLU(), conv(16, 20), ReLU(), MaxPool(2), conv(20, 33), ReLU(),
+                       conv(33, 4, 1, 0)])
+        x = rng.uniform(size=(2, 2, 8, 8))
+        calls = warmup.record(net, x)
+        done = kc.warm(net, x, jobs=4)
+        assert calls and set(done) == set(calls)
+        kc.clear_from_trace(net, kc.forward(net, x), np.array([[0, 1], [2, 3]]), keep_responses=False)
+        for name, call in calls.items():
+            stats = warmup.kernel_of(call).stats
+            assert sum(stats.cache_misses.values()) == 0 and sum(stats.cache_hits.values()) >= 1, (name, stats)
+        assert kc.warm(net, x) == {}
+    finally:
+        sk.sparse_transpose.cache_clear()
+
+
 def test_kernels_run_on_cupys_current_stream(kc, monkeypatch):
     """Every numba launch goes to CuPy's current stream (bindings/interop.py makes it torch's), where the
     CuPy ops and cuBLAS GEMMs go too: on a non-blocking side stream the maps equal the default stream's, and

@@ -8,6 +8,7 @@ float32 on the GPU:
                                                     single operators (ops.py)
     set_precision("exact" | "tf32"), agreement      the exact default and the fast mode
     set_memory_limit                                cap on the GPU memory a call plans to use
+    warm(net, x)                                    compile a network's kernels beforehand, in parallel
 
 Kernel files: sparse_kernels.py (stride-1 convs, forward and transposed, as a tiled kernel that skips
 zeros and reads an unpooled plane through the switches), forward_kernels.py (columns, max pool with
@@ -30,7 +31,7 @@ _STATUS: dict = {}
 _PUBLIC = {
     "forward": "backend", "clear_from_trace": "backend", "backproject": "backend", "agreement": "backend",
     "set_precision": "backend", "get_precision": "backend", "set_memory_limit": "backend",
-    "CudaTrace": "backend",
+    "CudaTrace": "backend", "warm": "warmup",
     "conv2d": "ops", "conv_transpose2d": "ops", "max_pool_with_switches": "ops", "unpool": "ops",
     "reduce_channels": "ops", "dominant": "ops", "compose": "ops",
 }

@@ -1,0 +1,118 @@
+"""clearmaps.kernels.cuda.warm (warmup.py) compiles, in worker processes, exactly the sparse-kernel specialisations a
+network's calls will use (bench/device_warm.py does the same over the benchmark's methods): what it records
+must be what the pipeline builds, and each replay must launch. Under the simulator nothing is compiled or
+cached, but the recording, the workers (spawned, with the simulator on) and the replays all run."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from clearmaps import ClearmapsError
+from clearmaps.kernels import cuda as kc
+from clearmaps.kernels.cuda import backend
+from clearmaps.kernels.cuda import sparse_kernels as sk
+from clearmaps.kernels.cuda import warmup
+from clearmaps.reference import Conv, MaxPool, Network, ReLU
+
+
+def _case():
+    rng = np.random.default_rng(3)
+
+    def conv(i, o, k=3, p=1):
+        return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
+
+    # a dense 16 -> 20 conv (sparse forward and back), a conv behind a 2x2 pool, a 1x1 head
+    net = Network([conv(2, 16), ReLU(), conv(16, 20), ReLU(), MaxPool(2), conv(20, 33), ReLU(),
+                   conv(33, 3, 1, 0)])
+    x = rng.uniform(size=(2, 2, 8, 8))
+    return SimpleNamespace(net=net, x=x, classes=np.array([[0, 2], [1, 0]]))
+
+
+def _built(monkeypatch):
+    """The names of the specialisations sparse_transpose is asked for from now on."""
+    built = set()
+    real = sk.sparse_transpose
+
+    def building(*args):
+        built.add(sk.kernel_name(*args))
+        return real(*args)
+
+    monkeypatch.setattr(sk, "sparse_transpose", building)
+    return built
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+def test_warm_records_what_explain_builds(monkeypatch, fast):
+    case = _case()
+    calls = warmup.record(case.net, case.x, fast=fast)
+    built = _built(monkeypatch)
+    kc.clear_from_trace(case.net, kc.forward(case.net, case.x, fast=fast), case.classes, fast=fast)
+    assert built and set(calls) == built
+    assert backend._launch_sparse.__name__ == "_launch_sparse", "the recorder was left in place"
+
+
+def test_warm_compiles_each_in_a_worker():
+    """Two spawned workers (they inherit NUMBA_ENABLE_CUDASIM) replay every recorded specialisation."""
+    case = _case()
+    want = set(warmup.record(case.net, case.x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        done = warmup.warm(case.net, case.x, jobs=2)
+    assert set(done) == want and len(want) >= 3 and all(s > 0 for s in done.values())
+
+
+def test_a_specialisation_that_fails_is_a_warning_not_an_error(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(backend, "_launch_sparse", broken)  # the replays' launcher; record swaps in its own
+    case = _case()
+    with pytest.warns(RuntimeWarning, match="did not compile .*no compiler today"):
+        done = warmup.warm(case.net, case.x, jobs=1)
+    assert done == {}
+
+
+def test_warm_refuses_bad_arguments():
+    case = _case()
+    for jobs in (0, -1, 1.5, True, "4"):
+        with pytest.raises(ClearmapsError, match="jobs"):
+            warmup.warm(case.net, case.x, jobs=jobs)
+    for x in (case.x[0], case.x[:0], [1, 2, 3]):
+        with pytest.raises(ClearmapsError, match=r"\(B, C, H, W\)"):
+            warmup.warm(case.net, x)
+    with pytest.raises(ClearmapsError, match="Network"):
+        warmup.warm("vgg16", case.x)
+    with pytest.raises(ClearmapsError, match="NaN"):
+        warmup.warm(case.net, np.full_like(case.x, np.nan))
+    assert kc.warm is warmup.warm  # the package's public name
+
+
+def test_bench_warm_records_every_methods_routing(monkeypatch):
+    from bench import device_warm
+    from bench.harness import METHODS
+    from bench.methods_cuda import ways
+    from bench.run import load_methods
+
+    load_methods()
+    case = _case()
+    methods = ["cuda", "cuda-gemm", "cuda-cpt1", "cuda-8x8", "cuda-eager"]
+    calls = device_warm.record(methods, [case])
+    built = _built(monkeypatch)
+    for method in methods:
+        setup = METHODS[method].setup
+        with ways(**setup.knobs):
+            kc.clear_from_trace(case.net, kc.forward(case.net, case.x), case.classes, keep_responses=False)
+    assert built and set(calls) == built
+    tiles = {re.search(r"_t\d+x\d+_(\d+x\d+)", name).group(1) for name in built}
+    assert tiles == {"4x8", "8x8"}, tiles
+    assert any(name.endswith("_eager") for name in built)  # the knob reaches the recorded names
+
+    for knob in warmup.KNOB_NAMES:  # compile_one sets them: restored after the test
+        monkeypatch.setattr(sk, knob, getattr(sk, knob))
+    for name, seconds, error in warmup.compile_all(calls, 1):
+        assert error is None, f"{name}: {error}"
