@@ -30,6 +30,7 @@ pieces instead of failing.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -269,18 +270,24 @@ class CudaTrace(Trace):
     device: dict = field(default=None, repr=False)
 
 
+# kernels/cuda/warmup.py's recorder: while set (in this thread or task only), _launch_sparse hands each
+# launch to it instead of running it
+SPARSE_RECORDER = contextvars.ContextVar("clearmaps_sparse_recorder", default=None)
+
+
 def _launch_sparse(src, offsets, weight, bias, out, kernel, padding, pool, b0: int, kc: int, rect: bool):
     """out (I, n, H, W) = the stride-1 transposed conv (``kernel``, ``padding``) of src (O, n, Hs, Ws), read
     through a pool's switches when ``pool`` (``offsets``: their window offsets), as the sparse kernel, with
     ``bias`` (I,) added unless None; weight (O, kh, kw, I)."""
+    recorder = SPARSE_RECORDER.get()
+    if recorder is not None:
+        return recorder(src, offsets, weight, bias, out, kernel, padding, pool, b0, kc, rect)
     O, n, Hs, Ws = src.shape
     I, _, H, W = out.shape
-    cpt = sk.channels_per_thread(I)
-    threads = sk.block_threads(I, cpt)
-    TY, TX = tile = sk.tile_shape(pool)
+    spec = sk.specialisation(kernel, padding, pool, I, bias is not None)
+    threads, _, (TY, TX), cpt, _ = spec[5:]  # (kh, kw, ph, pw, pool) come first
     tiles_y, tiles_x = ceil_div(H, TY), ceil_div(W, TX)
-    launch(sk.sparse_transpose(*kernel, *padding, pool, threads, bias is not None, tile, cpt,
-                               sk.EAGER_OFFSETS and pool is not None),
+    launch(sk.sparse_transpose(*spec),
            (n * tiles_y * tiles_x, ceil_div(I, threads * cpt)), threads, src.reshape(-1),
            _dummy(np.int32) if offsets is None else offsets.reshape(-1), weight.reshape(-1),
            _dummy(np.float32) if bias is None else bias, out.reshape(-1), O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc,

@@ -125,6 +125,14 @@ def block_threads(I: int, cpt: int = 1) -> int:
     return min(BLOCK_CHANNELS, 32 * (1 << (warps - 1).bit_length()))
 
 
+def specialisation(kernel: tuple, padding: tuple, pool: tuple | None, I: int, bias: bool) -> tuple:
+    """The arguments of :func:`sparse_transpose` (and :func:`kernel_name`) for a launch with I output
+    channels, as the knobs (MAX_CHANNELS_PER_THREAD, TILE_ROWS/COLS, EAGER_OFFSETS) are now."""
+    cpt = channels_per_thread(I)
+    return (*kernel, *padding, pool, block_threads(I, cpt), bool(bias), tile_shape(pool), cpt,
+            bool(EAGER_OFFSETS and pool is not None))
+
+
 def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple | None = None):
     """The specialisation's static plan: (TY, TX, PLO, QLO, NWY, NWX, windows).
 
@@ -343,6 +351,7 @@ def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, thr
     fn, cached = _define(code, kernel_name(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager))
     kernel = cuda.jit(fn, cache=cached)
     kernel.source = code
+    kernel.file_cached = cached  # whether other processes can compile it for this one (kernels/cuda/warmup.py)
     return kernel
 
 

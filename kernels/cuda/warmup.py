@@ -10,6 +10,10 @@ replaced by a recorder (zero-filled outputs: which kernels a layer needs depends
 values), then launches each recorded specialisation once, on zero inputs of the recorded shapes, in its own
 worker process, so that each compiles into the file cache. The caller's later calls load them from there.
 Under Numba's CUDA simulator (which compiles nothing) the same steps run, which is how CI tests them.
+
+The workers are spawned, so a script that calls ``warm`` must keep its top-level code under
+``if __name__ == "__main__":`` (each worker imports the script's main module, as with any multiprocessing
+code); without it the workers fail to start, and ``warm`` warns and returns instead of compiling.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import multiprocessing
 import os
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
 from ...reference import ClearmapsError
-from . import backend
+from . import backend, simulated
 from . import sparse_kernels as sk
 
 # what _launch_sparse reads besides its arguments: a worker sets them as the caller had them when recording
@@ -31,17 +37,14 @@ KNOB_NAMES = ("TILE_ROWS", "TILE_COLS", "MAX_CHANNELS_PER_THREAD", "EAGER_OFFSET
 MAX_DEFAULT_JOBS = 8
 
 
-def record(net, x, *, fast=None) -> dict:
+def record(net, x, *, fast=None, rectify: bool = True) -> dict:
     """{specialisation name: the launch that compiles it (shapes, geometry, knobs)} for ``net`` on images
-    shaped like ``x`` (only its first image is run), in the mode ``fast`` (None: the current precision)."""
+    shaped like ``x`` (only its first image is run), in the mode ``fast`` (None: the current precision), for
+    maps with or without ``rectify``. For warm() and bench/device_warm.py; arguments are not checked here."""
     calls = {}
-    real = backend._launch_sparse
 
     def recorder(src, offsets, weight, bias, out, kernel, padding, pool, b0, kcount, rect):
-        I = out.shape[0]
-        cpt = sk.channels_per_thread(I)
-        name = sk.kernel_name(*kernel, *padding, pool, sk.block_threads(I, cpt), bias is not None,
-                              sk.tile_shape(pool), cpt, sk.EAGER_OFFSETS and pool is not None)
+        name = sk.kernel_name(*sk.specialisation(kernel, padding, pool, out.shape[0], bias is not None))
         calls.setdefault(name, dict(
             src=tuple(src.shape), offsets=None if offsets is None else tuple(offsets.shape),
             weight=tuple(weight.shape), bias=None if bias is None else tuple(bias.shape), out=tuple(out.shape),
@@ -49,27 +52,30 @@ def record(net, x, *, fast=None) -> dict:
             knobs={k: getattr(sk, k) for k in KNOB_NAMES}))
         out[...] = 0
 
-    backend._launch_sparse = recorder
+    token = backend.SPARSE_RECORDER.set(recorder)  # this thread's launches only: other threads run as usual
     try:
         trace = backend.forward(net, x[:1], fast=fast)  # one image: the batch does not change the kernels
-        backend.clear_from_trace(net, trace, np.zeros((1, 1), np.int64), keep_responses=False, fast=fast)
+        backend.clear_from_trace(net, trace, np.zeros((1, 1), np.int64), rectify, keep_responses=False,
+                                 fast=fast)
     finally:
-        backend._launch_sparse = real
+        backend.SPARSE_RECORDER.reset(token)
     return calls
 
 
 def compile_one(item):
-    """Worker: one launch of the real launcher on zero inputs; (name, seconds, error or None)."""
+    """One launch of the real launcher on zero inputs, with the knobs it was recorded under (restored after):
+    (name, seconds, error or None). Run in a worker, or in this process when there is one."""
     name, call = item
     xp = backend.xp
-    for k, v in call["knobs"].items():
-        setattr(sk, k, v)
+    saved = {k: getattr(sk, k) for k in call["knobs"]}
 
     def zeros(shape, dtype, one=False):  # one: a single signal (src and out are (C, n, H, W))
         return None if shape is None else xp.zeros((shape[0], 1, *shape[2:]) if one else shape, dtype=dtype)
 
     t = time.perf_counter()
     try:
+        for k, v in call["knobs"].items():
+            setattr(sk, k, v)
         backend._launch_sparse(zeros(call["src"], "float32", True), zeros(call["offsets"], "int32"),
                                zeros(call["weight"], "float32"), zeros(call["bias"], "float32"),
                                zeros(call["out"], "float32", True), call["kernel"], call["padding"], call["pool"],
@@ -78,31 +84,47 @@ def compile_one(item):
             xp.cuda.runtime.deviceSynchronize()
     except Exception as exc:  # reported, not raised: the caller's own call then compiles it itself
         return name, time.perf_counter() - t, f"{type(exc).__name__}: {exc}"
+    finally:
+        for k, v in saved.items():
+            setattr(sk, k, v)
     return name, time.perf_counter() - t, None
 
 
 def compile_all(calls: dict, jobs: int):
     """Yield (name, seconds, error or None) of compile_one over ``calls`` as each finishes: in ``jobs``
-    spawned processes, or in this one when jobs is 1 or there is one call."""
+    spawned processes, or in this one when jobs is 1 or there is one call. Workers that cannot start, or
+    die, end the pool: what was left is yielded with the error instead of waiting for it forever."""
     items = sorted(calls.items())
+    if jobs < 1:
+        raise ValueError(f"compile_all: jobs {jobs}; expected at least 1")
     if jobs == 1 or len(items) <= 1:
         yield from map(compile_one, items)
         return
-    with multiprocessing.get_context("spawn").Pool(min(jobs, len(items))) as pool:
-        yield from pool.imap_unordered(compile_one, items)
+    left = dict(items)
+    try:
+        with ProcessPoolExecutor(min(jobs, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(compile_one, item) for item in items]):
+                result = future.result()
+                left.pop(result[0], None)
+                yield result
+    except BrokenProcessPool as exc:
+        for name in sorted(left):
+            yield name, 0.0, (f"the worker processes stopped: {exc} A script that calls warm must do so under "
+                              "`if __name__ == '__main__':`, or each worker runs it again")
 
 
 def default_jobs() -> int:
-    return max(1, min(MAX_DEFAULT_JOBS, (os.cpu_count() or 2) - 1))
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use (a container's limit)
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    return max(1, min(MAX_DEFAULT_JOBS, cpus - 1))
 
 
 def kernel_of(call):
     """The sparse kernel (its Numba dispatcher) that a recorded launch runs, with the knobs as they are now."""
-    I = call["out"][0]
-    cpt = sk.channels_per_thread(I)
-    return sk.sparse_transpose(*call["kernel"], *call["padding"], call["pool"], sk.block_threads(I, cpt),
-                               call["bias"] is not None, sk.tile_shape(call["pool"]), cpt,
-                               sk.EAGER_OFFSETS and call["pool"] is not None)
+    return sk.sparse_transpose(*sk.specialisation(call["kernel"], call["padding"], call["pool"], call["out"][0],
+                                                  call["bias"] is not None))
 
 
 def _built_here(call) -> bool:
@@ -110,26 +132,36 @@ def _built_here(call) -> bool:
     return bool(getattr(kernel_of(call), "overloads", None))
 
 
-def warm(net, x, *, fast=None, jobs=None) -> dict:
-    """Compile the sparse-kernel specialisations that ``explain(net, x, backend="cuda")`` will use, in
-    ``jobs`` parallel processes (default: the CPUs less one, at most 8; each holds a CUDA context), into
-    the file cache its later calls load from.
+def warm(net, x, *, fast=None, rectify: bool = True, jobs=None) -> dict:
+    """Compile the sparse-kernel specialisations that ``explain(net, x, backend="cuda", rectify=rectify)``
+    will use, in ``jobs`` parallel processes (default: the usable CPUs less one, at most 8; each holds a CUDA
+    context), into the file cache its later calls load from.
 
-    ``x``: images shaped as they will be explained (B, C, H, W) (the layer shapes, and so the kernels,
-    depend on H and W); only the first is run. ``fast``: the precision to warm for (None: the current one,
-    :func:`set_precision`). Returns {specialisation: seconds its worker took}, empty when this process has
-    them all already. A specialisation that fails to compile is reported with a warning and skipped (the
-    call that needs it then compiles it itself, and fails there if it must)."""
+    ``x``: images (B, C, H, W) as they will be explained; only the first is run. ``fast``: the precision to
+    warm for (None: the current one, :func:`set_precision`). Returns {specialisation: seconds its worker
+    took}; empty when this process has them all already. When a specialisation fails to compile, or the
+    kernel cache is off (CLEARMAPS_CUDA_CACHE=0, or a folder that cannot be written), ``warm`` warns and
+    leaves it to the call that needs it, which compiles it itself (and fails there if it must)."""
     backend._check_net(net)
     if jobs is None:
         jobs = default_jobs()
     if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
         raise ClearmapsError(f"jobs is {jobs!r}; expected a whole number of processes, at least 1.")
+    if not isinstance(rectify, (bool, np.bool_)):
+        raise ClearmapsError(f"rectify is {rectify!r}; expected True or False.")
     shape = getattr(x, "shape", None)
-    if shape is None or len(shape) != 4 or shape[0] < 1:
+    if not (isinstance(shape, tuple) and len(shape) == 4 and all(isinstance(s, (int, np.integer)) for s in shape)
+            and shape[0] >= 1):
         raise ClearmapsError(f"x has shape {shape}; expected images (B, C, H, W) with B >= 1, shaped as they "
                              "will be explained.")
-    calls = {name: call for name, call in record(net, x, fast=fast).items() if not _built_here(call)}
+    calls = {name: call for name, call in record(net, x, fast=fast, rectify=bool(rectify)).items()
+             if not _built_here(call)}
+    uncached = sorted(name for name, call in calls.items() if not getattr(kernel_of(call), "file_cached", True))
+    if uncached and not simulated():
+        warnings.warn(f"clearmaps.kernels.cuda.warm: the kernel cache is off (CLEARMAPS_CUDA_CACHE=0, or "
+                      f"{sk.cache_root()} cannot be written), so {len(uncached)} kernels compile on first use "
+                      "instead", RuntimeWarning, stacklevel=2)
+        return {}
     done = {}
     for name, seconds, error in compile_all(calls, int(jobs)):
         if error is None:

@@ -46,18 +46,38 @@ def _built(monkeypatch):
     return built
 
 
+def _overlapping():
+    """A pool with overlapping windows and a ReLU below it: the 8 -> 16 conv's transposed conv reads the
+    unpooled plane through the switches on the sparse kernel without rectification, and goes to columns +
+    GEMM with it (summed overlaps, then rectified: backend._Source.sparse). The routes differ with rectify."""
+    rng = np.random.default_rng(4)
+
+    def conv(i, o, k=3, p=1):
+        return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
+
+    net = Network([conv(2, 8), ReLU(), conv(8, 16), ReLU(), MaxPool(3, 2, 1), conv(16, 20), ReLU(),
+                   conv(20, 3, 1, 0)])
+    return SimpleNamespace(net=net, x=rng.uniform(size=(2, 2, 8, 8)), classes=np.array([[0, 2], [1, 0]]))
+
+
+@pytest.mark.parametrize("rectify", [True, False], ids=["rectify", "linear"])
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
-def test_warm_records_what_explain_builds(monkeypatch, fast):
-    case = _case()
-    calls = warmup.record(case.net, case.x, fast=fast)
-    built = _built(monkeypatch)
-    kc.clear_from_trace(case.net, kc.forward(case.net, case.x, fast=fast), case.classes, fast=fast)
-    assert built and set(calls) == built
-    assert backend._launch_sparse.__name__ == "_launch_sparse", "the recorder was left in place"
+def test_warm_records_what_explain_builds(monkeypatch, fast, rectify):
+    for case in (_case(), _overlapping()):
+        calls = warmup.record(case.net, case.x, fast=fast, rectify=rectify)
+        built = _built(monkeypatch)
+        kc.clear_from_trace(case.net, kc.forward(case.net, case.x, fast=fast), case.classes, rectify, fast=fast)
+        assert built and set(calls) == built
+        assert backend.SPARSE_RECORDER.get() is None, "the recorder was left in place"
+    case = _overlapping()  # rectify reaches the routing: this network needs other kernels without it
+    assert set(warmup.record(case.net, case.x, rectify=True)) != set(warmup.record(case.net, case.x, rectify=False))
 
 
-def test_warm_compiles_each_in_a_worker():
-    """Two spawned workers (they inherit NUMBA_ENABLE_CUDASIM) replay every recorded specialisation."""
+def test_warm_compiles_each_in_a_worker(monkeypatch):
+    """Two spawned workers (they inherit NUMBA_ENABLE_CUDASIM) replay every recorded specialisation. On a
+    GPU (bench/device.sh runs this folder there too) this process may have compiled them already in earlier
+    tests, which warm() would skip: here nothing counts as built."""
+    monkeypatch.setattr(warmup, "_built_here", lambda call: False)
     case = _case()
     want = set(warmup.record(case.net, case.x))
     with warnings.catch_warnings():
@@ -67,14 +87,33 @@ def test_warm_compiles_each_in_a_worker():
 
 
 def test_a_specialisation_that_fails_is_a_warning_not_an_error(monkeypatch):
-    def broken(*args):
+    real = backend._launch_sparse
+
+    def broken(*args):  # records as the real one does; launching fails
+        if backend.SPARSE_RECORDER.get() is not None:
+            return real(*args)
         raise RuntimeError("no compiler today")
 
-    monkeypatch.setattr(backend, "_launch_sparse", broken)  # the replays' launcher; record swaps in its own
+    monkeypatch.setattr(backend, "_launch_sparse", broken)
+    monkeypatch.setattr(warmup, "_built_here", lambda call: False)
     case = _case()
     with pytest.warns(RuntimeWarning, match="did not compile .*no compiler today"):
         done = warmup.warm(case.net, case.x, jobs=1)
     assert done == {}
+
+
+def test_a_worker_that_dies_ends_the_pool_instead_of_hanging():
+    """A worker killed mid-compile (here it exits: its knobs make sk.channels_per_thread os._exit) would
+    leave multiprocessing.Pool waiting forever; compile_all reports what was left as failed instead."""
+    import os
+
+    case = _case()
+    calls = warmup.record(case.net, case.x)
+    name = sorted(calls)[0]
+    calls[name] = dict(calls[name], knobs={"channels_per_thread": os._exit})
+    results = {n: error for n, _, error in warmup.compile_all(calls, 2)}
+    assert set(results) == set(calls)
+    assert "stopped" in results[name], results[name]
 
 
 def test_warm_refuses_bad_arguments():
