@@ -214,7 +214,8 @@ def test_weight_layout_is_the_fragment_order():
 def test_halo_kernel_mistakes_are_caught(monkeypatch):
     """Negative controls of the halo kernel: the tap's shift taken the wrong way round, b0 and b1 of a staged
     pair swapped, the patch's rows read with the halo's width dropped, and (emulation only, warp 0 delayed)
-    the barrier after each tap's A store deleted: each must fail the comparison."""
+    the barrier after each tap's A store deleted, or the first chunk's, which publishes the halo's source
+    cells: each must fail the comparison."""
     monkeypatch.setattr(tc, "HALO", True)
     controls = [("(KH - 1 - tap / KW) * HW2 + (KW - 1 - tap % KW)", "(tap / KW) * HW2 + (tap % KW)"),
                 ("Bs[grp][pix][pr] = make_uint2(r[0], r[1]);", "Bs[grp][pix][pr] = make_uint2(r[1], r[0]);"),
@@ -222,14 +223,24 @@ def test_halo_kernel_mistakes_are_caught(monkeypatch):
     barrier = "                store_a(buf ^ 1);\n                __syncthreads();"
     if dv.cp is None:
         controls.append((barrier, "                tc_host_skew(warp);\n                store_a(buf ^ 1);"))
-        # the positive control: the same delay with the barrier kept is harmless
-        got, want = _run_with(monkeypatch, "_HALO_SOURCE",
-                              tc._HALO_SOURCE.replace(barrier, "                tc_host_skew(warp);\n" + barrier))
-        assert rel_err(got, want) < RTOL_F32
-    for old, new in controls:
-        assert old in tc._HALO_SOURCE, old
-        got, want = _run_with(monkeypatch, "_HALO_SOURCE", tc._HALO_SOURCE.replace(old, new))
-        assert rel_err(got, want) > 0.1, (old, rel_err(got, want))
+        # the chunk loop's first barrier also makes each halo pixel's source cell (Hc) visible: skipped for
+        # the first chunk, with warp 0 filling its cells late
+        first = "        __syncthreads();  // the previous chunk's readers are done\n"
+        fill = "    for (int p = tid; p < HP; p += THREADS) {"
+        late_fill = (fill, "    tc_host_skew(warp);\n" + fill)
+        controls.append((*late_fill, first, "        if (c0) __syncthreads();\n"))
+        # the positive controls: the same delays with the barriers kept are harmless
+        for old, new in ((barrier, "                tc_host_skew(warp);\n" + barrier), late_fill):
+            assert old in tc._HALO_SOURCE, old
+            got, want = _run_with(monkeypatch, "_HALO_SOURCE", tc._HALO_SOURCE.replace(old, new))
+            assert rel_err(got, want) < RTOL_F32, old
+    for control in controls:  # (old, new) pairs, each replaced in the source
+        code = tc._HALO_SOURCE
+        for old, new in zip(control[::2], control[1::2]):
+            assert old in code, old
+            code = code.replace(old, new)
+        got, want = _run_with(monkeypatch, "_HALO_SOURCE", code)
+        assert rel_err(got, want) > 0.1, (control, rel_err(got, want))
 
 
 def test_halo_patches():
