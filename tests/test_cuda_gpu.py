@@ -199,19 +199,14 @@ def test_warm_compiles_into_the_cache_that_explain_loads(kc, monkeypatch, tmp_pa
     warm finds nothing left to do."""
     from clearmaps.kernels.cuda import sparse_kernels as sk
     from clearmaps.kernels.cuda import warmup
-    from clearmaps.reference import Conv, MaxPool, Network, ReLU
+
+    from .cuda_sim.signals import small_net
 
     monkeypatch.setenv("CLEARMAPS_CACHE_DIR", str(tmp_path))
     sk.sparse_transpose.cache_clear()  # this process's dispatchers of earlier tests: built with another cache
     try:
         rng = np.random.default_rng(6)
-
-        def conv(i, o, k=3, p=1):
-            return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
-
-        # small, so that its 3-4 kernels compile in seconds: sparse forward and back, through a pool's switches
-        net = Network([conv(2, 16), ReLU(), conv(16, 20), ReLU(), MaxPool(2), conv(20, 33), ReLU(),
-                       conv(33, 4, 1, 0)])
+        net = small_net(rng, classes=4)  # small, so that its few kernels compile in seconds
         x = rng.uniform(size=(2, 2, 8, 8))
         calls = warmup.record(net, x)
         done = kc.warm(net, x, jobs=4)

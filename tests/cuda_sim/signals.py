@@ -1,5 +1,6 @@
 """Signals for the kernel tests of this folder: what a transposed conv reads, a dense plane or the pooled
-values of a max pool with the switches of real pooling, and how the reference unpools them."""
+values of a max pool with the switches of real pooling, and how the reference unpools them; and a small
+network that runs the sparse kernel in its forms."""
 
 from __future__ import annotations
 
@@ -7,6 +8,18 @@ import numpy as np
 
 from clearmaps import reference as ref
 from clearmaps.kernels.cuda import sparse_kernels as sk
+from clearmaps.reference import Conv, MaxPool, Network, ReLU
+
+
+def small_net(rng, classes: int = 3) -> Network:
+    """A network small enough for the simulator whose convs run on the sparse kernel in each of its forms:
+    a dense 16 -> 20 conv (forward and back), a conv behind a 2x2 pool, and a 1x1 head of ``classes``."""
+
+    def conv(i, o, k=3, p=1):
+        return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
+
+    return Network([conv(2, 16), ReLU(), conv(16, 20), ReLU(), MaxPool(2), conv(20, 33), ReLU(),
+                    conv(33, classes, 1, 0)])
 
 
 def signals(rng, B: int, kc: int, O: int, Hu: int, Wu: int, pool):

@@ -19,18 +19,13 @@ from clearmaps.kernels.cuda import sparse_kernels as sk
 from clearmaps.kernels.cuda import warmup
 from clearmaps.reference import Conv, MaxPool, Network, ReLU
 
+from .signals import small_net
+
 
 def _case():
     rng = np.random.default_rng(3)
-
-    def conv(i, o, k=3, p=1):
-        return Conv(rng.normal(size=(o, i, k, k)) / np.sqrt(i * k * k), rng.normal(size=o) * 0.1, 1, p)
-
-    # a dense 16 -> 20 conv (sparse forward and back), a conv behind a 2x2 pool, a 1x1 head
-    net = Network([conv(2, 16), ReLU(), conv(16, 20), ReLU(), MaxPool(2), conv(20, 33), ReLU(),
-                   conv(33, 3, 1, 0)])
-    x = rng.uniform(size=(2, 2, 8, 8))
-    return SimpleNamespace(net=net, x=x, classes=np.array([[0, 2], [1, 0]]))
+    net = small_net(rng)
+    return SimpleNamespace(net=net, x=rng.uniform(size=(2, 2, 8, 8)), classes=np.array([[0, 2], [1, 0]]))
 
 
 def _built(monkeypatch):
