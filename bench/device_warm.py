@@ -1,16 +1,12 @@
 """python -m bench.device_warm [--methods M,...] [--cases C,...] [--jobs N]
 
 Compiles, in parallel processes, the sparse kernel's specialisations that the benchmark's methods will use,
-into Numba's file cache under CLEARMAPS_CACHE_DIR: clearmaps.kernels.cuda.warm (warmup.py), over every method's routing.
-The timed steps of bench/device.sh then load them instead of compiling them one after another (5-15 s each,
-single-threaded). Prints each specialisation with the
-seconds its first launch took: that is the compile time a user's first call pays for a new layer shape.
-
-How it finds them: each method's routing (``setup.knobs`` in bench/methods_cuda.py) runs the network once,
-on a small batch, with the sparse kernel's launcher replaced by a recorder that zero-fills the output (only
-shapes matter here). Each distinct specialisation is then replayed in a worker process through the real
-launcher, on zero inputs of the recorded shapes, so the worker compiles exactly the signature the
-benchmark's own call looks up. Runs under the simulator too (NUMBA_ENABLE_CUDASIM=1), without caching.
+into Numba's file cache under CLEARMAPS_CACHE_DIR: clearmaps.kernels.cuda.warm's recording and workers
+(kernels/cuda/warmup.py), over every method's routing (``setup.knobs`` in bench/methods_cuda.py) and every
+case's network. The timed steps of bench/device.sh then load them instead of compiling them one after
+another (5-15 s each, single-threaded). Prints each specialisation with the seconds its first launch took:
+that is the compile time a user's first call pays for a new layer shape. Runs under the simulator too
+(NUMBA_ENABLE_CUDASIM=1), without caching.
 """
 
 from __future__ import annotations
@@ -48,8 +44,6 @@ def record(methods, cases) -> dict:
 
 
 def main(argv=None) -> int:
-    from clearmaps.kernels.cuda import warmup
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--cases", default=DEFAULT_CASES)
@@ -64,6 +58,8 @@ def main(argv=None) -> int:
     calls = record(methods, [make_case(c) for c in args.cases.split(",") if c])
     print(f"{len(calls)} specialisations for {', '.join(methods)} on {args.cases} "
           f"(found in {time.perf_counter() - t0:.1f} s); compiling with {args.jobs} processes", flush=True)
+    from clearmaps.kernels.cuda import warmup
+
     t1 = time.perf_counter()
     failed = 0
     for name, seconds, error in warmup.compile_all(calls, args.jobs):
