@@ -16,7 +16,9 @@ from PIL import Image
 
 import clearmaps
 from clearmaps import builtin
-from clearmaps.cli import FILES, classify, main
+from clearmaps.cli import cli_words, main
+from clearmaps.cli_outputs import FILES
+from clearmaps.paper import classify
 
 REF = ["--backend", "reference"]
 
@@ -261,3 +263,89 @@ def test_bad_usage_exits_2_with_argparse_usage(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["explain", "--no-such-flag"])
     assert exc.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+# ---- arguments are checked before anything heavy is imported ----------------------------------------------
+
+# Runs the command as `python -m clearmaps.cli` would, with torch and Numba made unimportable: a bad argument
+# must still end in argparse's usage line or one `clearmaps: error:` line, which shows that the arguments are
+# checked before either is imported (issue 19: a typo used to wait ~2-3.5 s for them)
+WITHOUT_TORCH = r"""
+import importlib.abc, runpy, sys
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "numba"):
+            raise ImportError(f"{name} is blocked for this test")
+        return None
+
+sys.meta_path.insert(0, Blocked())
+sys.argv = ["clearmaps", *sys.argv[1:]]
+runpy.run_module("clearmaps.cli", run_name="__main__")
+"""
+
+
+def run_without_torch(*argv, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *argv], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("argv, rc, message", [
+    (["explain", "--top-k", "0"], 2, "clearmaps: error: --top-k must be at least 1."),
+    (["explain", "--no-such-flag"], 2, "clearmaps: error: unrecognized arguments: --no-such-flag"),
+    (["evaluate", "--backend", "gpu"], 2, "clearmaps: error: argument --backend: invalid choice: 'gpu'"),
+    (["evaluate", "--tau", "1.5"], 1, "clearmaps: error: --tau 1.5; tau is a fraction"),
+    (["explain", "--vmax", "p200"], 1, "clearmaps: error: --vmax p200; expected a positive number"),
+    (["explain", "--std", "0"], 1, "clearmaps: error: --std 0.0; every std must be positive."),
+    (["explain", "--classes", "3", "--top-k", "2"], 1, "clearmaps: error: give --classes or --top-k, not both."),
+    (["explain", "--arch", "vgg16-fcn"], 1, "clearmaps: error: --arch and --class-names describe a --checkpoint"),
+])
+def test_bad_arguments_fail_before_torch_or_numba_is_imported(tmp_path, argv, rc, message):
+    proc = run_without_torch(*argv, cwd=tmp_path)
+    assert proc.returncode == rc, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "Traceback" not in proc.stderr and lines[-1].startswith(message), proc.stderr
+    assert len(lines) == (2 if rc == 2 else 1) and (rc == 1 or lines[0].startswith("usage: clearmaps")), lines
+    assert not list(tmp_path.iterdir())  # no output folder was made
+
+
+def test_the_torch_blocker_bites(tmp_path):
+    # the control: a good command needs torch, and under the blocker it cannot get it
+    proc = run_without_torch("evaluate", "--limit", "2", "--out", str(tmp_path / "e"), cwd=tmp_path)
+    assert proc.returncode != 0 and "is blocked for this test" in proc.stderr, proc.stderr
+
+
+# ---- errors in the command line's words ---------------------------------------------------------------------
+
+def test_errors_from_the_python_api_are_reworded_as_options(tmp_path, capsys, digits):
+    import torch
+
+    images, _ = digits
+    good = save_png(tmp_path / "good.png", images[0])
+    out = str(tmp_path / "out")
+    # a state dict that does not say its architecture: load_checkpoint says "pass arch="
+    small = clearmaps.build_module([{"type": "conv", "name": "c", "in": 1, "out": 10, "kernel": 3}])
+    torch.save(small.state_dict(), tmp_path / "bare.pt")
+    err = assert_error(capsys, ["explain", str(good), "--checkpoint", str(tmp_path / "bare.pt"), "--out", out],
+                       "give --arch one of")
+    assert "arch=" not in err
+    err = assert_error(capsys, ["explain", str(good), "--checkpoint", str(tmp_path / "bare.pt"), "--arch",
+                                "no-such-preset", "--out", out], "--arch 'no-such-preset' is neither a preset")
+    err = assert_error(capsys, ["explain", str(good), "--top-k", "20", "--out", out, *REF],
+                       "--top-k 20 asks for the 20 most likely classes", "use --top-k 1 .. 10")
+    # the backend's messages, as the Python API gives them (the CLI cannot reach these two: it passes NumPy
+    # arrays and names only known backends)
+    net = builtin.load_model()
+    for call in (lambda: clearmaps.explain(net, torch.zeros(1, 1, 28, 28), backend="cuda"),
+                 lambda: clearmaps.get_backend("gpu")):
+        with pytest.raises(clearmaps.ClearmapsError) as exc:
+            call()
+        assert "backend=" in str(exc.value)  # the API's words ...
+        worded = cli_words(str(exc.value))
+        assert "backend=" not in worded and ("--backend gpu" in worded or "--backend cpu or --backend auto" in worded)
+    # ... and text that only looks similar is left alone
+    for text in ("Conv.stride is (0, 1)", "features.0 has groups=2, dilation=(1, 1)", "backend 'cuda' is not available"):
+        assert cli_words(text) == text
+    assert cli_words("classes='top20' asks for the top 20") == "--top-k 20 asks for the top 20"
+    assert cli_words("mean=(1.0, nan); expected finite numbers.") == "--mean 1.0 nan; expected finite numbers."

@@ -1,0 +1,304 @@
+"""The ``clearmaps`` subcommands (demo, explain, evaluate), run after :mod:`clearmaps.cli` has parsed and
+checked their arguments. Each reads the argparse namespace once and passes plain values on; the paper's
+protocols themselves are in :mod:`clearmaps.paper`, the per-image files in :mod:`clearmaps.cli_outputs`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import builtin, paper, render
+from .backends import get_backend
+from .cli_outputs import FILES, ExplainOptions, Progress, explain_items, prepare_out
+from .images import Item, Preprocess, load_images
+from .reference import ClearmapsError, Network, palette_rgb
+
+
+def say(*args) -> None:
+    print(*args, flush=True)
+
+
+# ---- the model ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Model:
+    net: Network
+    description: str
+    fingerprint: str  # what per-image outputs record, so that another model's outputs are not reused
+    builtin: bool
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_class_names(path) -> list[str]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClearmapsError(f"--class-names file {str(p)!r} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClearmapsError(f"--class-names file {str(p)!r} could not be read ({exc}).") from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ClearmapsError(f"--class-names file {str(p)!r} is not a valid JSON list ({exc}).") from None
+        if not isinstance(names, list):
+            raise ClearmapsError(f"--class-names file {str(p)!r} must hold a JSON list of names.")
+        return [str(n) for n in names]
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ClearmapsError(f"--class-names file {str(p)!r} is empty; write one class name per line.")
+    return names
+
+
+def load_model(checkpoint=None, arch=None, class_names=None) -> Model:
+    """The built-in model (no ``checkpoint``) or a checkpoint read with ``arch`` and a class-names file."""
+    if checkpoint is None:
+        net = builtin.load_model()
+        meta = builtin.info()
+        desc = (f"built-in allcnn-mnist, trained on real MNIST digits ({meta['train']} for training, "
+                f"held-out accuracy {100 * meta['held_out_accuracy']:.1f}% on {meta['held_out']}); it expects "
+                f"{builtin.PREPROCESSING}")
+        return Model(net, desc, "builtin:" + _sha256(builtin.WEIGHTS), True)
+    from .checkpoints import load_checkpoint
+
+    path = Path(checkpoint)
+    names = _read_class_names(class_names) if class_names else None
+    net = load_checkpoint(path, arch=arch, class_names=names)
+    c, h, w = net.input_shape
+    desc = (f"{path} (arch {arch or 'from the file'}; {net.num_classes} classes; input {c} channel(s), "
+            f"{'any size' if h is None else f'{h}x{w}'})")
+    return Model(net, desc, _sha256(path), False)
+
+
+def backend_name(name: str) -> str:
+    """``name`` and, for "auto", what it resolved to; an unusable backend is refused here, before any work."""
+    used = get_backend(name).__name__.rsplit(".", 1)[-1]
+    return used if name == used else f"{name} -> {used}"
+
+
+def resolve_cli_classes(classes: list | None, top_k: int | None, net: Network):
+    """--classes (parsed tokens) / --top-k → what :func:`clearmaps.explain` takes, checked against ``net``."""
+    from .explain import resolve_classes
+
+    if top_k is not None:
+        if top_k > net.num_classes:
+            raise ClearmapsError(f"--top-k {top_k} asks for the {top_k} most likely classes; the network has "
+                                 f"{net.num_classes} (use --top-k 1 .. {net.num_classes}).")
+        return f"top{top_k}"
+    if classes is None:
+        return None
+    # a name wins over an id, so class names that look like numbers mean themselves
+    chosen = [t if t in net.class_names or not t.lstrip("-").isdigit() else int(t) for t in classes]
+    try:
+        resolve_classes(chosen, net, np.zeros((1, net.num_classes)))
+    except ClearmapsError as exc:
+        raise ClearmapsError(f"--classes {','.join(classes)}: {exc}") from None
+    return chosen
+
+
+def class_id(net: Network, token: str, what: str) -> int:
+    token = str(token).strip()
+    if token in net.class_names:
+        return net.class_names.index(token)
+    if token.lstrip("-").isdigit():
+        i = int(token)
+        if 0 <= i < net.num_classes:
+            return i
+        raise ClearmapsError(f"{what} {i} is out of range; the network has classes 0 .. {net.num_classes - 1}.")
+    raise ClearmapsError(f"{what} {token!r} is not a class name; the network's classes are {list(net.class_names)}.")
+
+
+def _evenly_spaced(n: int, limit: int | None) -> np.ndarray:
+    if not limit:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, min(limit, n)).round().astype(int))
+
+
+# ---- explain ------------------------------------------------------------------------------------------
+
+def explain_command(args, pre: Preprocess, vmax, classes: list | None) -> int:
+    t0 = time.perf_counter()
+    backend = backend_name(args.backend)
+    model = load_model(args.checkpoint, args.arch, args.class_names)
+    net = model.net
+    chosen = resolve_cli_classes(classes, args.top_k, net)
+    true_all = class_id(net, args.true_label, "--true-label") if args.true_label is not None else None
+    out = prepare_out(args.out)
+    c, h, w = net.input_shape
+    say(f"model: {model.description}")
+    if args.inputs:
+        items, notes = load_images(args.inputs, pre, c, (h, w))
+        for note in notes:
+            say(f"input: {note}")
+    else:
+        if not model.builtin:
+            raise ClearmapsError("no images given; pass image files, folders or .npy/.npz batches "
+                                 "(the built-in samples go with the built-in model only).")
+        images, labels, index = builtin.samples()
+        items = [Item(f"sample-{i:02d}-digit{int(lab)}", f"built-in held-out #{int(j)}",
+                      images[i][None].astype(np.float64) / 255.0, int(lab))
+                 for i, (lab, j) in enumerate(zip(labels, index))]
+        say(f"input: no images given, so the {len(items)} built-in sample digits (held-out, never trained on)")
+    say(pre.describe(c, (h, w)))
+    for item in items:
+        if item.label is not None and not 0 <= item.label < net.num_classes:
+            raise ClearmapsError(f"{item.source} has label {item.label}; the network has classes "
+                                 f"0 .. {net.num_classes - 1}.")
+    trues = [true_all if true_all is not None else item.label for item in items]
+    say(f"backend: {backend}; classes: "
+        f"{'all ' + str(net.num_classes) if chosen is None else chosen}; rectify={args.rectify}, "
+        f"reduce={args.reduce}, vmax={vmax or 'per image max'}")
+    options = ExplainOptions(backend=args.backend, classes=chosen, rectify=args.rectify, reduce=args.reduce,
+                             vmax=vmax, preprocess=pre, binary_threshold=args.binary_threshold)
+    records, done, skipped = explain_items(net, model.fingerprint, items, trues, out, options, args.scale,
+                                           args.force, args.batch_size, args.quiet)
+    labelled = [r for r in records if r["true"] is not None]
+    correct = sum(r["true"] == r["predicted"] for r in labelled)
+    for r in records if len(records) <= 40 and not args.quiet else []:
+        say(f"  {r['name']}: predicted {r['predicted']} (p = {r['probability']:.2f})"
+            + (f", true {r['true']}" if r["true"] is not None else ""))
+    say(f"explained {done} image(s)" + (f", skipped {skipped} already done (--force redoes them)" if skipped else "")
+        + (f"; {correct}/{len(labelled)} correctly classified" if labelled else "")
+        + f"; {time.perf_counter() - t0:.1f} s; outputs in {out}/<image>/ ({', '.join(FILES)})")
+    return 0
+
+
+# ---- demo (Fig. 3) ------------------------------------------------------------------------------------
+
+def demo_command(args) -> int:
+    t0 = time.perf_counter()
+    backend = backend_name(args.backend)
+    model = load_model()
+    net = model.net
+    out = prepare_out(args.out)
+    images, labels = builtin.heldout()
+    pool_index = _evenly_spaced(len(labels), args.limit)
+    images, labels = images[pool_index], labels[pool_index]
+    source = f"{len(labels):,} held-out digits"
+    say(f"model: {model.description}")
+    say(f"input: the built-in {source} (never trained on); {builtin.PREPROCESSING}")
+    pred = paper.classify(net, builtin.to_input(images))
+    say(f"classified the {source}: {100 * np.mean(pred == labels):.1f}% correct "
+        f"({int(np.sum(pred != labels))} misclassified)")
+    picks = paper.figure3_picks(labels, pred, net.num_classes, args.seed)
+    chosen = [(c, kind, i) for c, good, bad in picks for kind, i in (("correct", good), ("misclassified", bad))
+              if i is not None]
+    items = [Item(f"digit{d}-{kind}-heldout{int(pool_index[i]):04d}", f"built-in held-out #{int(pool_index[i])}",
+                  images[i][None].astype(np.float64) / 255.0, int(labels[i])) for d, kind, i in chosen]
+    say(f"backend: {backend}; explaining {len(items)} examples (a correctly classified and, "
+        "where one exists, a misclassified example of each digit)")
+    options = ExplainOptions(backend=args.backend, rectify=args.rectify, reduce=args.reduce)
+    _, done, skipped = explain_items(net, model.fingerprint, items, [it.label for it in items], out / "images",
+                                     options, args.scale, args.force, args.batch_size, args.quiet)
+    # the figure is drawn from the saved maps, so a rerun that skipped every image still draws it
+    examples, palette = {}, None
+    for (d, kind, i), item in zip(chosen, items):
+        with np.load(out / "images" / item.name / "maps.npz", allow_pickle=False) as m:
+            palette = m["palette"]  # every example has all ten classes, in order: the same palette
+            ex = paper.figure3_example(int(pool_index[i]), d, item.pixels, m["probabilities"], m["classes"],
+                                       m["responses"], m["rgb"])
+        examples[(d, kind)] = ex
+        if (ex.predicted == d) != (kind == "correct"):
+            say(f"warning: held-out #{ex.index} is {'correct' if ex.predicted == d else 'misclassified'} with "
+                f"the {backend} backend but was picked as {kind} by the float32 torch pass.")
+    rows = [(d, examples.get((d, "correct")), examples.get((d, "misclassified"))) for d in range(net.num_classes)]
+    fig = paper.figure3_layout(rows, palette, net.class_names, args.scale or 4, source)
+    render.save_png(out / "figure3.png", fig)
+    missing = [str(d) for d, _, bad in rows if bad is None]
+    for d, good, bad in rows:
+        say(f"  digit {d}: correct #{good.index if good else '-'}; misclassified "
+            + (f"#{bad.index} as {net.class_names[bad.predicted]} (p = {bad.probability:.2f})" if bad else "none"))
+    say(f"demo: wrote {out / 'figure3.png'} and per-image outputs for {len(items)} examples in {out / 'images'} "
+        f"({done} explained, {skipped} already done)"
+        + (f"; no misclassified example exists for digit(s) {', '.join(missing)}" if missing else "")
+        + f"; {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---- evaluate (Table 1) -------------------------------------------------------------------------------
+
+def _load_labelled(data, net: Network, pre: Preprocess, builtin_model: bool):
+    if data is None:
+        if not builtin_model:
+            raise ClearmapsError("evaluate needs --data FILE.npz (images and labels) for a --checkpoint; the "
+                                 "built-in held-out set goes with the built-in model.")
+        images, labels = builtin.heldout()
+        return builtin.to_input(images).astype(np.float64), labels, "the built-in 1,000 held-out MNIST digits"
+    c, h, w = net.input_shape
+    items, _ = load_images([data], pre, c, (h, w))
+    if any(it.label is None for it in items):
+        raise ClearmapsError(f"--data {data!r} has no labels; store them under 'labels' in the .npz.")
+    labels = np.array([it.label for it in items], dtype=np.int64)
+    if labels.min() < 0 or labels.max() >= net.num_classes:
+        raise ClearmapsError(f"--data labels run {labels.min()} .. {labels.max()}; the network has classes "
+                             f"0 .. {net.num_classes - 1}.")
+    shapes = {it.pixels.shape for it in items}
+    if len(shapes) != 1:
+        raise ClearmapsError(f"--data images have different sizes {sorted(shapes)}; use --resize.")
+    return np.stack([it.pixels for it in items]), labels, str(data)
+
+
+def evaluate_command(args, pre: Preprocess) -> int:
+    t0 = time.perf_counter()
+    backend = backend_name(args.backend)
+    model = load_model(args.checkpoint, args.arch, args.class_names)
+    net = model.net
+    out = prepare_out(args.out)
+    pixels, labels, source = _load_labelled(args.data, net, pre, model.builtin)
+    if args.limit:
+        keep = _evenly_spaced(len(labels), args.limit)
+        pixels, labels = pixels[keep], labels[keep]
+        source += f" (an evenly spaced subset of {len(labels)})"
+    say(f"model: {model.description}")
+    say(f"data: {source}, {len(labels)} images")
+    say(pre.describe(net.input_shape[0], net.input_shape[1:]))
+    say(f"backend: {backend}; strong features: r(x|true) > tau * max r(x|true), tau = "
+        f"{', '.join(str(t) for t in args.tau)}; fill = {args.background} (pixel units)")
+    bar = Progress(len(labels), "attentive responses", args.quiet)
+    try:
+        rows = paper.table1(net, pixels, labels, args.tau, args.background, pre, args.backend, args.batch_size,
+                            bar.update)
+    finally:
+        bar.close()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=paper.TABLE1_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.2f}" if isinstance(v, float) and k != "tau" else v) for k, v in r.items()})
+    render.save_text(out / "table1.csv", buf.getvalue())
+    bright = 100 * float(np.mean(pixels.max(axis=1) > paper.BRIGHT))
+    report = {"protocol": "Kumar, Wong & Taylor 2017, Section 4.3 / Table 1", "data": source,
+              "model": model.description, "backend": backend, "background": args.background, "rows": rows,
+              "bright_pixels_pct": bright, "paper_mnist_row": paper.PAPER_TABLE1_MNIST,
+              "note": "the paper's row is on the full MNIST test set with its own network and an unstated tau; "
+                      "ours is on different data and a different model, so the numbers compare only in kind."}
+    render.save_text(out / "table1.json", json.dumps(report, indent=2) + "\n")
+    say("")
+    say(f"Table 1 (accuracy %, {len(labels)} images)     full   only strong   without strong   strong px %")
+    for r in rows:
+        say(f"  ours, tau = {r['tau']:<5}                   {r['full']:6.2f}   {r['only_strong']:11.2f}   "
+            f"{r['without_strong']:14.2f}   {r['strong_pixels_pct']:10.1f}")
+    p = paper.PAPER_TABLE1_MNIST
+    say(f"  paper, MNIST (other data/model)        {p['full']:6.2f}   {p['only_strong']:11.2f}   "
+        f"{p['without_strong']:14.2f}")
+    say(f"  (bright pixels, > 0.5, cover {bright:.1f}% of these images; strong px % is the share of the image in "
+        "the mask)")
+    say(f"evaluate: {len(labels)} images, {len(rows)} tau value(s); wrote {out / 'table1.csv'} and "
+        f"{out / 'table1.json'}; {time.perf_counter() - t0:.1f} s")
+    return 0
