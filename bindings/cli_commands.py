@@ -19,7 +19,7 @@ from . import builtin, paper, render
 from .backends import get_backend
 from .cli_outputs import FILES, ExplainOptions, Progress, explain_items, prepare_out
 from .images import Item, Preprocess, load_images
-from .reference import ClearmapsError, Network, palette_rgb
+from .reference import ClearmapsError, Network
 
 
 def say(*args) -> None:

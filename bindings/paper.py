@@ -35,10 +35,23 @@ BRIGHT = 0.5
 
 
 def classify(net: Network, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Predicted class ids of ``x`` (B, C, H, W): the network's forward pass run by torch (float32).
+    """Predicted class ids: the network's forward pass run by torch (float32).
 
     Used to classify many images quickly (the held-out set, the masked images of Table 1); the CLEAR maps
     themselves always come from :func:`clearmaps.explain` with the chosen backend.
+
+    Parameters
+    ----------
+    net : Network
+    x : float array (B, C, H, W)
+        Network input (after any preprocessing).
+    batch : int
+        Images per forward pass.
+
+    Returns
+    -------
+    int64 array (B,)
+        The argmax of each image's logits.
     """
     import torch
     import torch.nn.functional as F
@@ -111,10 +124,7 @@ def _check_set(net, pixels, labels, preprocess, backend: str, batch_size: int):
 
 @dataclass(frozen=True)
 class Figure3Example:
-    """One example of Fig. 3: the image with its heatmap and CLEAR map (uint8 (H, W, 3) each).
-
-    ``index`` is the example's position in the set it was drawn from (shown in the caption).
-    """
+    """One example of Fig. 3: its position ``index`` in its set, the image, heatmap and CLEAR map (uint8 (H, W, 3))."""
 
     index: int
     true_class: int
