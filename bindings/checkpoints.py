@@ -21,11 +21,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .reference import ClearmapsError, Network
-from .torch_io import convert_leaves
+from .reference import Affine, ClearmapsError, Conv, MaxPool, Network, ReLU
 
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -145,6 +145,65 @@ def _module_for(layer: dict) -> nn.Module:
     if kind == "flatten":
         return nn.Flatten()
     return nn.Linear(layer["in"], layer["out"], bias=layer.get("bias", True))
+
+
+def _array(t) -> np.ndarray:
+    return t.detach().to("cpu").double().numpy().copy()
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def spec_layers(module: "SpecModule") -> list:
+    """The clearmaps layers of a :class:`SpecModule`, in its spec's order: a batch norm right after a conv is
+    folded into it (elsewhere it is a per-channel Affine), dropout is dropped, and a head ``gap [flatten]
+    linear`` becomes a 1×1 head conv (exact: global averaging is linear); without a gap the last conv is the
+    head (its map's average gives the logits)."""
+    layers: list = []
+    state = "body"  # body -> gap -> end
+    for name, m in module.ordered():
+        where = f"arch layer '{name}' ({type(m).__name__})"
+        if isinstance(m, nn.Dropout):
+            continue
+        if state == "end":
+            raise ClearmapsError(f"{where} comes after the head's Linear; nothing may follow it.")
+        if state == "gap":
+            if isinstance(m, nn.Flatten):
+                continue
+            if isinstance(m, nn.Linear):
+                w = _array(m.weight)
+                b = _array(m.bias) if m.bias is not None else np.zeros(w.shape[0])
+                layers.append(Conv(w[:, :, None, None], b))
+                state = "end"
+                continue
+            raise ClearmapsError(f"{where} follows the global average pool; only flatten, dropout and one linear "
+                                 "may.")
+        if isinstance(m, nn.Conv2d):
+            b = _array(m.bias) if m.bias is not None else np.zeros(m.out_channels)
+            layers.append(Conv(_array(m.weight), b, _pair(m.stride), _pair(m.padding)))
+        elif isinstance(m, nn.BatchNorm2d):
+            scale = 1.0 / np.sqrt(_array(m.running_var) + m.eps) * _array(m.weight)
+            shift = _array(m.bias) - _array(m.running_mean) * scale
+            if layers and isinstance(layers[-1], Conv):
+                conv = layers[-1]
+                layers[-1] = Conv(conv.weight * scale[:, None, None, None], conv.bias * scale + shift,
+                                  conv.stride, conv.padding)
+            else:
+                layers.append(Affine(scale[:, None, None], shift[:, None, None]))
+        elif isinstance(m, nn.ReLU):
+            layers.append(ReLU())
+        elif isinstance(m, nn.MaxPool2d):
+            layers.append(MaxPool(_pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size),
+                                  _pair(m.padding)))
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            state = "gap"
+        elif isinstance(m, nn.Linear):
+            raise ClearmapsError(f"{where} is not after a gap layer: an arch spec's linear layer is the head, after "
+                                 "global average pooling (use clearmaps.from_torch for other classifiers).")
+        else:  # flatten outside the head: read_arch lets it through, the network cannot use it
+            raise ClearmapsError(f"{where} is only allowed between gap and linear.")
+    return layers
 
 
 class SpecModule(nn.Module):
@@ -282,7 +341,7 @@ def load_checkpoint(path, arch=None, class_names=None, input_shape=None) -> Netw
     spec = module.spec
     names = class_names if class_names is not None else meta.get("class_names") or spec.get("class_names")
     shape = input_shape if input_shape is not None else spec.get("input_shape")
-    return Network(convert_leaves(module.ordered()), names, shape)
+    return Network(spec_layers(module), names, shape)
 
 
 def save_checkpoint(path, module: SpecModule, class_names=None) -> Path:

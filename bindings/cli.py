@@ -21,7 +21,7 @@ import sys
 
 from .backends import BACKENDS
 from .images import Preprocess, parse_size
-from .paper import DEFAULT_TAU, classify  # noqa: F401 (classify: tests/test_builtin.py still imports it from here)
+from .paper import DEFAULT_TAU
 from .reference import ClearmapsError, resolve_vmax
 
 

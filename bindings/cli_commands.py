@@ -94,7 +94,7 @@ def backend_name(name: str) -> str:
 
 def resolve_cli_classes(classes: list | None, top_k: int | None, net: Network):
     """--classes (parsed tokens) / --top-k → what :func:`clearmaps.explain` takes, checked against ``net``."""
-    from .explain import resolve_classes
+    from .explanation import resolve_classes
 
     if top_k is not None:
         if top_k > net.num_classes:

@@ -161,7 +161,7 @@ def explain_items(net, fingerprint: str, items: list, trues: list, out: Path, op
     """Explain ``items`` in batches and write their outputs under ``out``/<name>/, skipping those already
     done with the same settings unless ``force``. ``scale`` None picks one per image (longer side >= 224).
     Returns (records, explained now, skipped)."""
-    from .explain import explain
+    from .explanation import explain
 
     todo, skipped, records = [], 0, []
     for item, true in zip(items, trues):

@@ -53,26 +53,14 @@ def classify(net: Network, x: np.ndarray, batch: int = 256) -> np.ndarray:
     int64 array (B,)
         The argmax of each image's logits.
     """
-    import torch
-    import torch.nn.functional as F
+    if not isinstance(net, Network):
+        raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ClearmapsError(f"batch={batch!r}; expected a positive int.")
+    x = check_input(net, x)
+    from .torch_forward import predict
 
-    from .reference import Conv, MaxPool, ReLU
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            t = torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32))
-            for layer in net.layers:
-                if isinstance(layer, Conv):
-                    t = F.conv2d(t, torch.from_numpy(np.asarray(layer.weight, dtype=np.float32)),
-                                 torch.from_numpy(np.asarray(layer.bias, dtype=np.float32)), layer.stride,
-                                 layer.padding)
-                elif isinstance(layer, ReLU):
-                    t = F.relu(t)
-                elif isinstance(layer, MaxPool):
-                    t = F.max_pool2d(t, layer.kernel, layer.stride, layer.padding)
-            out.append(t.mean(dim=(2, 3)).argmax(1).numpy())
-    return np.concatenate(out).astype(np.int64)
+    return predict(net, x, int(batch))
 
 
 # ---- argument checks ----------------------------------------------------------------------------------
@@ -306,7 +294,7 @@ def figure3(net: Network, pixels, labels, seed: int = 0, backend: str = "auto", 
         What the figure shows; ``Figure3Example.index`` is the position in ``pixels``. The picks come
         from :func:`classify`; an example's ``predicted`` comes from the chosen backend.
     """
-    from .explain import explain
+    from .explanation import explain
 
     p, y, pre, batch_size = _check_set(net, pixels, labels, preprocess, backend, batch_size)
     seed = _check_int(seed, "seed", 0)
@@ -360,7 +348,7 @@ def table1(net: Network, pixels, labels, taus=(DEFAULT_TAU,), background: float 
         strong_pixels_pct (the share of the images in M) and strong_on_bright_pct (the share of M on
         pixels brighter than 0.5).
     """
-    from .explain import explain
+    from .explanation import explain
 
     p, y, pre, batch_size = _check_set(net, pixels, labels, preprocess, backend, batch_size)
     taus = [taus] if _is_number(taus) else list(taus)

@@ -23,11 +23,10 @@ import weakref
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from . import interop
-from .explain import Explanation, check_options, explain_from_trace
-from .reference import ClearmapsError, Conv, Network, ReLU, Trace
+from . import interop, torch_forward
+from .explanation import Explanation, check_options, explain_from_trace
+from .reference import ClearmapsError, Network, Trace
 from .torch_io import from_torch
 
 __all__ = ["clear_map", "explain", "network_for", "register", "trace"]
@@ -36,7 +35,6 @@ __all__ = ["clear_map", "explain", "network_for", "register", "trace"]
 # --- the module → Network conversion, cached per module ---------------------------------------------------
 
 _NETWORKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_WEIGHTS: "weakref.WeakKeyDictionary[Network, dict]" = weakref.WeakKeyDictionary()
 
 
 def _state_key(module: torch.nn.Module) -> tuple:
@@ -52,60 +50,51 @@ def _state_key(module: torch.nn.Module) -> tuple:
     return tuple(key)
 
 
-def network_for(module, class_names=None) -> Network:
+def network_for(module, class_names=None, input_shape=None) -> Network:
     """The :class:`Network` of ``module`` (a ``torch.nn.Module``, or a Network, returned as it is).
 
-    Converted by :func:`clearmaps.from_torch` (checked on a probe input) once, and cached weakly per module
-    until one of its parameters or buffers changes.
+    Converted by :func:`clearmaps.from_torch` (captured and checked on a probe input) and cached weakly per
+    module until one of its parameters or buffers changes. A conversion serves every image size when its
+    operations allow (most CNNs); a size-bound one (a flatten into a Linear) is redone per ``input_shape``.
     """
     if isinstance(module, Network):
         return module
     if not isinstance(module, torch.nn.Module):
         raise ClearmapsError(f"expected a torch.nn.Module or a clearmaps Network; got {type(module).__name__}.")
-    key = _state_key(module)
+    state = _state_key(module)
+    size = None if input_shape is None else tuple(int(n) for n in input_shape)
     names = None if class_names is None else tuple(str(n) for n in class_names)
     cached = _NETWORKS.get(module)
-    if cached is not None and cached[0] == key and (names is None or cached[1].class_names == names):
-        return cached[1]
-    net = from_torch(module, class_names=names)
-    _NETWORKS[module] = (key, net)
+    if cached is None or cached[0] != state:  # new module, or its weights changed: forget old conversions
+        cached = _NETWORKS[module] = (state, [])
+    for net in cached[1]:
+        fits = net.input_shape[1] is None or size is None or net.input_shape == size
+        if fits and (names is None or net.class_names == names):
+            return net
+    net = from_torch(module, class_names=names, input_shape=size)
+    cached[1].append(net)
     return net
 
 
-def _torch_weights(net: Network, device, dtype) -> dict:
-    """The Network's conv weights as torch tensors on ``device`` in ``dtype``, made once per (net, device,
-    dtype): the forward pass then costs no host-to-device copy."""
-    per_net = _WEIGHTS.setdefault(net, {})
-    key = (str(device), dtype)
-    if key not in per_net:
-        per_net[key] = {i: (torch.tensor(layer.weight, dtype=dtype, device=device),
-                            torch.tensor(layer.bias, dtype=dtype, device=device))
-                        for i, layer in enumerate(net.layers) if isinstance(layer, Conv)}
-    return per_net[key]
+def _channels(module, x) -> int:
+    """The channels the module's first conv takes (so that images with other channels get the usual
+    "x has 3 channels" error), else the images'."""
+    first = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return first.in_channels if first is not None else int(x.shape[1])
 
 
 # --- the forward pass in torch -------------------------------------------------------------------------------
 
 def trace(net: Network, x: torch.Tensor) -> tuple:
-    """Run ``net`` on the tensor ``x`` with torch's kernels, recording every max-pool's switches.
+    """Run ``net`` on the tensor ``x`` with torch's kernels, recording what the back-projection needs.
 
-    Returns torch tensors in the layout of :class:`clearmaps.reference.Trace`:
-    (sizes, switches {layer index: int64 (B, C, oh, ow)}, z (B, N, h, w), logits (B, N), probabilities).
+    Returns torch tensors in the layout of :class:`clearmaps.reference.Trace`: (sizes, switches {node index:
+    int64 (B, C, oh, ow)}, z (B, N, h, w), logits (B, N), probabilities, shapes, saved).
     """
-    weights = _torch_weights(net, x.device, x.dtype)
-    sizes, switches = [], {}
-    with torch.no_grad():
-        for i, layer in enumerate(net.layers):
-            sizes.append(tuple(x.shape[2:]))
-            if isinstance(layer, Conv):
-                x = F.conv2d(x, *weights[i], stride=layer.stride, padding=layer.padding)
-            elif isinstance(layer, ReLU):
-                x = F.relu(x)
-            else:
-                x, switches[i] = F.max_pool2d(x, layer.kernel, layer.stride, layer.padding, return_indices=True)
-        sizes.append(tuple(x.shape[2:]))
-        logits = x.mean(dim=(2, 3))
-        return tuple(sizes), switches, x, logits, torch.softmax(logits, dim=1)
+    z, switches, saved, shapes = torch_forward.run(net, x)
+    logits = z.mean(dim=(2, 3))
+    return (tuple(net.layer_sizes(tuple(x.shape[2:]))), switches, z, logits, torch.softmax(logits, dim=1),
+            tuple(shapes), saved)
 
 
 def _prepare(module, x, backend, class_names, **others):
@@ -114,16 +103,22 @@ def _prepare(module, x, backend, class_names, **others):
                              "Use clearmaps.explain for NumPy, JAX and CuPy arrays.")
     caller = interop.caller_of(x, "x", **others)
     impl = interop.backend_for(backend, caller)
-    return network_for(module, class_names), caller, impl, caller.conform(x)
+    if isinstance(module, torch.nn.Module):
+        shape = (_channels(module, x), *(int(n) for n in x.shape[2:]))
+    else:
+        shape = None
+    return network_for(module, class_names, shape), caller, impl, caller.conform(x)
 
 
 def _backend_trace(net, x, caller) -> Trace:
     """torch's forward pass, its tensors viewed (no copy) as the backend's arrays. Call inside
     ``caller.computing()``."""
     interop.check_images(net, caller.to_backend(x))
-    sizes, switches, z, logits, probabilities = trace(net, x)
+    sizes, switches, z, logits, probabilities, shapes, saved = trace(net, x)
     view = caller.to_backend
-    return Trace(sizes, {i: view(s) for i, s in switches.items()}, view(z), view(logits), view(probabilities))
+    kept = {i: tuple(view(t) for t in v) if isinstance(v, tuple) else view(v) for i, v in saved.items()}
+    return Trace(sizes, {i: view(s) for i, s in switches.items()}, view(z), view(logits), view(probabilities),
+                 shapes, kept)
 
 
 def explain(module, x: torch.Tensor, classes=None, backend: str = "auto", rectify: bool = True,
@@ -184,6 +179,8 @@ def register(module) -> int:
     if not isinstance(module, (torch.nn.Module, Network)):
         raise ClearmapsError(f"register expects a torch.nn.Module or a clearmaps Network; got "
                              f"{type(module).__name__}.")
+    if isinstance(module, torch.nn.Module):
+        network_for(module)  # captured now, outside compiled code (torch.export cannot run inside it)
     handle = _HANDLE_OF.get(module)
     if handle is None:
         handle = next(_next_handle)

@@ -38,6 +38,7 @@ from clearmaps.reference.errors import check_array, check_pair
 from clearmaps.reference.ops import check_conv_transpose, check_unpool, transposed_size
 
 from . import _cpu_kernels as K
+from . import cpu_graph
 from .fold import fold_head
 
 __all__ = [
@@ -161,6 +162,8 @@ def forward(net: Network, x) -> Trace:
     """
     if not isinstance(net, Network):
         raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
+    if not net.is_chain:
+        return cpu_graph.forward(net, x)
     x = check_input(net, x)
     prep = _prepared(net)
     a = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
@@ -331,8 +334,16 @@ class _Job:
                              self.H, self.W, self.C, reduce_code, self.scratch, self.wsf, self.wsi, out)
 
 
+def _rule(rectify) -> str:
+    if not isinstance(rectify, (bool, np.bool_)):
+        raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
+    return "rectify" if rectify else "identity"
+
+
 def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) -> np.ndarray:
     """R(x|c) for each chosen class (Eq. 3): float32 (B, K, C, H, W); the reference's signature."""
+    if isinstance(net, Network) and not net.is_chain:
+        return cpu_graph.backproject_rule(net, trace, classes, _rule(rectify))
     job = _Job(net, trace, classes, rectify)
     out = np.empty((job.B * job.K, job.C * job.H * job.W), dtype=np.float32)
     job.run(0, len(job.pairs), K.REDUCE_NONE, out)
@@ -349,6 +360,10 @@ def attentive_dominant(net: Network, trace: Trace, classes=None, rectify: bool =
     """
     if reduce not in REDUCTIONS:
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
+    if isinstance(net, Network) and not net.is_chain:
+        out = cpu_graph.clear_from_trace(net, trace, classes, _rule(rectify), reduce, None, None, keep_responses,
+                                         lambda *a: None)
+        return out.responses, out.dominant_index, out.dominant_response
     job = _Job(net, trace, classes, rectify)
     P, n = len(job.pairs), job.H * job.W
     image, position = job.pairs[:, 0].copy(), np.tile(np.arange(job.K, dtype=np.int64), job.B)
@@ -382,6 +397,9 @@ def clear_from_trace(net: Network, trace: Trace, classes, rectify=True, reduce="
     """
     if reduce not in REDUCTIONS:
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
+    if isinstance(net, Network) and not net.is_chain:
+        return cpu_graph.clear_from_trace(net, trace, classes, _rule(rectify), reduce, palette, vmax, keep_responses,
+                                          _compose)
     _check_trace(net, trace)
     B = np.asarray(trace.z).shape[0]
     k = check_classes(classes, B, net.num_classes).shape[1]
@@ -466,7 +484,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
 def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None):
     """The transpose of :func:`conv2d` with the same weight, stride and padding (the paper's G_l), float32:
     y (B, O, oh, ow), weight (O, I, kh, kw) → (B, I, H, W), (H, W) = ``output_size`` (default the smallest)."""
-    y, weight, (sh, sw), (ph, pw), (H, W) = check_conv_transpose(y, weight, stride, padding, output_size)
+    y, weight, (sh, sw), (ph, pw), (H, W), _, _ = check_conv_transpose(y, weight, stride, padding, output_size)
     B, O, oh, ow = y.shape
     _, I, kh, kw = weight.shape
     out = np.empty((B, H, W, I), dtype=np.float32)

@@ -15,8 +15,9 @@ import numpy as np
 
 from .colour import compose
 from .errors import ClearmapsError, check_array
-from .network import Conv, MaxPool, Network, ReLU, check_input
-from .ops import conv2d, conv_transpose2d, max_pool_with_switches, unpool
+from . import graph
+from .layers import Activation, Div, LayerNorm, Mul, ReLU
+from .network import MaxPool, Network, check_input
 
 REDUCTIONS = ("sum", "max", "norm")
 
@@ -25,11 +26,14 @@ REDUCTIONS = ("sum", "max", "norm")
 class Trace:
     """What the forward pass leaves for the back-projection.
 
-    sizes[i]       spatial input size (H, W) of layer i (sizes[-1] is the head's output size)
-    switches[i]    for each MaxPool layer i: int64 (B, C, oh, ow) flat indices into its input plane
-    z              z_L, the head conv's output after its ReLU if it has one, (B, N, h, w)
+    sizes[i]       spatial size (H, W) of node i's (first) input; sizes[-1] is z_L's size
+    switches[i]    for each MaxPool node i: int64 (B, C, oh, ow) flat indices into its input plane
+    z              z_L, the class map: the last node's output (for a chain, the head conv's output after
+                   its ReLU if it has one), (B, N, h, w)
     logits         mean of z over (h, w), (B, N)
     probabilities  softmax of the logits, (B, N)
+    shapes         per-image output shape of every node (None: not recorded, a chain's fast backends)
+    saved          {node: what its way back needs}: switches, ReLU signs [x > 0], inputs of nonlinear steps
     """
 
     sizes: tuple
@@ -37,6 +41,8 @@ class Trace:
     z: np.ndarray
     logits: np.ndarray
     probabilities: np.ndarray
+    shapes: tuple = None
+    saved: dict = None
 
 
 def softmax(logits):
@@ -45,23 +51,18 @@ def softmax(logits):
 
 
 def forward(net: Network, x, dtype=np.float64) -> Trace:
-    """Run ``net`` on ``x`` (B, C, H, W), recording switches and layer sizes (DESIGN.md, "Forward").
+    """Run ``net`` on ``x`` (B, C, H, W), recording switches, shapes and what the way back needs
+    (docs/design.md, "Forward with switches").
 
     Computes in ``dtype`` (float64 by default: this is the oracle).
     """
+    if not isinstance(net, Network):
+        raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
     x = check_input(net, x).astype(dtype, copy=False)
-    sizes, switches = [], {}
-    for i, layer in enumerate(net.layers):
-        sizes.append(x.shape[2:])
-        if isinstance(layer, Conv):
-            x = conv2d(x, layer.weight.astype(dtype), layer.bias.astype(dtype), layer.stride, layer.padding)
-        elif isinstance(layer, ReLU):
-            x = np.maximum(x, 0)
-        else:
-            x, switches[i] = max_pool_with_switches(x, layer.kernel, layer.stride, layer.padding)
-    sizes.append(x.shape[2:])
-    logits = x.mean(axis=(2, 3))
-    return Trace(tuple(sizes), switches, x, logits, softmax(logits))
+    z, saved, shapes, _ = graph.run_forward(net, x)
+    switches = {i: saved.pop(i) for i, layer in enumerate(net.layers) if isinstance(layer, MaxPool)}
+    logits = z.mean(axis=(2, 3))
+    return Trace(tuple(net.layer_sizes(x.shape[2:])), switches, z, logits, softmax(logits), tuple(shapes), saved)
 
 
 def check_classes(classes, batch: int, num_classes: int) -> np.ndarray:
@@ -83,36 +84,56 @@ def check_classes(classes, batch: int, num_classes: int) -> np.ndarray:
 def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) -> np.ndarray:
     """R(x|c) for each chosen class (Eq. 3): (B, K, C, H, W).
 
-    The head's kernel c transposes z_L[:, c] into the head's input space (G_L^c z_L); then, walking the
-    layers below in reverse: ReLU → rectify (max(s, 0), the deconvnet rule; skipped when ``rectify`` is
-    False, which gives Eq. 2 literally), MaxPool → switch unpooling (U_l), Conv → transposed conv (G_l,
-    bias unused). ``classes`` is None (all), (K,) or (B, K) class ids.
+    The seed dE_c/dz_L = z_L[c] goes back through the class map's producer (for the paper's chain, the head
+    conv: G_L^c z_L, its kernel c transposing z_L[:, c]); then, node by node in reverse: ReLU → rectify
+    (max(s, 0), the deconvnet rule; skipped when ``rectify`` is False, which gives Eq. 2 literally),
+    MaxPool → switch unpooling (U_l), Conv → transposed conv (G_l, bias unused), and every other operation
+    by its derivative at the forward point (:mod:`clearmaps.reference.rules`). ``classes`` is None (all),
+    (K,) or (B, K) class ids.
     """
     if not isinstance(rectify, (bool, np.bool_)):
         raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
+    return backproject_rule(net, trace, classes, "rectify" if rectify else "identity")
+
+
+def backproject_rule(net: Network, trace: Trace, classes=None, rule: str = "rectify") -> np.ndarray:
+    """:func:`backproject` with a ReLU rule by name (``clearmaps.reference.rules.RULES``)."""
+    check_trace(net, trace)
     z = trace.z
     B = z.shape[0]
     classes = check_classes(classes, B, net.num_classes)
-    K = classes.shape[1]
-    head_i = net.head_index
-    head = net.head
-    w = head.weight.astype(z.dtype)
-    # G_L^c z_L for every (image, class) pair; the pairs become one batch of B*K signals, image-major
-    signal = np.stack([
-        conv_transpose2d(z[b:b + 1, c:c + 1], w[c:c + 1], head.stride, head.padding, trace.sizes[head_i])[0]
-        for b in range(B) for c in classes[b]])
-    for i in range(head_i - 1, -1, -1):
-        layer = net.layers[i]
-        if isinstance(layer, ReLU):
-            if rectify:
-                signal = np.maximum(signal, 0)
-        elif isinstance(layer, MaxPool):
-            switches = np.repeat(trace.switches[i], K, axis=0)  # the same switches for all K classes
-            signal = unpool(signal, switches, trace.sizes[i])
-        else:
-            signal = conv_transpose2d(signal, layer.weight.astype(z.dtype), layer.stride, layer.padding,
-                                      trace.sizes[i])
-    return signal.reshape(B, K, *signal.shape[1:])
+    shapes = trace.shapes if trace.shapes is not None else tuple(net.shapes(trace.sizes[0]))
+    saved = dict(trace.saved or {})
+    saved.update(trace.switches)
+    for i, layer in enumerate(net.layers):
+        if i not in saved and needs_saved(layer, rule):
+            raise ClearmapsError(f"trace lacks what node {i} ({layer!r}) needs on the way back; compute it with "
+                                 "clearmaps.reference.forward(net, x).")
+    R = graph.backward(net, z, saved, shapes, classes, rule, image_shape=(net.in_channels, *trace.sizes[0]))
+    return R.reshape(B, classes.shape[1], *R.shape[1:])
+
+
+def needs_saved(layer, rule: str) -> bool:
+    """Whether ``layer``'s step back under ``rule`` reads what its forward step kept."""
+    if isinstance(layer, (Activation, Mul, Div, LayerNorm, MaxPool)):
+        return True
+    return isinstance(layer, ReLU) and rule in ("gradient", "guided")
+
+
+def check_trace(net: Network, trace) -> None:
+    """Refuse a trace that another network (or another input size) made."""
+    if not isinstance(net, Network):
+        raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
+    if not isinstance(trace, Trace):
+        raise ClearmapsError(f"trace is a {type(trace).__name__}; expected the Trace that forward(net, x) returns.")
+    z = trace.z
+    if len(trace.sizes) != len(net.layers) + 1 or getattr(z, "ndim", 0) != 4 or z.shape[1] != net.num_classes \
+            or set(trace.switches) != {i for i, layer in enumerate(net.layers) if isinstance(layer, MaxPool)}:
+        raise ClearmapsError("trace does not belong to this network (layer sizes, z or switches differ); "
+                             "compute it with forward(net, x) for the same net.")
+    if trace.shapes is not None and len(trace.shapes) != len(net.layers):
+        raise ClearmapsError("trace does not belong to this network (it has shapes for another number of "
+                             "nodes); compute it with forward(net, x) for the same net.")
 
 
 def reduce_channels(R, reduce: str = "sum") -> np.ndarray:

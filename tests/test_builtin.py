@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 import clearmaps
 from clearmaps import builtin
-from clearmaps.cli import classify
+from clearmaps.paper import classify
 from clearmaps.reference import forward
 
 

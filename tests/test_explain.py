@@ -8,7 +8,7 @@ import pytest
 import clearmaps
 from clearmaps import ClearmapsError
 from clearmaps import reference as ref
-from clearmaps.reference import Conv, MaxPool, Network, ReLU
+from clearmaps.reference import Add, Affine, Cat, Conv, MaxPool, Network, Reduce, ReLU
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +146,23 @@ def test_fixed_size_networks_say_how_to_resize():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Network([]), "no Conv layer"),
-    (lambda: Network([Conv(np.ones((2, 1, 1, 1)), np.zeros(2)), ReLU(), ReLU()]), "only one ReLU"),
-    (lambda: Network([Conv(np.ones((2, 1, 1, 1)), np.zeros(2)), MaxPool(2)]), "only one ReLU"),
+    (lambda: Network([]), "no layers"),
+    (lambda: Network([ReLU(), MaxPool(2)]), "no Conv layer"),
     (lambda: Network([Conv(np.ones((2, 1, 1, 1)), np.zeros(2)), Conv(np.ones((2, 3, 1, 1)), np.zeros(2))]),
      "takes 3 channels"),
     (lambda: Network([Conv(np.ones((2, 1, 1, 1)), np.zeros(2))], class_names=["a"]), "1 class names"),
     (lambda: Network([Conv(np.ones((2, 1, 1, 1)), np.zeros(2))], class_names=["a", "a"]), "unique"),
-    (lambda: Network(["linear"]), "holds only"),
+    (lambda: Network(["linear"]), "holds clearmaps layers"),
+    (lambda: Network(None), "expected a sequence of layers"),
+    (lambda: Network([Conv(np.ones((2, 1, 1, 1)), np.zeros(2))], class_names=5), "expected a sequence of 2 names"),
+    # graphs: inputs that name later nodes, unused nodes, a class map that is not (N, h, w)
+    (lambda: Network([ReLU(), ReLU()], input_shape=(1, 4, 4), inputs=[(1,), (0,)]), "reads only earlier"),
+    (lambda: Network([ReLU(), ReLU(), Add()], input_shape=(1, 4, 4), inputs=[(-1,), (-1,), (0, -1)]),
+     "never used"),
+    (lambda: Network([Add()], input_shape=(1, 4, 4), inputs=[(-1,)]), "takes 2 input"),
+    (lambda: Network([Reduce((2, 3))], input_shape=(2, 4, 4)), "class map z_L"),
+    (lambda: Network([Affine(scale=np.ones((1, 1, 1)))]), "input_shape is needed"),
+    (lambda: Network([Cat(1)], input_shape=(2, 4, 4), inputs=[(-1, -1)], class_names=["a"]), "1 class names"),
     (lambda: Network([Conv(np.ones((2, 1, 5, 5)), np.zeros(2))], input_shape=(1, 3, 3)), "too small"),
     (lambda: Conv(np.ones((2, 1, 3)), np.zeros(2)), r"rank 3\); expected rank 4"),
     (lambda: Conv(np.ones((2, 1, 3, 3)), np.zeros(3)), r"expected \(2,\)"),

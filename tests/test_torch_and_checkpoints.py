@@ -82,7 +82,8 @@ def test_from_torch_flattens_nested_modules_in_registration_order():
     assert net.class_names == ("a", "b", "c")
 
 
-def test_from_torch_refuses_a_forward_that_is_not_sequential():
+def test_from_torch_captures_a_forward_that_is_not_sequential():
+    """A skip connection written in forward: the capture has the Add, and z_L is the head conv's map."""
     class Skip(nn.Module):
         def __init__(self):
             super().__init__()
@@ -92,28 +93,89 @@ def test_from_torch_refuses_a_forward_that_is_not_sequential():
         def forward(self, x):
             return self.b(self.a(x) + x).mean(dim=(2, 3))  # a skip connection
 
-    with pytest.raises(ClearmapsError, match="does not simply run its children in order"):
-        clearmaps.from_torch(Skip())
+    module = Skip()
+    net = clearmaps.from_torch(module)
+    assert [type(layer).__name__ for layer in net.layers] == ["Conv", "Add", "Conv"]
+    assert net.inputs == ((-1,), (0, -1), (1,)) and net.input_shape == (1, None, None)
+    x = np.random.default_rng(0).normal(size=(2, 1, 7, 9))
+    with torch.no_grad():
+        want = module.double()(torch.tensor(x)).numpy()
+    assert_close(ref.forward(net, x).logits, want, 1e-10, "logits at a size the capture never saw")
+
+
+class _Tuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 3, 3)
+
+    def forward(self, x):
+        y = self.c(x).mean(dim=(2, 3))
+        return y, y
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 3, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: no graph can say this
+            return self.c(x).mean(dim=(2, 3))
+        return -self.c(x).mean(dim=(2, 3))
+
+
+class _BatchMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 3, 3)
+
+    def forward(self, x):
+        y = self.c(x)
+        return (y - y.mean(dim=0, keepdim=True)).mean(dim=(2, 3))  # mixes the images of a batch
 
 
 @pytest.mark.parametrize("module, message", [
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 3, 1)), r"layer '1' \(Tanh\) is not supported"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)), r"'1' \(Flatten\)"),
-    (nn.Sequential(nn.Flatten(0), nn.Linear(4, 3)), "Flatten"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.BatchNorm2d(2), nn.Conv2d(2, 3, 1)),
-     "does not follow a Conv2d"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2), nn.Conv2d(2, 3, 1)), "dilation"),
-    (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Conv2d(2, 3, 1)), "groups"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, ceil_mode=True), nn.Conv2d(2, 3, 1)), "ceil_mode"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(2), nn.Conv2d(2, 3, 1)), "output size 1"),
-    (nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2), nn.ReLU()),
-     "nothing may follow"),
-    (nn.Sequential(nn.ReLU()), "no Conv layer"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softplus(), nn.Conv2d(2, 3, 1)), r"'softplus' \(as '\w+'\) in module '1' is not supported"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ConvTranspose2d(2, 3, 3)), "transposed convolution"),
+    (_Tuple(), "returns 2 values"),
+    (_Branchy(), "torch.export could not capture"),
+    (_BatchMean(), "batch"),
+    (nn.Sequential(nn.ReLU()), "no Conv2d"),
     ("not a module", "expects a torch.nn.Module"),
 ])
 def test_from_torch_refuses_unsupported_layers_by_name(module, message):
     with pytest.raises(ClearmapsError, match=message):
         clearmaps.from_torch(module)
+
+
+@pytest.mark.parametrize("module, kinds", [
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 3, 1)), ["Conv", "Activation", "Conv"]),
+    # an MLP on flattened features: z_L is the logits themselves (no linear head to move before a pool)
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 26 * 26, 3)),
+     ["Conv", "ReLU", "Reshape", "Linear", "Reshape"]),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.BatchNorm2d(2), nn.Conv2d(2, 3, 1)),
+     ["Conv", "ReLU", "Affine", "Conv"]),
+    (nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2), nn.Conv2d(2, 3, 1)), ["Conv", "Conv"]),
+    (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Conv2d(2, 3, 1)), ["Conv", "Conv"]),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, ceil_mode=True), nn.Conv2d(2, 3, 1)),
+     ["Conv", "MaxPool", "Conv"]),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(2), nn.Conv2d(2, 3, 1)),
+     ["Conv", "AdaptiveAvgPool", "Conv"]),
+    # a ReLU after the Linear head: the head is no longer affine, so z_L is the logits
+    (nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2), nn.ReLU()),
+     ["Conv", "Reduce", "Reshape", "Linear", "ReLU", "Reshape"]),
+])
+def test_from_torch_takes_what_the_paper_did_not(module, kinds):
+    """Layers the chain refused are graph nodes now; each conversion equals the module (from_torch checks it
+    on a probe batch; checked here again at float64 on other images)."""
+    shape = (module[0].in_channels, 28, 28)
+    net = clearmaps.from_torch(module, input_shape=shape)
+    assert [type(layer).__name__ for layer in net.layers] == kinds
+    x = np.random.default_rng(3).normal(size=(2, *shape))
+    with torch.no_grad():
+        want = module.double().eval()(torch.tensor(x)).numpy()
+    want = want.mean(axis=(2, 3)) if want.ndim == 4 else want
+    assert_close(ref.forward(net, x).logits, want, 1e-10, "logits")
 
 
 def _random_allcnn():

@@ -1,0 +1,576 @@
+"""A torch module's computation as clearmaps nodes, captured with ``torch.export``.
+
+``torch.export`` traces the module's forward (module calls and functional calls alike) into a graph of
+Core ATen operations; this module maps each one to a clearmaps layer (:mod:`clearmaps.reference.layers`),
+keeping the module path and source line it came from. Computations on weights alone (a transposed Linear
+weight) are done here, once. The batch axis is exported as dynamic, so views that keep it stay views of
+each image; every other size is the one the module was captured at.
+
+What comes out is the raw graph: :func:`clearmaps.torch_io.from_torch` then folds batch norms, finds the
+class map z_L and builds the :class:`~clearmaps.reference.Network`.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .reference import ClearmapsError
+from .reference import layers as L
+
+A = torch.ops.aten
+
+# composite operations kept whole instead of decomposed, so that each keeps its own backward formula
+# (torch's hardswish backward is not that of its decomposition at x = ±3) and Linear stays one operation
+_KEEP = ("linear", "hardswish", "hardsigmoid", "silu", "mish", "hardswish_", "hardsigmoid_", "silu_", "mish_")
+
+SUPPORTED = ("conv2d (stride, padding, dilation, groups), batch norm (eval), ReLU (module or functional, in "
+             "place or not), ReLU6 / hardtanh, LeakyReLU, ELU, sigmoid, tanh, SiLU, GELU, Hardswish, "
+             "Hardsigmoid, Mish, max pool (padding, dilation, ceil_mode), average pool, adaptive average pool, "
+             "mean / sum over axes, add / sub / mul / div (tensors or constants), cat, split / chunk / slice / "
+             "select, view / reshape / flatten / squeeze / unsqueeze, permute / transpose, expand, constant pad, "
+             "linear / addmm / mm, layer norm, dropout and identities (removed), softmax at the output")
+
+
+@dataclass
+class Captured:
+    """The lowered graph: ``nodes`` in topological order, each (layer, inputs, name, source); the output node;
+    the per-image shape of every node; and whether the output went through a softmax (dropped)."""
+
+    nodes: list = field(default_factory=list)
+    output: int = -1
+    shapes: list = field(default_factory=list)
+    softmax: str = None
+    image_shape: tuple = None
+
+
+class _Batch:
+    """The symbolic batch size (``x.size(0)``)."""
+
+
+def _where(node) -> tuple[str, str, bool]:
+    """(module path, 'file:line', whether the path is a torch.nn leaf module) of an exported node, for names
+    and errors."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path, leaf = "", False
+    for value in stack.values():
+        if isinstance(value, tuple) and value and isinstance(value[0], str) and not value[0].startswith("_empty"):
+            path = value[0]
+            kind = value[1] if len(value) > 1 else ""
+            leaf = (getattr(kind, "__module__", "") if not isinstance(kind, str) else kind).startswith("torch.nn.modules")
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    # the user's line, not the torch code it called (torch/nn/modules/...)
+    own = [f for f in frames if "/torch/" not in f[0].replace("\\", "/")]
+    source = f"{own[-1][0]}:{own[-1][1]}" if own else ""
+    return path, source, leaf
+
+
+def _op_name(op) -> str:
+    return getattr(op, "__name__", str(op)).split(".")[0]
+
+
+def _describe(node) -> str:
+    path, source, _ = _where(node)
+    target = _op_name(node.target)
+    original = node.meta.get("original_aten")
+    if original is not None and _op_name(original) != target:  # say what the user wrote, not its decomposition
+        target = f"{_op_name(original)}' (as '{target}')"
+    else:
+        target = f"{target}'"
+    return f"'{target}" + (f" in module '{path}'" if path else "") + (f" ({source})" if source else "")
+
+
+def export(module, example: torch.Tensor):
+    """``torch.export`` of ``module`` on ``example`` with a dynamic batch axis, decomposed to Core ATen
+    (except the operations in _KEEP). A module export cannot capture gets the exporter's reason."""
+    batch = torch.export.Dim("batch")
+    try:
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # export raises many types; the user needs its first line, not its traceback
+        reason = " ".join(str(exc).strip().split("\n")[0].split())[:400]
+        raise ClearmapsError(f"torch.export could not capture the module ({type(exc).__name__}: {reason}). "
+                             "clearmaps needs a forward pass that torch.export can trace: no data-dependent "
+                             "control flow, one tensor in and one tensor out, every image treated alike.") from None
+    table = torch.export.default_decompositions()
+    for name in _KEEP:
+        op = getattr(A, name, None)
+        if op is not None:
+            table.pop(op.default, None)
+    return program.run_decompositions(table)
+
+
+class _Lowering:
+    def __init__(self, program):
+        self.program = program
+        self.out = Captured()
+        self.values = {}
+        self.names = set()
+
+    # ---- helpers ----
+    def add(self, layer, inputs, node, suffix=""):
+        path, source, leaf = _where(node)
+        op = suffix or getattr(node.target, "__name__", "op").split(".")[0]
+        # a torch.nn module's own operation is named by its path ("layer1.0.conv1"); a functional call
+        # inside a module's forward by that module and the operation ("layer1.0:add")
+        base = path if leaf and path else (path + ":" if path else "") + op
+        name, k = base, 2
+        while name in self.names:
+            name, k = f"{base}#{k}", k + 1
+        self.names.add(name)
+        self.out.nodes.append((layer, tuple(inputs), name, source))
+        return ("node", len(self.out.nodes) - 1)
+
+    def refuse(self, node, why):
+        raise ClearmapsError(f"{_describe(node)} {why} Supported: {SUPPORTED}.")
+
+    def val(self, arg):
+        if isinstance(arg, torch.fx.Node):
+            return self.values[arg]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.val(a) for a in arg)
+        return arg
+
+    @staticmethod
+    def is_node(v):
+        return isinstance(v, tuple) and len(v) == 2 and v[0] == "node"
+
+    def shape(self, node) -> tuple:
+        """Per-image shape of an exported node's value; its batch axis must be the symbolic batch."""
+        v = node.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            self.refuse(node, "does not give a tensor.")
+        if v.ndim == 0 or not isinstance(v.shape[0], torch.SymInt):
+            self.refuse(node, f"gives shape {tuple(v.shape)}, which mixes the images of a batch (its first axis "
+                              "is not the batch); clearmaps explains each image alone.")
+        try:
+            return tuple(int(n) for n in v.shape[1:])
+        except (TypeError, ValueError):
+            self.refuse(node, f"gives shape {tuple(v.shape)} with a size that depends on the batch.")
+
+    def const_array(self, t, node) -> np.ndarray:
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t)
+        if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool)):
+            self.refuse(node, f"uses a constant of dtype {t.dtype}.")
+        return t.detach().to("cpu", torch.float64).numpy().copy()
+
+    def per_image_const(self, c, full_rank, node) -> np.ndarray:
+        """A constant operand as an array that broadcasts over one image (the batch axis dropped)."""
+        a = self.const_array(c, node)
+        if a.ndim == full_rank:
+            if a.shape[0] != 1:
+                self.refuse(node, f"combines the images with a constant of shape {a.shape} that differs per image.")
+            a = a[0]
+        return a
+
+    def dim(self, d, rank, node) -> int:
+        d = d + rank if d < 0 else d
+        if d == 0:
+            self.refuse(node, "works along the batch axis; clearmaps explains each image alone.")
+        return d
+
+    # ---- the walk ----
+    def run(self):
+        sig = self.program.graph_signature
+        consts = {}
+        for spec in sig.input_specs:
+            kind = spec.kind.name
+            if kind in ("PARAMETER", "BUFFER"):
+                consts[spec.arg.name] = self.program.state_dict[spec.target] if spec.target in \
+                    self.program.state_dict else self.program.constants[spec.target]
+            elif kind in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
+                consts[spec.arg.name] = self.program.constants[spec.target]
+        users = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
+        if len(users) != 1:
+            raise ClearmapsError(f"the module takes {len(users)} tensor inputs; clearmaps explains modules with "
+                                 "one image batch as input.")
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder":
+                if node.name == users[0]:
+                    self.values[node] = ("node", -1)
+                    v = node.meta["val"]
+                    self.out.image_shape = tuple(int(n) for n in v.shape[1:])
+                else:
+                    self.values[node] = ("const", consts[node.name])
+            elif node.op == "call_function":
+                self.values[node] = self.call(node)
+            elif node.op == "output":
+                outs = node.args[0]
+                outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+                if len(outs) != 1:
+                    raise ClearmapsError(f"the module returns {len(outs)} values; clearmaps needs a classifier "
+                                         "that returns one tensor of class scores (in eval mode).")
+                v = self.val(outs[0])
+                if isinstance(v, tuple) and v[0] == "softmax":
+                    self.out.softmax, v = v[1], v[2]
+                if not self.is_node(v) or v[1] < 0:
+                    raise ClearmapsError("the module's output does not depend on its input image.")
+                self.out.output = v[1]
+            else:
+                raise ClearmapsError(f"the exported graph holds a '{node.op}' node ({node.target}); clearmaps "
+                                     "lowers only plain operator graphs.")
+        return self.out
+
+    def call(self, node):
+        target = node.target
+        args = [self.val(a) for a in node.args]
+        kwargs = {k: self.val(v) for k, v in node.kwargs.items()}
+        if target is operator.getitem:
+            seq, i = args
+            if isinstance(seq, tuple) and seq and seq[0] == "tuple":
+                item = seq[1][i]
+                if item is None:
+                    self.refuse(node, "uses an output clearmaps does not model (pooling indices, batch statistics).")
+                return item(node) if callable(item) else item
+            self.refuse(node, "indexes something clearmaps does not model.")
+        if target in (A.sym_size.int,):
+            if args[1] == 0 and self.is_node(args[0]):
+                return ("batch", _Batch)
+            self.refuse(node, "asks a size that is not the batch (sizes other than the batch are fixed).")
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" and \
+                target.name().startswith(("aten::_assert", "aten::sym_constrain")):
+            return None
+        flat = [a for a in _flatten(args) + _flatten(list(kwargs.values()))]
+        if any(isinstance(a, tuple) and a and a[0] == "softmax" for a in flat):
+            self.refuse(node, "uses a softmax of the class scores; clearmaps models a softmax only at the output.")
+        if not any(self.is_node(a) for a in flat):
+            if any(isinstance(a, tuple) and a and a[0] == "batch" for a in flat):
+                self.refuse(node, "computes with the batch size.")
+            # a computation on weights alone: do it now
+            if not isinstance(target, (torch._ops.OpOverload, type(operator.add))):
+                self.refuse(node, "is not an operator clearmaps can evaluate.")
+            unwrap = lambda a: a[1] if isinstance(a, tuple) and len(a) == 2 and a[0] == "const" else a  # noqa: E731
+            with torch.no_grad():
+                result = target(*_map(args, unwrap), **{k: _map(v, unwrap) for k, v in kwargs.items()})
+            if isinstance(result, torch.Tensor):
+                return ("const", result)
+            if isinstance(result, (tuple, list)):
+                return ("tuple", [("const", r) if isinstance(r, torch.Tensor) else r for r in result])
+            return result
+        handler = _HANDLERS.get(target)
+        if handler is None:
+            self.refuse(node, "is not supported.")
+        return handler(self, node, *args, **kwargs)
+
+
+def _flatten(x):
+    if isinstance(x, tuple) and x and x[0] in ("node", "const", "batch", "tuple", "softmax"):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [y for a in x for y in _flatten(a)]
+    return [x]
+
+
+def _map(x, f):
+    if isinstance(x, tuple) and x and x[0] in ("node", "const", "batch"):
+        return f(x)
+    if isinstance(x, list):
+        return [_map(a, f) for a in x]
+    if isinstance(x, tuple):
+        return tuple(_map(a, f) for a in x)
+    return f(x)
+
+
+# ---- one handler per operator: (lowering, exported node, its arguments) → a value ---------------------------
+
+def _rank(low, node):
+    return len(low.shape(node)) + 1
+
+
+def _unary(layer_of):
+    def handler(low, node, x, *args, **kwargs):
+        if not low.is_node(x):
+            low.refuse(node, "applies to a constant only.")
+        return low.add(layer_of(*args, **kwargs), [x[1]], node)
+    return handler
+
+
+def _identity(low, node, x, *args, **kwargs):
+    return x
+
+
+def _convolution(low, node, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+    if transposed:
+        low.refuse(node, "is a transposed convolution, which classifiers do not have and clearmaps does not model.")
+    if not (isinstance(w, tuple) and w[0] == "const") or (b is not None and b[0] != "const"):
+        low.refuse(node, "convolves with weights computed from the image.")
+    weight = low.const_array(w[1], node)
+    if weight.ndim != 4:
+        low.refuse(node, f"is a {weight.ndim - 2}-D convolution; clearmaps models 2-D convolutions.")
+    bias = np.zeros(weight.shape[0]) if b is None else low.const_array(b[1], node)
+    layer = L.Conv(weight, bias, tuple(stride), tuple(padding), tuple(dilation), int(groups))
+    return low.add(layer, [x[1]], node, "conv")
+
+
+def _batch_norm(low, node, x, w, b, mean, var, momentum, eps):
+    rank = len(low.shape(node.args[0])) + 1
+    channels = low.shape(node.args[0])[0]
+    get = lambda t, default: default if t is None else low.const_array(t[1], node)  # noqa: E731
+    scale = get(w, np.ones(channels)) / np.sqrt(get(var, np.ones(channels)) + eps)
+    shift = get(b, np.zeros(channels)) - get(mean, np.zeros(channels)) * scale
+    shape = (channels,) + (1,) * (rank - 2)
+    out = low.add(L.Affine(scale.reshape(shape), shift.reshape(shape)), [x[1]], node, "batch_norm")
+    return ("tuple", [out, None, None])
+
+
+def _activation(kind, *names):
+    def handler(low, node, x, *args, **kwargs):
+        params = dict(zip(names, args))
+        params.update({k: v for k, v in kwargs.items() if k in names})
+        return low.add(L.Activation(kind, tuple(params.items())), [x[1]], node, kind)
+    return handler
+
+
+def _elu(low, node, x, alpha=1.0, scale=1.0, input_scale=1.0):
+    if scale != 1 or input_scale != 1:
+        low.refuse(node, "is an ELU with scale or input_scale other than 1 (SELU); not modelled.")
+    return low.add(L.Activation("elu", (("alpha", float(alpha)),)), [x[1]], node, "elu")
+
+
+def _max_pool(low, node, x, kernel, stride=(), padding=0, dilation=1, ceil_mode=False):
+    if len(kernel) == 1:
+        kernel = tuple(kernel) * 2
+    stride = tuple(stride) or tuple(kernel)
+    pair = lambda v: tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
+    pool = low.add(L.MaxPool(tuple(kernel), pair(stride), pair(padding), pair(dilation), bool(ceil_mode)), [x[1]],
+                   node, "max_pool")
+    return ("tuple", [pool, None])
+
+
+def _avg_pool(low, node, x, kernel, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+              divisor_override=None):
+    pair = lambda v: tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
+    stride = tuple(stride) or tuple(kernel)
+    layer = L.AvgPool(pair(kernel), pair(stride), pair(padding), bool(ceil_mode), bool(count_include_pad),
+                      divisor_override)
+    return low.add(layer, [x[1]], node, "avg_pool")
+
+
+def _adaptive(low, node, x, output_size):
+    return low.add(L.AdaptiveAvgPool(tuple(output_size)), [x[1]], node, "adaptive_avg_pool")
+
+
+def _reduce(kind):
+    def handler(low, node, x, dims=None, keepdim=False, *, dtype=None):
+        rank = len(low.shape(node.args[0])) + 1
+        dims = list(range(rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+        return low.add(L.Reduce(tuple(low.dim(d, rank, node) for d in dims), kind, bool(keepdim)), [x[1]], node, kind)
+    return handler
+
+
+def _binary(low, node, a, b, kind, alpha=1):
+    rank = _rank(low, node)
+    an, bn = low.is_node(a), low.is_node(b)
+    if an and bn:
+        if len(low.shape(node.args[0])) != len(low.shape(node.args[1])):
+            low.refuse(node, "combines tensors of different ranks; broadcast them explicitly.")
+        layer = {"add": L.Add((1.0, float(alpha))), "sub": L.Add((1.0, -float(alpha))), "mul": L.Mul(),
+                 "div": L.Div()}[kind]
+        return low.add(layer, [a[1], b[1]], node, kind)
+    x, c, node_first = (a, b, True) if an else (b, a, False)
+    c = c[1] if isinstance(c, tuple) and c and c[0] == "const" else c
+    value = low.per_image_const(c, rank, node) if isinstance(c, torch.Tensor) else np.float64(c)
+    if kind == "add":
+        layer = L.Affine(shift=value * alpha)
+    elif kind == "sub":
+        layer = L.Affine(shift=-value * alpha) if node_first else L.Affine(scale=np.float64(-alpha), shift=value)
+    elif kind == "mul":
+        layer = L.Affine(scale=value)
+    elif node_first:
+        layer = L.Affine(scale=1.0 / value)
+    else:
+        low.refuse(node, "divides a constant by a tensor; not modelled.")
+    return low.add(layer, [x[1]], node, kind)
+
+
+def _cat(low, node, tensors, dim=0):
+    if not all(low.is_node(t) for t in tensors):
+        low.refuse(node, "concatenates a constant with the image's values; not modelled.")
+    rank = _rank(low, node)
+    return low.add(L.Cat(low.dim(dim, rank, node)), [t[1] for t in tensors], node, "cat")
+
+
+def _split(low, node, x, sizes, dim=0):
+    rank = len(low.shape(node.args[0])) + 1
+    d = low.dim(dim, rank, node)
+    total = low.shape(node.args[0])[d - 1]
+    if isinstance(sizes, int):  # split.Tensor: chunks of this size
+        sizes = [min(sizes, total - s) for s in range(0, total, sizes)]
+    starts = np.cumsum([0] + list(sizes))
+    # each piece becomes a Slice when it is used (getitem), so unused pieces leave no node behind
+    pieces = [lambda n, a=int(starts[i]), b=int(starts[i + 1]): low.add(L.Slice(d, a, b), [x[1]], n, "split")
+              for i in range(len(sizes))]
+    return ("tuple", pieces)
+
+
+def _slice(low, node, x, dim=0, start=None, end=None, step=1):
+    full = low.shape(node.args[0])
+    rank = len(full) + 1
+    d = dim + rank if dim < 0 else dim
+    n = full[d - 1] if d else None
+    start = 0 if start is None else start
+    if d == 0:
+        if start == 0 and (end is None or end >= 2 ** 62) and step == 1:
+            return x
+        low.refuse(node, "selects some images of the batch; clearmaps explains each image alone.")
+    start = max(start + n if start < 0 else start, 0)
+    end = n if end is None else min(end + n if end < 0 else end, n)
+    if start == 0 and end == n and step == 1:
+        return x
+    return low.add(L.Slice(d, start, end, step), [x[1]], node, "slice")
+
+
+def _select(low, node, x, dim, index):
+    full = low.shape(node.args[0])
+    rank = len(full) + 1
+    d = low.dim(dim, rank, node)
+    index = index + full[d - 1] if index < 0 else index
+    piece = low.add(L.Slice(d, index, index + 1), [x[1]], node, "select")
+    return low.add(L.Reshape(low.shape(node)), [piece[1]], node, "select")
+
+
+def _reshape(low, node, x, *args, **kwargs):
+    before, after = low.shape(node.args[0]), low.shape(node)
+    if before == after:
+        return x
+    return low.add(L.Reshape(after), [x[1]], node, "reshape")
+
+
+def _permute(low, node, x, dims):
+    rank = len(dims)
+    dims = [d + rank if d < 0 else d for d in dims]
+    if dims[0] != 0:
+        low.refuse(node, "moves the batch axis; clearmaps explains each image alone.")
+    if dims == list(range(rank)):
+        return x
+    return low.add(L.Permute(tuple(dims[1:])), [x[1]], node, "permute")
+
+
+def _expand(low, node, x, *args, **kwargs):
+    before, after = low.shape(node.args[0]), low.shape(node)
+    if before == after:
+        return x
+    return low.add(L.Expand(after), [x[1]], node, "expand")
+
+
+def _pad(low, node, x, pad, value=0.0):
+    return low.add(L.Pad(tuple(pad), float(value)), [x[1]], node, "pad")
+
+
+def _linear_like(low, node, x, w, b=None, transposed=False):
+    if not (low.is_node(x) and isinstance(w, tuple) and w[0] == "const") or (b is not None and b[0] != "const"):
+        low.refuse(node, "multiplies by weights computed from the image; not modelled.")
+    weight = low.const_array(w[1], node)
+    weight = weight.T if transposed else weight
+    bias = None if b is None else low.const_array(b[1], node)
+    if bias is not None and bias.shape != (weight.shape[0],):
+        bias = np.broadcast_to(bias, (weight.shape[0],)).copy()
+    return low.add(L.Linear(weight, bias), [x[1]], node, "linear")
+
+
+def _addmm(low, node, bias, x, w, beta=1, alpha=1):
+    if beta != 1 or alpha != 1:
+        low.refuse(node, "is an addmm with beta or alpha other than 1; not modelled.")
+    return _linear_like(low, node, x, w, bias, transposed=True)
+
+
+def _mm(low, node, x, w):
+    return _linear_like(low, node, x, w, None, transposed=True)
+
+
+def _layer_norm(low, node, x, shape, w, b, eps):
+    get = lambda t: None if t is None else low.const_array(t[1], node)  # noqa: E731
+    out = low.add(L.LayerNorm(tuple(shape), get(w), get(b), float(eps)), [x[1]], node, "layer_norm")
+    return ("tuple", [out, None, None])
+
+
+def _softmax(kind):
+    def handler(low, node, x, dim, *args):
+        rank = _rank(low, node)
+        if dim not in (1, -1) or rank != 2:
+            low.refuse(node, "is a softmax that is not over the classes of the output; not modelled.")
+        return ("softmax", kind, x)
+    return handler
+
+
+def _dropout(low, node, x, p=0.5, train=False):
+    if train:
+        low.refuse(node, "is dropout in training mode; clearmaps captures modules in eval mode.")
+    return x
+
+
+def _to_copy(low, node, x, *args, dtype=None, **kwargs):
+    if dtype is not None and dtype != node.args[0].meta["val"].dtype:
+        low.refuse(node, f"converts to {dtype}; not modelled.")
+    return x
+
+
+_HANDLERS = {
+    A.convolution.default: _convolution,
+    A._native_batch_norm_legit_no_training.default: _batch_norm,
+    A.relu.default: _unary(L.ReLU),
+    A.hardtanh.default: _activation("hardtanh", "min_val", "max_val"),
+    A.leaky_relu.default: _activation("leaky_relu", "negative_slope"),
+    A.elu.default: _elu,
+    A.sigmoid.default: _activation("sigmoid"),
+    A.tanh.default: _activation("tanh"),
+    A.silu.default: _activation("silu"),
+    A.hardswish.default: _activation("hardswish"),
+    A.hardsigmoid.default: _activation("hardsigmoid"),
+    A.mish.default: _activation("mish"),
+    A.gelu.default: _activation("gelu", "approximate"),
+    A.max_pool2d_with_indices.default: _max_pool,
+    A.avg_pool2d.default: _avg_pool,
+    A._adaptive_avg_pool2d.default: _adaptive,
+    A.mean.dim: _reduce("mean"),
+    A.sum.dim_IntList: _reduce("sum"),
+    A.add.Tensor: lambda low, node, a, b, alpha=1: _binary(low, node, a, b, "add", alpha),
+    A.sub.Tensor: lambda low, node, a, b, alpha=1: _binary(low, node, a, b, "sub", alpha),
+    A.mul.Tensor: lambda low, node, a, b: _binary(low, node, a, b, "mul"),
+    A.div.Tensor: lambda low, node, a, b: _binary(low, node, a, b, "div"),
+    A.neg.default: lambda low, node, x: low.add(L.Affine(scale=np.float64(-1)), [x[1]], node, "neg"),
+    A.cat.default: _cat,
+    A.split_with_sizes.default: _split,
+    A.split.Tensor: _split,
+    A.slice.Tensor: _slice,
+    A.select.int: _select,
+    A.view.default: _reshape,
+    A._unsafe_view.default: _reshape,
+    A.reshape.default: _reshape,
+    A.squeeze.dim: _reshape,
+    A.squeeze.dims: _reshape,
+    A.squeeze.default: _reshape,
+    A.unsqueeze.default: _reshape,
+    A.permute.default: _permute,
+    A.expand.default: _expand,
+    A.constant_pad_nd.default: _pad,
+    A.linear.default: _linear_like,
+    A.addmm.default: _addmm,
+    A.mm.default: _mm,
+    A.native_layer_norm.default: _layer_norm,
+    A._softmax.default: _softmax("softmax"),
+    A._log_softmax.default: _softmax("log_softmax"),
+    A.clone.default: _identity,
+    A.alias.default: _identity,
+    A.detach.default: _identity,
+    A.lift_fresh_copy.default: _identity,
+    A.dropout.default: _dropout,
+    A._to_copy.default: _to_copy,
+}
+
+
+def capture(module, example: torch.Tensor) -> Captured:
+    """The computation of ``module`` (a torch classifier, put in eval mode while captured) on images shaped
+    like ``example`` (B ≥ 2, C, H, W), as clearmaps layers."""
+    was_training = module.training
+    module.eval()
+    try:
+        program = export(module, example)
+    finally:
+        module.train(was_training)
+    return _Lowering(program).run()

@@ -1,0 +1,627 @@
+"""The operations a network is made of: what each one is, which inputs it takes and what shape it gives.
+
+The paper's three (Conv, ReLU, MaxPool) and what the CNNs people train add to them (docs/design.md,
+"Networks as graphs"). Each is a small frozen record; what it computes forward, and how a response signal
+goes back through it, is in :mod:`clearmaps.reference.rules`, op by op.
+
+Shapes here never include the batch: an image batch (B, C, H, W) has shape (C, H, W) to a layer. Every
+layer works on each image alone, so the batch is always the first axis and never moves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ClearmapsError, check_array, check_pair
+
+
+def _frozen(a, name, ndim=None, hint=""):
+    a = check_array(a, name, ndim, shape_hint=hint).copy()
+    a.flags.writeable = False
+    return a
+
+
+def _set(obj, **values):
+    for k, v in values.items():
+        object.__setattr__(obj, k, v)
+
+
+def _need_rank(shape, rank, what):
+    if len(shape) != rank:
+        raise ClearmapsError(f"{what} takes a tensor of rank {rank + 1} (batch first); it gets one of shape "
+                             f"(B, {', '.join(map(str, shape))}).")
+
+
+def window_output_size(n, kernel, stride, padding, dilation=1, ceil_mode=False, what="window"):
+    """torch's output size of a sliding window (conv or pool) along one axis, ``ceil_mode`` included: a
+    window that would start in the right padding is dropped."""
+    span = dilation * (kernel - 1) + 1
+    top = n + 2 * padding - span + ((stride - 1) if ceil_mode else 0)
+    out = top // stride + 1
+    if ceil_mode and (out - 1) * stride >= n + padding:
+        out -= 1
+    if out < 1:
+        raise ClearmapsError(f"{what} with kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}"
+                             f" has no output for an input of size {n}; the input is too small for this network.")
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Conv:
+    """A 2-D convolution (cross-correlation, as torch's ``conv2d``) with zero padding.
+
+    ``weight`` (out, in / groups, kh, kw), ``bias`` (out,). ``groups`` splits the channels into groups
+    convolved apart (``groups == in == out``: depthwise).
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+
+    def __post_init__(self):
+        w = _frozen(self.weight, "Conv.weight", 4, " of shape (out, in / groups, kh, kw)")
+        b = _frozen(self.bias, "Conv.bias", 1, " of shape (out,)")
+        if min(w.shape) < 1:
+            raise ClearmapsError(f"Conv.weight has shape {w.shape}; every dimension must be at least 1.")
+        if b.shape != (w.shape[0],):
+            raise ClearmapsError(f"Conv.bias has shape {b.shape}; expected ({w.shape[0]},) to match "
+                                 f"Conv.weight of shape {w.shape}.")
+        g = self.groups
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1 or w.shape[0] % g:
+            raise ClearmapsError(f"Conv.groups is {g!r}; expected a positive int that divides the "
+                                 f"{w.shape[0]} output channels.")
+        _set(self, weight=w, bias=b, stride=check_pair(self.stride, "Conv.stride", 1),
+             padding=check_pair(self.padding, "Conv.padding", 0),
+             dilation=check_pair(self.dilation, "Conv.dilation", 1), groups=int(g))
+
+    arity = 1
+
+    @property
+    def kernel(self) -> tuple:
+        return self.weight.shape[2], self.weight.shape[3]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def plain(self) -> bool:
+        """No groups and no dilation: the paper's convolution."""
+        return self.groups == 1 and self.dilation == (1, 1)
+
+    def output_size(self, size) -> tuple:
+        return tuple(window_output_size(n, k, s, p, d, what="Conv") for n, k, s, p, d in
+                     zip(size, self.kernel, self.stride, self.padding, self.dilation))
+
+    def output_shape(self, shape):
+        _need_rank(shape, 3, repr(self))
+        if shape[0] != self.in_channels:
+            raise ClearmapsError(f"{self!r} takes {self.in_channels} channels but gets {shape[0]}.")
+        return (self.out_channels, *self.output_size(shape[1:]))
+
+    def __repr__(self) -> str:
+        o, _, kh, kw = self.weight.shape
+        extra = (f", dilation={self.dilation}" if self.dilation != (1, 1) else "") + (
+            f", groups={self.groups}" if self.groups != 1 else "")
+        return (f"Conv({self.in_channels}->{o}, kernel=({kh}, {kw}), stride={self.stride}, "
+                f"padding={self.padding}{extra})")
+
+
+@dataclass(frozen=True)
+class ReLU:
+    """max(x, 0). On the way back it becomes the response method's ReLU rule (the deconvnet rectifies)."""
+
+    arity = 1
+
+    def output_shape(self, shape):
+        return tuple(shape)
+
+    def __repr__(self) -> str:
+        return "ReLU()"
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    """Max pooling with -inf padding, as torch's ``max_pool2d`` (dilation and ``ceil_mode`` included).
+
+    Windows may overlap (stride < kernel). The padding is at most half the (dilated) window, as in torch.
+    """
+
+    kernel: tuple
+    stride: tuple = None
+    padding: tuple = (0, 0)
+    dilation: tuple = (1, 1)
+    ceil_mode: bool = False
+
+    def __post_init__(self):
+        kernel = check_pair(self.kernel, "MaxPool.kernel", 1)
+        stride = kernel if self.stride is None else check_pair(self.stride, "MaxPool.stride", 1)
+        padding = check_pair(self.padding, "MaxPool.padding", 0)
+        dilation = check_pair(self.dilation, "MaxPool.dilation", 1)
+        if any(2 * p > d * (k - 1) + 1 for p, k, d in zip(padding, kernel, dilation)):
+            raise ClearmapsError(f"MaxPool.padding {padding} is more than half the kernel {kernel} "
+                                 f"(dilation {dilation}); a window could then hold only padding.")
+        if not isinstance(self.ceil_mode, (bool, np.bool_)):
+            raise ClearmapsError(f"MaxPool.ceil_mode is {self.ceil_mode!r}; expected True or False.")
+        _set(self, kernel=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=bool(self.ceil_mode))
+
+    arity = 1
+
+    @property
+    def plain(self) -> bool:
+        """No dilation and floor mode: the pools the fused chain kernels handle."""
+        return self.dilation == (1, 1) and not self.ceil_mode
+
+    def output_size(self, size) -> tuple:
+        return tuple(window_output_size(n, k, s, p, d, self.ceil_mode, "MaxPool") for n, k, s, p, d in
+                     zip(size, self.kernel, self.stride, self.padding, self.dilation))
+
+    def output_shape(self, shape):
+        _need_rank(shape, 3, "MaxPool")
+        return (shape[0], *self.output_size(shape[1:]))
+
+    def __repr__(self) -> str:
+        extra = (f", dilation={self.dilation}" if self.dilation != (1, 1) else "") + (
+            ", ceil_mode=True" if self.ceil_mode else "")
+        return f"MaxPool(kernel={self.kernel}, stride={self.stride}, padding={self.padding}{extra})"
+
+
+@dataclass(frozen=True)
+class AvgPool:
+    """Average pooling as torch's ``avg_pool2d``: zero padding, ``ceil_mode``, ``count_include_pad`` and
+    ``divisor_override`` with torch's meaning."""
+
+    kernel: tuple
+    stride: tuple = None
+    padding: tuple = (0, 0)
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+    divisor_override: int = None
+
+    def __post_init__(self):
+        kernel = check_pair(self.kernel, "AvgPool.kernel", 1)
+        stride = kernel if self.stride is None else check_pair(self.stride, "AvgPool.stride", 1)
+        padding = check_pair(self.padding, "AvgPool.padding", 0)
+        if any(2 * p > k for p, k in zip(padding, kernel)):
+            raise ClearmapsError(f"AvgPool.padding {padding} is more than half the kernel {kernel}.")
+        d = self.divisor_override
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1):
+            raise ClearmapsError(f"AvgPool.divisor_override is {d!r}; expected None or a positive int.")
+        _set(self, kernel=kernel, stride=stride, padding=padding, ceil_mode=bool(self.ceil_mode),
+             count_include_pad=bool(self.count_include_pad), divisor_override=None if d is None else int(d))
+
+    arity = 1
+
+    def output_size(self, size) -> tuple:
+        return tuple(window_output_size(n, k, s, p, 1, self.ceil_mode, "AvgPool") for n, k, s, p in
+                     zip(size, self.kernel, self.stride, self.padding))
+
+    def output_shape(self, shape):
+        _need_rank(shape, 3, "AvgPool")
+        return (shape[0], *self.output_size(shape[1:]))
+
+    def __repr__(self) -> str:
+        extra = (", ceil_mode=True" if self.ceil_mode else "") + (
+            "" if self.count_include_pad else ", count_include_pad=False") + (
+            f", divisor_override={self.divisor_override}" if self.divisor_override else "")
+        return f"AvgPool(kernel={self.kernel}, stride={self.stride}, padding={self.padding}{extra})"
+
+
+@dataclass(frozen=True)
+class AdaptiveAvgPool:
+    """torch's ``adaptive_avg_pool2d``: output cell i averages input rows floor(i·H/h) .. ceil((i+1)·H/h) - 1
+    (and so for columns). ``None`` in ``output_size`` keeps that axis's size."""
+
+    output_size: tuple
+
+    def __post_init__(self):
+        size = self.output_size
+        size = (size, size) if size is None or isinstance(size, (int, np.integer)) else tuple(size)
+        if len(size) != 2 or any(s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer))
+                                                    or s < 1) for s in size):
+            raise ClearmapsError(f"AdaptiveAvgPool.output_size is {self.output_size!r}; expected a positive int "
+                                 "or a pair of positive ints (or None).")
+        _set(self, output_size=tuple(None if s is None else int(s) for s in size))
+
+    arity = 1
+
+    def resolved(self, size) -> tuple:
+        return tuple(n if s is None else s for n, s in zip(size, self.output_size))
+
+    def output_shape(self, shape):
+        _need_rank(shape, 3, "AdaptiveAvgPool")
+        return (shape[0], *self.resolved(shape[1:]))
+
+    def __repr__(self) -> str:
+        return f"AdaptiveAvgPool({self.output_size})"
+
+
+# activations other than ReLU: name -> parameters (name, default)
+ACTIVATIONS = {
+    "hardtanh": (("min_val", -1.0), ("max_val", 1.0)),   # ReLU6 is hardtanh(0, 6)
+    "leaky_relu": (("negative_slope", 0.01),),
+    "elu": (("alpha", 1.0),),
+    "sigmoid": (), "tanh": (), "silu": (), "hardswish": (), "hardsigmoid": (), "mish": (),
+    "gelu": (("approximate", "none"),),
+}
+# the ones a user may ask to treat by the ReLU rule on the way back (piecewise linear, zero or small below 0)
+RELU_LIKE = ("hardtanh", "leaky_relu")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise nonlinearity other than ReLU. On the way back its signal follows its derivative at the
+    forward point (as autograd and Captum do), or, for ReLU-like ones with ``relu_rule=True``, the ReLU rule
+    of the response method (the deconvnet then rectifies there too)."""
+
+    kind: str
+    params: tuple = ()
+    relu_rule: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ACTIVATIONS:
+            raise ClearmapsError(f"Activation kind {self.kind!r} is not supported; expected one of "
+                                 f"{sorted(ACTIVATIONS)} (or ReLU).")
+        names = [n for n, _ in ACTIVATIONS[self.kind]]
+        params = dict(zip(names, (d for _, d in ACTIVATIONS[self.kind])))
+        given = dict(self.params)
+        if set(given) - set(names):
+            raise ClearmapsError(f"Activation {self.kind!r} has parameters {names}; got {sorted(given)}.")
+        params.update(given)
+        if self.kind == "gelu" and params["approximate"] not in ("none", "tanh"):
+            raise ClearmapsError(f"gelu approximate={params['approximate']!r}; expected 'none' or 'tanh'.")
+        if self.relu_rule and self.kind not in RELU_LIKE:
+            raise ClearmapsError(f"relu_rule applies to {RELU_LIKE}, not {self.kind!r}.")
+        _set(self, params=tuple((n, params[n]) for n in names), relu_rule=bool(self.relu_rule))
+
+    arity = 1
+
+    def __getitem__(self, name):
+        return dict(self.params)[name]
+
+    def output_shape(self, shape):
+        return tuple(shape)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n}={v!r}" for n, v in self.params) + (", relu_rule=True" if self.relu_rule else "")
+        return f"{self.kind}({args})"
+
+
+@dataclass(frozen=True, eq=False)
+class Affine:
+    """x · scale + shift with constant arrays broadcast over the per-image shape (no batch axis): an eval-mode
+    batch norm that no conv before it absorbs (scale and shift (C, 1, 1)), a layer scale, a constant
+    factor or offset. Either may be None."""
+
+    scale: np.ndarray = None
+    shift: np.ndarray = None
+
+    def __post_init__(self):
+        _set(self, scale=None if self.scale is None else _frozen(np.asarray(self.scale, dtype=np.float64)
+                                                                  if np.isscalar(self.scale) else self.scale,
+                                                                  "Affine.scale"),
+             shift=None if self.shift is None else _frozen(np.asarray(self.shift, dtype=np.float64)
+                                                           if np.isscalar(self.shift) else self.shift, "Affine.shift"))
+
+    arity = 1
+
+    def output_shape(self, shape):
+        for a, name in ((self.scale, "scale"), (self.shift, "shift")):
+            if a is not None and broadcast_shape(shape, a.shape, "Affine") != tuple(shape):
+                raise ClearmapsError(f"Affine.{name} of shape {a.shape} would grow an input of shape {tuple(shape)}.")
+        return tuple(shape)
+
+    def __repr__(self) -> str:
+        s = lambda a: "-" if a is None else (f"{float(a):g}" if a.size == 1 else str(a.shape))  # noqa: E731
+        return f"Affine(scale={s(self.scale)}, shift={s(self.shift)})"
+
+
+@dataclass(frozen=True, eq=False)
+class Linear:
+    """x · weightᵀ + bias on the last axis (torch's ``linear``): weight (out, in), bias (out,) or None."""
+
+    weight: np.ndarray
+    bias: np.ndarray = None
+
+    def __post_init__(self):
+        w = _frozen(self.weight, "Linear.weight", 2, " of shape (out, in)")
+        b = None if self.bias is None else _frozen(self.bias, "Linear.bias", 1, " of shape (out,)")
+        if b is not None and b.shape != (w.shape[0],):
+            raise ClearmapsError(f"Linear.bias has shape {b.shape}; expected ({w.shape[0]},).")
+        _set(self, weight=w, bias=b)
+
+    arity = 1
+
+    def output_shape(self, shape):
+        if not shape or shape[-1] != self.weight.shape[1]:
+            raise ClearmapsError(f"{self!r} takes {self.weight.shape[1]} features on its last axis but gets "
+                                 f"a tensor of shape (B, {', '.join(map(str, shape))}).")
+        return (*shape[:-1], self.weight.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Linear({self.weight.shape[1]}->{self.weight.shape[0]}{'' if self.bias is not None else ', no bias'})"
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """Mean (or sum) over some per-image axes (1 = the first axis after the batch), as ``x.mean(dims)``."""
+
+    dims: tuple
+    kind: str = "mean"
+    keepdim: bool = False
+
+    def __post_init__(self):
+        dims = tuple(sorted({int(d) for d in self.dims}))
+        if not dims or dims[0] < 1:
+            raise ClearmapsError(f"Reduce.dims {self.dims!r}; expected per-image axes >= 1 (0 is the batch).")
+        if self.kind not in ("mean", "sum"):
+            raise ClearmapsError(f"Reduce.kind {self.kind!r}; expected 'mean' or 'sum'.")
+        _set(self, dims=dims, keepdim=bool(self.keepdim))
+
+    arity = 1
+
+    def output_shape(self, shape):
+        if self.dims[-1] > len(shape):
+            raise ClearmapsError(f"Reduce over axes {self.dims} of a tensor of shape (B, {', '.join(map(str, shape))}).")
+        return tuple(1 if i + 1 in self.dims else n for i, n in enumerate(shape)
+                     if self.keepdim or i + 1 not in self.dims)
+
+    def __repr__(self) -> str:
+        return f"{self.kind}(dims={self.dims}{', keepdim' if self.keepdim else ''})"
+
+
+def broadcast_shape(a, b, what):
+    try:
+        return tuple(np.broadcast_shapes(tuple(a), tuple(b)))
+    except ValueError:
+        raise ClearmapsError(f"{what}: shapes (B, {', '.join(map(str, a))}) and (B, {', '.join(map(str, b))}) "
+                             "do not broadcast.") from None
+
+
+@dataclass(frozen=True)
+class Add:
+    """alpha[0] · a + alpha[1] · b, broadcasting (a residual connection; ``a - b`` has alpha (1, -1))."""
+
+    alpha: tuple = (1.0, 1.0)
+
+    def __post_init__(self):
+        a = tuple(float(v) for v in self.alpha)
+        if len(a) != 2 or not all(math.isfinite(v) for v in a):
+            raise ClearmapsError(f"Add.alpha {self.alpha!r}; expected two finite numbers.")
+        _set(self, alpha=a)
+
+    arity = 2
+
+    def output_shape(self, a, b):
+        return broadcast_shape(a, b, "Add")
+
+    def __repr__(self) -> str:
+        return "Add()" if self.alpha == (1.0, 1.0) else f"Add(alpha={self.alpha})"
+
+
+@dataclass(frozen=True)
+class Mul:
+    """a · b elementwise, broadcasting (a squeeze-and-excitation gate)."""
+
+    arity = 2
+
+    def output_shape(self, a, b):
+        return broadcast_shape(a, b, "Mul")
+
+    def __repr__(self) -> str:
+        return "Mul()"
+
+
+@dataclass(frozen=True)
+class Div:
+    """a / b elementwise, broadcasting."""
+
+    arity = 2
+
+    def output_shape(self, a, b):
+        return broadcast_shape(a, b, "Div")
+
+    def __repr__(self) -> str:
+        return "Div()"
+
+
+@dataclass(frozen=True)
+class Cat:
+    """Concatenation of its inputs along one per-image axis (``torch.cat(xs, dim)``; dim 1 = channels)."""
+
+    dim: int = 1
+    arity = None  # any number of inputs, at least one
+
+    def __post_init__(self):
+        if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)) or self.dim < 1:
+            raise ClearmapsError(f"Cat.dim is {self.dim!r}; expected a per-image axis >= 1 (0 is the batch).")
+
+    def output_shape(self, *shapes):
+        d = self.dim - 1
+        first = shapes[0]
+        for s in shapes:
+            if len(s) != len(first) or d >= len(s) or any(x != y for i, (x, y) in enumerate(zip(s, first)) if i != d):
+                raise ClearmapsError(f"Cat along axis {self.dim} of shapes {[(None, *s) for s in shapes]}: they must "
+                                     "agree on every other axis.")
+        return tuple(sum(s[d] for s in shapes) if i == d else n for i, n in enumerate(first))
+
+    def __repr__(self) -> str:
+        return f"Cat(dim={self.dim})"
+
+
+@dataclass(frozen=True)
+class Slice:
+    """x[..., start:stop:step, ...] along one per-image axis (a split, a chunk, or ``x[:, a:b]``)."""
+
+    dim: int
+    start: int
+    stop: int
+    step: int = 1
+
+    def __post_init__(self):
+        if min(self.dim, self.start, self.stop - self.start, self.step - 1) < 0 or self.dim < 1:
+            raise ClearmapsError(f"Slice(dim={self.dim}, {self.start}:{self.stop}:{self.step}); expected a per-image "
+                                 "axis >= 1, 0 <= start <= stop and step >= 1.")
+
+    arity = 1
+
+    def output_shape(self, shape):
+        d = self.dim - 1
+        if d >= len(shape) or self.stop > shape[d] or self.stop == self.start:
+            raise ClearmapsError(f"{self!r} does not fit a tensor of shape (B, {', '.join(map(str, shape))}).")
+        return tuple(len(range(self.start, self.stop, self.step)) if i == d else n for i, n in enumerate(shape))
+
+    def __repr__(self) -> str:
+        return f"Slice(dim={self.dim}, {self.start}:{self.stop}{'' if self.step == 1 else f':{self.step}'})"
+
+
+@dataclass(frozen=True)
+class Reshape:
+    """A view of each image under another shape (``view``, ``flatten``, ``squeeze``): data do not move."""
+
+    shape: tuple
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        if min(shape, default=1) < 1:
+            raise ClearmapsError(f"Reshape.shape {self.shape!r}; expected positive sizes (no batch axis, no -1).")
+        _set(self, shape=shape)
+
+    arity = 1
+
+    def output_shape(self, shape):
+        if math.prod(shape) != math.prod(self.shape):
+            raise ClearmapsError(f"Reshape to (B, {', '.join(map(str, self.shape))}) of a tensor of shape "
+                                 f"(B, {', '.join(map(str, shape))}): the sizes differ. (A network captured by "
+                                 "from_torch takes the image size it was captured at.)")
+        return self.shape
+
+    def __repr__(self) -> str:
+        return f"Reshape{self.shape}"
+
+
+@dataclass(frozen=True)
+class Permute:
+    """A reordering of the per-image axes (``permute``, ``transpose``); ``perm`` names the per-image axes
+    1 .. n (the batch stays first)."""
+
+    perm: tuple
+
+    def __post_init__(self):
+        perm = tuple(int(p) for p in self.perm)
+        if sorted(perm) != list(range(1, len(perm) + 1)):
+            raise ClearmapsError(f"Permute.perm {self.perm!r}; expected a permutation of 1 .. n.")
+        _set(self, perm=perm)
+
+    arity = 1
+
+    def output_shape(self, shape):
+        if len(shape) != len(self.perm):
+            raise ClearmapsError(f"{self!r} of a tensor of shape (B, {', '.join(map(str, shape))}).")
+        return tuple(shape[p - 1] for p in self.perm)
+
+    def __repr__(self) -> str:
+        return f"Permute{self.perm}"
+
+
+@dataclass(frozen=True)
+class Expand:
+    """Broadcast to a larger shape (``expand``); the signal comes back summed."""
+
+    shape: tuple
+
+    def __post_init__(self):
+        _set(self, shape=tuple(int(s) for s in self.shape))
+
+    arity = 1
+
+    def output_shape(self, shape):
+        if broadcast_shape(shape, self.shape, "Expand") != self.shape:
+            raise ClearmapsError(f"{self!r} of a tensor of shape (B, {', '.join(map(str, shape))}).")
+        return self.shape
+
+    def __repr__(self) -> str:
+        return f"Expand{self.shape}"
+
+
+@dataclass(frozen=True)
+class Pad:
+    """Constant padding as torch's ``F.pad``: ``pad`` = (left, right, top, bottom, ...) from the last axis
+    backwards; negative entries crop."""
+
+    pad: tuple
+    value: float = 0.0
+
+    def __post_init__(self):
+        pad = tuple(int(p) for p in self.pad)
+        if not pad or len(pad) % 2:
+            raise ClearmapsError(f"Pad.pad {self.pad!r}; expected pairs (before, after) from the last axis back.")
+        _set(self, pad=pad, value=float(self.value))
+
+    arity = 1
+
+    def widths(self, rank) -> list:
+        """(before, after) for each per-image axis."""
+        pairs = [(0, 0)] * rank
+        for i in range(len(self.pad) // 2):
+            pairs[rank - 1 - i] = (self.pad[2 * i], self.pad[2 * i + 1])
+        return pairs
+
+    def output_shape(self, shape):
+        if len(self.pad) // 2 > len(shape):
+            raise ClearmapsError(f"{self!r} pads more axes than a tensor of shape (B, {', '.join(map(str, shape))}) has.")
+        out = tuple(n + a + b for n, (a, b) in zip(shape, self.widths(len(shape))))
+        if min(out) < 1:
+            raise ClearmapsError(f"{self!r} crops a tensor of shape (B, {', '.join(map(str, shape))}) to nothing.")
+        return out
+
+    def __repr__(self) -> str:
+        return f"Pad({self.pad}{'' if self.value == 0 else f', value={self.value:g}'})"
+
+
+@dataclass(frozen=True, eq=False)
+class LayerNorm:
+    """torch's ``layer_norm`` over the last ``len(weight.shape)`` axes: (x - mean) / sqrt(var + eps) · weight
+    + bias (biased variance). Its signal follows its derivative at the forward point."""
+
+    normalized_shape: tuple
+    weight: np.ndarray = None
+    bias: np.ndarray = None
+    eps: float = 1e-5
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.normalized_shape)
+        w = None if self.weight is None else _frozen(self.weight, "LayerNorm.weight")
+        b = None if self.bias is None else _frozen(self.bias, "LayerNorm.bias")
+        for a, n in ((w, "weight"), (b, "bias")):
+            if a is not None and a.shape != shape:
+                raise ClearmapsError(f"LayerNorm.{n} has shape {a.shape}; expected {shape}.")
+        if not self.eps > 0:
+            raise ClearmapsError(f"LayerNorm.eps is {self.eps!r}; expected a positive number.")
+        _set(self, normalized_shape=shape, weight=w, bias=b, eps=float(self.eps))
+
+    arity = 1
+
+    def output_shape(self, shape):
+        n = len(self.normalized_shape)
+        if tuple(shape[len(shape) - n:]) != self.normalized_shape or len(shape) < n:
+            raise ClearmapsError(f"{self!r} of a tensor of shape (B, {', '.join(map(str, shape))}).")
+        return tuple(shape)
+
+    def __repr__(self) -> str:
+        return f"LayerNorm({self.normalized_shape}, eps={self.eps:g})"
+
+
+LAYER_TYPES = (Conv, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Activation, Affine, Linear, Reduce, Add, Mul, Div,
+               Cat, Slice, Reshape, Permute, Expand, Pad, LayerNorm)
+Layer = Conv | ReLU | MaxPool  # the paper's layers (the chain form)
