@@ -24,6 +24,10 @@ nothing with clearmaps: no graph capture, no op table. Instead
       applies one functionally between that module and its global average pool, as DenseNet's). Since the
       global average pool is linear, the mean of z_L over positions is the model's logits.
 
+Every other op back-propagates by torch autograd, with one exception: ``F.hardsigmoid`` (MobileNetV3's
+squeeze-excitation gate), whose float64 backward in torch multiplies by 1/6 rounded to float32; the oracle
+multiplies by the float64 1/6 (zero slope at ±3, as torch).
+
 Response methods (DESIGN.md, "Response methods"), as the ReLU's backward given the incoming signal g and
 the ReLU's forward input x:
 
@@ -84,15 +88,20 @@ def _check_method(method, rectify) -> None:
                              "switch off; use rectify=False with 'deconvnet' (the linear map) or 'guided'.")
 
 
+def _positive(x: Tensor) -> Tensor:
+    return x > 0
+
+
 class _RuledOp(torch.autograd.Function):
-    """An activation computed by ``forward_fn`` whose backward is ``rule(g, [x > 0])`` instead of its
-    derivative. ``inplace`` writes the result into x and marks it dirty, as the original in-place op does."""
+    """An activation computed by ``forward_fn`` whose backward is ``rule(g, mask_fn(x))`` instead of its
+    derivative (``mask_fn`` defaults to [x > 0]). ``inplace`` writes the result into x and marks it dirty, as
+    the original in-place op does."""
 
     @staticmethod
-    def forward(ctx, x, forward_fn, rule, inplace):
+    def forward(ctx, x, forward_fn, rule, inplace, mask_fn=_positive):
         y = forward_fn(x)
         ctx.rule = rule
-        ctx.positive = x > 0  # before an in-place write overwrites x
+        ctx.mask = mask_fn(x)  # before an in-place write overwrites x
         if inplace:
             x.copy_(y)
             ctx.mark_dirty(x)
@@ -101,7 +110,17 @@ class _RuledOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return ctx.rule(g, ctx.positive), None, None, None
+        return ctx.rule(g, ctx.mask), None, None, None, None
+
+
+def _hardsigmoid_slope(x: Tensor) -> Tensor:
+    return (x > -3) & (x < 3)  # torch's convention: zero slope at ±3
+
+
+def _hardsigmoid_rule(g: Tensor, inside: Tensor) -> Tensor:
+    # torch's float64 hardsigmoid backward multiplies by 1/6 rounded to float32 (0.16666667163...), a relative
+    # error of 3e-8 that would show in 1e-10 comparisons: the oracle uses the float64 1/6
+    return torch.where(inside, g / 6, 0.0)
 
 
 # The calls the mode recognises: function -> (out-of-place twin taking the same arguments, always in place?)
@@ -138,7 +157,9 @@ def _split_inplace(func, args, kwargs):
 class relu_rules(TorchFunctionMode):
     """Within this context, every ReLU call (module or functional, in place or not) computes its usual
     forward but back-propagates with ``relu_backward_rule(method, rectify)``; with ``relu_like="relu"`` so
-    do ReLU6, LeakyReLU and Hardtanh. Every other torch call runs untouched.
+    do ReLU6, LeakyReLU and Hardtanh. ``F.hardsigmoid`` (``nn.Hardsigmoid``) keeps its derivative but with
+    slope 1/6 in float64 (torch's own float64 backward uses 1/6 rounded to float32). Every other torch call
+    runs untouched.
 
     ``seen`` counts the calls replaced, by kind ("relu" or "relu_like"), so a test can tell that a model's
     ReLUs were found at all.
@@ -157,6 +178,10 @@ class relu_rules(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            x, rest, kw, inplace = _split_inplace(func, args, kwargs)
+            return _RuledOp.apply(x, lambda t: F.hardsigmoid(t, *rest, **kw), _hardsigmoid_rule, inplace,
+                                  _hardsigmoid_slope)
         entry = self.table.get(func)
         if entry is None:
             return func(*args, **kwargs)

@@ -60,8 +60,22 @@ def _plain_class_map(model: nn.Module, head, x: torch.Tensor) -> torch.Tensor:
     return model.get_submodule(head[1])(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class _ExactHardsigmoid(nn.Module):
+    """clamp(x + 3, 0, 6) / 6: autograd's slope is the float64 1/6 (torch's float64 hardsigmoid backward
+    uses 1/6 rounded to float32)."""
+
+    def forward(self, x):
+        return (x + 3).clamp(0, 6) / 6
+
+
 def _plain_energy_gradients(model, head, x, classes) -> np.ndarray:
-    """∂E_c/∂x by ordinary autograd, nothing swapped: (B, K, C, H, W). ``classes``: K ids or (B, K)."""
+    """∂E_c/∂x by ordinary autograd, nothing swapped (but nn.Hardsigmoid by an exact composition): (B, K, C,
+    H, W). ``classes``: K ids or (B, K)."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Hardsigmoid):
+                setattr(parent, name, _ExactHardsigmoid())
     xt = x.detach().clone().to(torch.float64).requires_grad_(True)
     z = _plain_class_map(model, head, xt)
     ids = np.broadcast_to(np.asarray(classes), (xt.shape[0], np.asarray(classes).shape[-1]))
@@ -383,11 +397,11 @@ class _OneReLU(nn.Module):
         return self.conv2(self.act(self.conv1(x))).mean((2, 3))
 
 
-def _by_hand(model, x, c, rule):
-    """conv1ᵀ(rule(g, pre > 0)), g = ∂E_c/∂(activation output) by autograd, conv1ᵀ by autograd."""
+def _by_hand(model, x, c, rule, mask=lambda pre: pre > 0):
+    """conv1ᵀ(rule(g, mask(pre))), g = ∂E_c/∂(activation output) by autograd, conv1ᵀ by autograd."""
     xt = x.clone().requires_grad_(True)
     pre = model.conv1(xt)
-    positive = pre.detach() > 0
+    positive = mask(pre.detach())
     post = model.act(pre.detach().clone()).requires_grad_(True)
     z = model.conv2(post)
     (g,) = torch.autograd.grad(0.5 * (z[:, c] ** 2).sum(), post)
@@ -415,6 +429,17 @@ def test_each_methods_relu_rule_by_hand(method, rectify):
     assert_close(got, want, RTOL_F64, f"{method}, rectify={rectify}")
     if (method, rectify) != ("deconvnet", False):  # that one is the identity rule
         assert rel_err(got, np.stack([_by_hand(model, x, c, lambda g, p: g) for c in (0, 2)], 1)) > 1e-2
+
+
+def test_hardsigmoid_has_the_float64_slope():
+    """The oracle's hardsigmoid backward is g/6 in float64 inside (-3, 3), zero outside."""
+    torch.manual_seed(6)
+    model = _OneReLU(nn.Hardsigmoid()).to(torch.float64)
+    x = 3 * torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    want = np.stack([_by_hand(model, x, c, lambda g, p: torch.where(p, g / 6, 0.0),
+                              lambda pre: (pre > -3) & (pre < 3)) for c in (0, 1)], 1)
+    for method in ("gradient", "deconvnet"):  # no ReLU: every method is the gradient here
+        assert_close(graph_responses(model, ("feature_map", "conv2"), x, [0, 1], method=method), want, 1e-14)
 
 
 @pytest.mark.parametrize("act", [nn.ReLU6(), nn.ReLU6(inplace=True), nn.LeakyReLU(0.1), nn.Hardtanh(0.0, 0.4)],
