@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,7 +91,9 @@ def export(module, example: torch.Tensor):
     (except the operations in _KEEP). A module export cannot capture gets the exporter's reason."""
     batch = torch.export.Dim("batch")
     try:
-        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+        with warnings.catch_warnings():  # torch's own deprecation notices are not the user's business
+            warnings.simplefilter("ignore")
+            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
     except Exception as exc:  # export raises many types; the user needs its first line, not its traceback
         reason = " ".join(str(exc).strip().split("\n")[0].split())[:400]
         raise ClearmapsError(f"torch.export could not capture the module ({type(exc).__name__}: {reason}). "
@@ -101,7 +104,9 @@ def export(module, example: torch.Tensor):
         op = getattr(A, name, None)
         if op is not None:
             table.pop(op.default, None)
-    return program.run_decompositions(table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return program.run_decompositions(table)
 
 
 class _Lowering:
@@ -458,6 +463,18 @@ def _expand(low, node, x, *args, **kwargs):
     return low.add(L.Expand(after), [x[1]], node, "expand")
 
 
+def _as_strided(low, node, x, size, stride, offset=None):
+    """An identity when it only restrides (a memory-format change after a pool): same sizes, and the strides
+    of every axis longer than one are the input's own."""
+    val = node.args[0].meta.get("val")
+    same = isinstance(val, torch.Tensor) and low.shape(node.args[0]) == low.shape(node) and not offset
+    if same:
+        same = all(int(a) == int(b) for n, a, b in zip(val.shape[1:], stride[1:], val.stride()[1:]) if int(n) > 1)
+    if not same:
+        low.refuse(node, "reads its input through arbitrary strides; not modelled.")
+    return x
+
+
 def _pad(low, node, x, pad, value=0.0):
     return low.add(L.Pad(tuple(pad), float(value)), [x[1]], node, "pad")
 
@@ -549,6 +566,7 @@ _HANDLERS = {
     A.permute.default: _permute,
     A.expand.default: _expand,
     A.constant_pad_nd.default: _pad,
+    A.as_strided.default: _as_strided,
     A.linear.default: _linear_like,
     A.addmm.default: _addmm,
     A.mm.default: _mm,

@@ -301,7 +301,8 @@ def read_state_dict(path) -> tuple[dict, dict]:
     return sd, meta
 
 
-def _check_keys(module: nn.Module, sd: dict, path) -> None:
+def check_state_dict(module: nn.Module, sd: dict, path) -> None:
+    """Refuse a state dict whose keys or shapes do not match ``module``'s, listing every difference."""
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     optional = {k for k in want if k.endswith("num_batches_tracked")}
     missing = sorted(set(want) - set(sd) - optional)
@@ -312,7 +313,7 @@ def _check_keys(module: nn.Module, sd: dict, path) -> None:
         parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {extra}"] if extra else []) \
             + ([f"wrong shapes [{'; '.join(shapes)}]"] if shapes else [])
         raise ClearmapsError(f"checkpoint {str(path)!r} does not match the architecture: " + "; ".join(parts)
-                             + ". Check --arch / the arch spec against the model that was saved.")
+                             + ". Check --arch / the arch spec (or --model) against the model that was saved.")
     for k, v in sd.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise ClearmapsError(f"checkpoint {str(path)!r}: tensor {k!r} contains NaN or Inf.")
@@ -336,7 +337,7 @@ def load_checkpoint(path, arch=None, class_names=None, input_shape=None) -> Netw
         raise ClearmapsError(f"checkpoint {str(path)!r} does not say its architecture; pass arch= one of "
                              f"{sorted(PRESETS)} or a JSON spec.")
     module = SpecModule(arch)
-    _check_keys(module, sd, path)
+    check_state_dict(module, sd, path)
     module.load_state_dict(sd, strict=False)
     spec = module.spec
     names = class_names if class_names is not None else meta.get("class_names") or spec.get("class_names")

@@ -58,8 +58,16 @@ def _classes(text: str | None) -> list | None:
 
 def check_arguments(args) -> None:
     """Everything about the arguments that can be checked without a model or a file, as ClearmapsError."""
-    if getattr(args, "checkpoint", None) is None and (getattr(args, "arch", None) is not None
-                                                     or getattr(args, "class_names", None) is not None):
+    model = getattr(args, "model", None)
+    if model is not None:
+        if getattr(args, "arch", None) is not None:
+            raise ClearmapsError("give --model (your torch module) or --arch (a preset or JSON spec), not both.")
+        if ":" not in model or not all(model.rsplit(":", 1)):
+            raise ClearmapsError(f"--model {model!r}; expected MODULE:FACTORY, e.g. torchvision.models:resnet50 or "
+                                 "mynet:build (a module importable from here, or a .py file path, and a function "
+                                 "or class in it that returns the torch module when called without arguments).")
+    elif getattr(args, "checkpoint", None) is None and (getattr(args, "arch", None) is not None
+                                                       or getattr(args, "class_names", None) is not None):
         raise ClearmapsError("--arch and --class-names describe a --checkpoint; give the checkpoint too "
                              "(without one the built-in MNIST model is used).")
     if args.command == "explain":
@@ -144,6 +152,10 @@ def _model_options(p):
                                                         "MNIST model)")
     g.add_argument("--arch", metavar="NAME|SPEC", help="architecture: a preset ({presets}) or a JSON spec file; "
                                                        "optional when the checkpoint carries its own")
+    g.add_argument("--model", metavar="MODULE:FACTORY",
+                   help="your own torch classifier: a function or class that builds it, e.g. "
+                        "torchvision.models:resnet50 or mynet.py:Net; --checkpoint is then its state dict "
+                        "(captured with torch.export: residual blocks, concatenations, MLP heads all work)")
     g.add_argument("--class-names", metavar="FILE", help="one class name per line (or a JSON list)")
     g.add_argument("--backend", default="auto", choices=BACKENDS, help="where CLEAR is computed (default: auto)")
     g.add_argument("--batch-size", type=int, default=16, help="images per explain() call (default 16)")

@@ -18,7 +18,7 @@ import numpy as np
 from . import builtin, paper, render
 from .backends import get_backend
 from .cli_outputs import FILES, ExplainOptions, Progress, explain_items, prepare_out
-from .images import Item, Preprocess, load_images
+from .images import Item, Preprocess, load_images, parse_size
 from .reference import ClearmapsError, Network
 
 
@@ -66,8 +66,75 @@ def _read_class_names(path) -> list[str]:
     return names
 
 
-def load_model(checkpoint=None, arch=None, class_names=None) -> Model:
-    """The built-in model (no ``checkpoint``) or a checkpoint read with ``arch`` and a class-names file."""
+def _factory(spec: str):
+    """The callable named by --model MODULE:FACTORY (MODULE a dotted module importable from here, or a .py
+    file)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    where, name = spec.rsplit(":", 1)
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ClearmapsError(f"--model {spec!r}: the file {where!r} does not exist.")
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:  # a user's own module beside them
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(where)
+    except ClearmapsError:
+        raise
+    except Exception as exc:  # the user's own code: say what it raised, in one line
+        raise ClearmapsError(f"--model {spec!r}: importing {where!r} failed ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}).") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ClearmapsError(f"--model {spec!r}: {where!r} has no function or class {name!r}.")
+    return factory
+
+
+def _own_model(spec, checkpoint, class_names, size) -> Model:
+    import torch
+
+    from .checkpoints import check_state_dict, read_state_dict
+    from .torch_io import from_torch
+
+    try:
+        module = _factory(spec)()
+    except ClearmapsError:
+        raise
+    except Exception as exc:
+        raise ClearmapsError(f"--model {spec!r}: calling the factory failed ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}).") from None
+    if not isinstance(module, torch.nn.Module):
+        raise ClearmapsError(f"--model {spec!r} returned a {type(module).__name__}; expected a torch.nn.Module.")
+    fingerprint = "model:" + spec
+    if checkpoint is not None:
+        sd, _ = read_state_dict(checkpoint)
+        check_state_dict(module, sd, checkpoint)
+        module.load_state_dict(sd, strict=False)
+        fingerprint += ":" + _sha256(Path(checkpoint))
+    names = _read_class_names(class_names) if class_names else None
+    first = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    shape = None if size is None or first is None else (first.in_channels, *size)
+    net = from_torch(module.float(), class_names=names, input_shape=shape)
+    c, h, w = net.input_shape
+    desc = (f"{spec}" + (f" with weights {checkpoint}" if checkpoint else " (its own initial weights)")
+            + f"; {net.num_classes} classes; input {c} channel(s), {'any size' if h is None else f'{h}x{w}'}")
+    return Model(net, desc, fingerprint, False)
+
+
+def load_model(checkpoint=None, arch=None, class_names=None, model=None, size=None) -> Model:
+    """The built-in model (no ``checkpoint``), a checkpoint read with ``arch`` and a class-names file, or the
+    user's own torch module built by ``model`` ("MODULE:FACTORY") with ``checkpoint`` as its state dict,
+    captured for images of ``size`` (H, W) when given."""
+    if model is not None:
+        return _own_model(model, checkpoint, class_names, size)
     if checkpoint is None:
         net = builtin.load_model()
         meta = builtin.info()
@@ -135,7 +202,8 @@ def _evenly_spaced(n: int, limit: int | None) -> np.ndarray:
 def explain_command(args, pre: Preprocess, vmax, classes: list | None) -> int:
     t0 = time.perf_counter()
     backend = backend_name(args.backend)
-    model = load_model(args.checkpoint, args.arch, args.class_names)
+    model = load_model(args.checkpoint, args.arch, args.class_names, args.model,
+                       parse_size(args.resize) if args.resize else None)
     net = model.net
     chosen = resolve_cli_classes(classes, args.top_k, net)
     true_all = class_id(net, args.true_label, "--true-label") if args.true_label is not None else None
@@ -257,7 +325,8 @@ def _load_labelled(data, net: Network, pre: Preprocess, builtin_model: bool):
 def evaluate_command(args, pre: Preprocess) -> int:
     t0 = time.perf_counter()
     backend = backend_name(args.backend)
-    model = load_model(args.checkpoint, args.arch, args.class_names)
+    model = load_model(args.checkpoint, args.arch, args.class_names, args.model,
+                       parse_size(args.resize) if args.resize else None)
     net = model.net
     out = prepare_out(args.out)
     pixels, labels, source = _load_labelled(args.data, net, pre, model.builtin)

@@ -147,6 +147,7 @@ def explain(net: Network, x, classes=None, backend: str = "reference", rectify: 
     check_options(reduce, rectify)
     caller = interop.caller_of(x, "x", classes=classes, palette=palette)
     impl = interop.backend_for(backend, caller)
+    check_graph_support(net, impl)
     x = caller.conform(x)
     with caller.computing():
         images = interop.check_images(net, caller.to_backend(x))  # a view of x: NumPy on the host, CuPy on a GPU
@@ -163,11 +164,21 @@ def check_options(reduce, rectify):
         raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
 
 
+def check_graph_support(net: Network, impl) -> None:
+    """Refuse a graph network on a backend that runs only the paper's chain (the CUDA backend, until its
+    graph path lands), rather than let it misread the graph."""
+    if not net.is_chain and impl.__name__ == "clearmaps.kernels.cuda" and \
+            not getattr(impl, "SUPPORTS_GRAPHS", False):
+        raise ClearmapsError("the CUDA backend runs only chain networks (Conv / ReLU / MaxPool, the paper's form) "
+                             "so far; this network is a graph: use backend='cpu' (or 'reference').")
+
+
 def explain_from_trace(net: Network, trace, impl, caller, classes=None, rectify=True, reduce="sum",
                        palette=None, vmax=None, keep_responses=True) -> Explanation:
     """Everything of :func:`explain` after the forward pass (shared with :func:`clearmaps.torch.explain`,
     whose forward pass torch runs): resolve the classes, run the backend's ``clear_from_trace``, and hand
     the results back in ``caller``'s framework."""
+    check_graph_support(net, impl)
     # class names, top-k and the palette are decided on the host: a few values
     ids = resolve_classes(interop.small_to_host(classes, "classes"), net, interop.to_numpy(trace.logits))
     hues = check_palette(interop.small_to_host(palette, "palette"), ids.shape[1])

@@ -351,3 +351,78 @@ def test_errors_from_the_python_api_are_reworded_as_options(tmp_path, capsys, di
         assert cli_words(text) == text
     assert cli_words("classes='top20' asks for the top 20") == "--top-k 20 asks for the top 20"
     assert cli_words("mean=(1.0, nan); expected finite numbers.") == "--mean 1.0 nan; expected finite numbers."
+
+
+# ---- a user's own torch model (--model MODULE:FACTORY) -----------------------------------------------------
+
+_OWN_MODEL = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.a(x)))
+        y = F.relu(self.b(y) + y)  # a skip connection and functional ReLUs: the chain could not take this
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def build():
+    torch.manual_seed(3)
+    return Residual()
+'''
+
+
+def test_explain_with_a_users_own_torch_model(tmp_path, capsys, digits):
+    """--model file.py:factory with --checkpoint its state dict: the maps are those of clearmaps.explain on
+    from_torch of the same module with the same weights."""
+    import torch
+
+    (tmp_path / "own.py").write_text(_OWN_MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import own  # noqa: F401  (the same file the CLI loads, for the expected maps)
+        module = own.build()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(1.5)  # weights that differ from the factory's own, so the checkpoint must be read
+            module.bn.running_mean.uniform_(-0.5, 0.5)
+        torch.save(module.state_dict(), tmp_path / "w.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+    png = save_png(tmp_path / "seven.png", digits[0][np.flatnonzero(digits[1] == 7)[0]])
+    out = tmp_path / "out"
+    rc, stdout, _ = run_main(capsys, "explain", str(png), "--model", f"{tmp_path / 'own.py'}:build", "--checkpoint",
+                             str(tmp_path / "w.pt"), "--out", str(out), "--quiet", *REF)
+    assert rc == 0 and "own.py:build with weights" in stdout
+    got = np.load(out / "seven" / "maps.npz")
+    want = clearmaps.explain(clearmaps.from_torch(module), builtin.to_input(digits[0][np.flatnonzero(digits[1] == 7)[:1]]),
+                             backend="reference")
+    np.testing.assert_allclose(got["logits"], want.logits[0], rtol=1e-5)
+    np.testing.assert_array_equal(got["dominant_class"], want.dominant_class[0])
+
+
+def test_bad_own_models_get_one_clear_error(tmp_path, capsys):
+    (tmp_path / "own.py").write_text(_OWN_MODEL + "\ndef broken():\n    raise RuntimeError('no weights here')\n")
+    png = save_png(tmp_path / "d.png", np.zeros((28, 28), np.uint8))
+    out = str(tmp_path / "o")
+    own = f"{tmp_path / 'own.py'}"
+    assert_error(capsys, ["explain", str(png), "--model", "own", "--out", out], "expected MODULE:FACTORY")
+    assert_error(capsys, ["explain", str(png), "--model", "no_such_module_here:build", "--out", out],
+                 "importing 'no_such_module_here' failed (ModuleNotFoundError")
+    assert_error(capsys, ["explain", str(png), "--model", f"{own}:nothing", "--out", out], "has no function or class")
+    assert_error(capsys, ["explain", str(png), "--model", f"{own}:broken", "--out", out],
+                 "calling the factory failed (RuntimeError: no weights here)")
+    assert_error(capsys, ["explain", str(png), "--model", f"{own}:build", "--arch", "allcnn-mnist", "--out", out],
+                 "not both")
+    import torch
+
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
+    assert_error(capsys, ["explain", str(png), "--model", f"{own}:build", "--checkpoint", str(tmp_path / "bad.pt"),
+                          "--out", out], "does not match the architecture", "missing keys")
