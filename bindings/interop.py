@@ -376,28 +376,6 @@ def backend_for(name: str, caller: Caller):
 
 
 def check_images(net, x, name: str = "x"):
-    """:func:`clearmaps.reference.check_input` for a backend array: NumPy arrays go through it as they are;
-    CuPy arrays get the same checks, the finiteness one computed on the device."""
-    if array_module(x) is np:
-        return check_input(net, x, name)
-    # the same messages as check_input, read from metadata; the values are tested on the device
-    c, h, w = net.input_shape
-    hint = f" of shape (B, {c}, H, W)" if h is None else f" of shape (B, {c}, {h}, {w})"
-    shape = tuple(x.shape)
-    if x.ndim != 4:
-        raise ClearmapsError(f"{name} has shape {shape} (rank {x.ndim}); expected rank 4{hint}.")
-    if shape[0] == 0:
-        raise ClearmapsError(f"{name} is an empty batch (shape {shape}); expected at least one image.")
-    if shape[1] != c:
-        raise ClearmapsError(f"{name} has {shape[1]} channels (shape {shape}); the network takes {c}: "
-                             f"expected{hint}.")
-    if h is not None and shape[2:] != (h, w):
-        raise ClearmapsError(f"{name} has size {shape[2]}x{shape[3]}; the network was built for {h}x{w}: "
-                             f"resize the images to {h}x{w}.")
-    net.layer_sizes(shape[2:])
-    cupy = _cupy()
-    if not bool(cupy.isfinite(x).all()):
-        bad = cupy.argwhere(~cupy.isfinite(x))[0].get()
-        raise ClearmapsError(f"{name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
-                             "expected finite values.")
-    return x
+    """:func:`clearmaps.reference.check_input` for a backend array, NumPy or CuPy: one check for every backend
+    (reference/errors.py checks a GPU array on its device, without a host copy)."""
+    return check_input(net, x, name)

@@ -2,6 +2,11 @@
 
 Every public function validates its arguments here, before any arithmetic, so that a user sees one
 message that says what was wrong and what was expected, never a traceback from deep inside NumPy.
+
+The checks are written for any array module, so that every backend refuses the same mistake with the same
+words: a NumPy array is checked as it is; a GPU array (one exporting ``__cuda_array_interface__`` with a
+NumPy dtype, such as a CuPy array) is checked where it lives, through its shape, dtype and elementwise
+operators, without being copied to the host and without this module importing its library.
 """
 
 from __future__ import annotations
@@ -13,22 +18,43 @@ class ClearmapsError(ValueError):
     """Bad input to clearmaps: the message says what was wrong, what was expected and how to fix it."""
 
 
+def _is_device_array(a) -> bool:
+    """A GPU array this module can check without a copy: it exports ``__cuda_array_interface__`` and has a
+    NumPy dtype (CuPy; a torch CUDA tensor has torch dtypes and is converted by its caller)."""
+    return hasattr(a, "__cuda_array_interface__") and isinstance(getattr(a, "dtype", None), np.dtype)
+
+
+def first_nonfinite(a) -> tuple | None:
+    """The index of the first NaN or Inf of the float array ``a`` in row-major order, or None.
+
+    Array-module agnostic: x - x is 0 exactly for a finite x and NaN for NaN or ±Inf, so one subtraction and
+    one comparison find them with any array type's own operators (on a GPU, on the GPU)."""
+    with np.errstate(invalid="ignore"):
+        bad = (a - a) != 0
+    if not bool(bad.any()):
+        return None
+    flat = int(bad.reshape(-1).nonzero()[0][0])
+    return tuple(int(i) for i in np.unravel_index(flat, tuple(a.shape)))
+
+
 def check_array(a, name: str, ndim: int | None = None, *, kinds: str = "f",
-                finite: bool = True, shape_hint: str = "") -> np.ndarray:
-    """Return ``a`` as a NumPy array after checking its rank, dtype kind and finiteness.
+                finite: bool = True, shape_hint: str = ""):
+    """Return ``a`` as an array after checking its rank, dtype kind and finiteness.
 
     ``kinds`` is a string of NumPy dtype kinds that are accepted ("f" float, "i"/"u" integers, "b" bool).
+    A GPU array (CuPy) is returned as it is, checked on its device; anything else is read as a NumPy array.
     """
     if a is None:
         raise ClearmapsError(f"{name} is missing (got None); expected an array{shape_hint}.")
-    if not isinstance(a, np.ndarray):
+    if not isinstance(a, np.ndarray) and not _is_device_array(a):
         try:
             a = np.asarray(a)
         except Exception as exc:  # e.g. ragged lists
             raise ClearmapsError(f"{name} could not be read as an array ({exc}); "
                                  f"expected an array{shape_hint}.") from None
+    shape = tuple(a.shape)
     if ndim is not None and a.ndim != ndim:
-        raise ClearmapsError(f"{name} has shape {a.shape} (rank {a.ndim}); expected rank {ndim}{shape_hint}.")
+        raise ClearmapsError(f"{name} has shape {shape} (rank {a.ndim}); expected rank {ndim}{shape_hint}.")
     if a.dtype.kind not in kinds:
         want = {"f": "floating point", "i": "signed integer", "u": "unsigned integer",
                 "b": "boolean"}
@@ -37,13 +63,10 @@ def check_array(a, name: str, ndim: int | None = None, *, kinds: str = "f",
     if a.dtype.kind == "f" and a.dtype.itemsize < 4:
         raise ClearmapsError(f"{name} has dtype {a.dtype}; expected float32 or float64 "
                              "(convert half precision with .astype(np.float32)).")
-    # an array with all strides 0 (a broadcast scalar, such as the CUDA backend's stand-in for a GPU array,
-    # whose values it checks on the device) holds one value: test that one, not every copy of it
-    values = a[(0,) * a.ndim] if a.size and not any(a.strides) else a
-    if finite and a.dtype.kind == "f" and a.size and not np.isfinite(values).all():
-        bad = np.argwhere(~np.isfinite(a))[0]
-        raise ClearmapsError(f"{name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)}); "
-                             "expected finite values.")
+    if finite and a.dtype.kind == "f" and a.size:
+        bad = first_nonfinite(a)
+        if bad is not None:
+            raise ClearmapsError(f"{name} contains NaN or Inf (first at index {bad}); expected finite values.")
     return a
 
 

@@ -403,3 +403,72 @@ def test_a_wrong_crossing_would_be_caught(monkeypatch):
     got = clearmaps.explain(net, torch.from_numpy(x))
     with pytest.raises(AssertionError):
         assert_explanations_equal(got, want)
+
+
+# --- one validation for host and device arrays -------------------------------------------------------------
+
+class DeviceStandIn:
+    """A GPU array as reference/errors.py recognises one (``__cuda_array_interface__`` and a NumPy dtype), with
+    elementwise operators and reductions of its own. It cannot be converted to NumPy: a check that copied it
+    to the host would fail here instead of passing quietly."""
+
+    __cuda_array_interface__ = {}
+
+    def __init__(self, a):
+        self._a = np.asarray(a)
+
+    shape = property(lambda self: self._a.shape)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    dtype = property(lambda self: self._a.dtype)
+
+    def __sub__(self, other):
+        return DeviceStandIn(self._a - other._a)
+
+    def __ne__(self, other):
+        return DeviceStandIn(self._a != other)
+
+    def any(self):
+        return DeviceStandIn(self._a.any())
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def __int__(self):
+        return int(self._a)
+
+    def reshape(self, *shape):
+        return DeviceStandIn(self._a.reshape(*shape))
+
+    def nonzero(self):
+        return tuple(DeviceStandIn(i) for i in self._a.nonzero())
+
+    def __getitem__(self, key):
+        return DeviceStandIn(self._a[key])
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("a device array was copied to the host to be checked")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda x: x[0], "rank 3"),
+    (lambda x: x[:, :1], "has 1 channels"),
+    (lambda x: x.astype(np.float16), "dtype float16"),
+    (lambda x: x.astype(np.int32), "dtype int32"),
+    (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 37, np.inf, x), r"NaN or Inf \(first at index \(0, 0, 2, 5\)\)"),
+    (lambda x: np.where(np.arange(x.size).reshape(x.shape) >= 40, np.nan, x), r"NaN or Inf \(first at index \(0, 0, 2, 8\)\)"),
+])
+def test_device_arrays_are_checked_where_they_are_with_the_host_words(make, message):
+    """reference.check_input, and interop.check_images for every backend, refuse a bad GPU array with the same
+    message as the same mistake in a NumPy array, computed with the array's own operators (never a host
+    copy); a good one comes back as itself."""
+    net = tiny_net()
+    bad = make(tiny_images(size=(9, 16)))
+    with pytest.raises(ClearmapsError, match=message) as on_host:
+        reference.check_input(net, bad)
+    for check in (reference.check_input, interop.check_images):
+        with pytest.raises(ClearmapsError) as on_device:
+            check(net, DeviceStandIn(bad))
+        assert str(on_device.value) == str(on_host.value)
+    good = DeviceStandIn(tiny_images())
+    assert interop.check_images(net, good) is good
