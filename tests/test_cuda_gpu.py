@@ -99,19 +99,17 @@ def test_vgg16_fcn_against_the_torch_oracle(kc):
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_sparse_and_gemm_routes_on_the_gpu(kc, monkeypatch, sparse):
+def test_sparse_and_gemm_routes_on_the_gpu(kc, sparse):
     """vgg16-fcn at 64x64 through the default routing (the sparse kernel behind pools and on narrow layers,
-    GEMMs on wide ones) and through columns + GEMM everywhere, compiled for the real GPU: R(x|c) against
-    the float64 torch oracle. (The benchmark's other variants, bench.device_bench.VARIANT_METHODS, each
-    meet the float32 contract before they are timed.)"""
-    from clearmaps.kernels.cuda import backend
-
+    GEMMs on wide ones) and through columns + GEMM everywhere (CudaConfig(sparse=False)), compiled for the
+    real GPU: R(x|c) against the float64 torch oracle. (The benchmark's other variants,
+    bench.device_bench.VARIANT_METHODS, each meet the float32 contract before they are timed.)"""
     from .oracle import torch_responses
 
-    monkeypatch.setattr(backend, "SPARSE_TRANSPOSE", sparse)
     net = _preset("vgg16-fcn")
     x = np.random.default_rng(3).uniform(size=(2, 3, 64, 64))
-    R = kc.backproject(net, kc.forward(net, x), np.arange(10)[None].repeat(2, 0))
+    config = kc.CudaConfig(sparse=sparse)
+    R = kc.backproject(net, kc.forward(net, x, config=config), np.arange(10)[None].repeat(2, 0), config=config)
     assert_close(R, torch_responses(net, x, np.arange(10)), RTOL_F32, f"R(x|c), sparse={sparse}")
 
 
@@ -120,15 +118,15 @@ def test_memory_splitting_on_the_gpu(kc, monkeypatch):
     images and classes, with the same maps as one pass, on CuPy's allocator."""
     import cupy as cp
 
-    from clearmaps.kernels.cuda import backend
+    from clearmaps.kernels.cuda import memory
 
     net = _preset("allcnn-mnist", 3)
     x = cp.asarray(np.random.default_rng(3).uniform(size=(6, 1, 28, 28)), dtype=cp.float32)
     trace = kc.forward(net, x)
     whole = kc.clear_from_trace(net, trace, np.tile(np.arange(10), (6, 1)))
     seen = []
-    real_chunks = backend._chunks
-    monkeypatch.setattr(backend, "_chunks", lambda *a: seen.append(real_chunks(*a)) or seen[-1])
+    real_chunks = memory.chunks
+    monkeypatch.setattr(memory, "chunks", lambda *a: seen.append(real_chunks(*a)) or seen[-1])
     kc.set_memory_limit(1_600_000)
     try:
         split = kc.clear_from_trace(net, trace, np.tile(np.arange(10), (6, 1)))
@@ -145,38 +143,6 @@ def test_fast_mode_reports_its_agreement(kc):
     report = kc.agreement(net, x)
     assert report["pixels"] == 8 * 28 * 28
     assert report["decisive_agreement"] >= 0.97 and report["agreement"] >= 0.9, report
-
-
-@pytest.mark.parametrize("arch, size", [("allcnn-mnist", 28), ("vgg16-fcn", 64)])
-@pytest.mark.parametrize("halo", [False, True], ids=["flat", "halo"])
-def test_tensor_cores_on_the_gpu(kc, monkeypatch, arch, size, halo):
-    """The fast mode on the tensor-core kernel (backend.TENSOR_CORES; flat, or the halo kernel), compiled by
-    NVRTC for the real GPU: every stride-1 transposed conv it takes, and the forward convs, against the
-    float64 reference on the exact trace's switches (TF32 accuracy), and its dominant-class agreement as
-    agreement() reports it."""
-    from clearmaps import reference as ref
-    from clearmaps.kernels.cuda import backend
-    from clearmaps.kernels.cuda import tensor_cores as tc
-
-    monkeypatch.setattr(backend, "TENSOR_CORES", True)
-    monkeypatch.setattr(tc, "HALO", halo)
-    used = []
-    real = tc.launch
-    monkeypatch.setattr(tc, "launch", lambda *a: used.append(a[4:6]) or real(*a))
-    net = _preset(arch, 6)
-    x = np.random.default_rng(6).uniform(size=(3, net.in_channels, size, size)).astype(np.float32)
-    classes = np.tile(np.arange(10), (3, 1))
-    trace = kc.forward(net, x, fast=False)
-    got = kc.clear_from_trace(net, trace, classes, fast=True)
-    assert len(used) >= 2, used
-    want = ref.clear_from_trace(net, ref.forward(net, x), classes)
-    err = np.linalg.norm(got.responses - want.responses) / np.linalg.norm(want.responses)
-    assert RTOL_F32 < err < 5e-3, err
-    mask = decisive(want.responses, margin=0.02)
-    assert mask.mean() > 0.3
-    assert (got.dominant_index[mask] == want.dominant_index[mask]).mean() >= 0.999
-    report = kc.agreement(net, x)
-    assert report["decisive_agreement"] >= 0.97, report
 
 
 def test_auto_picks_cuda_and_explain_runs(kc):

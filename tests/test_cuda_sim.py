@@ -1,11 +1,18 @@
 """Runs the CUDA backend's kernels under Numba's CUDA simulator, in subprocesses.
 
 ``NUMBA_ENABLE_CUDASIM=1`` must be set before Numba is first imported, and this pytest process has
-imported it already (the CPU backend, the strategies), so tests/cuda_sim runs in child pytests with
-the variable set. The tensor-core tests (a C++ host emulation, mostly waiting on its threads' barriers) run
-in one child and the rest (the simulator, single-threaded Python) in another, at the same time: on a 2-core
-machine that takes about the time of the longer one instead of the sum. This test fails, printing a child's
-output, if any simulator test fails or too few ran.
+imported it already (the CPU backend, the strategies), so the simulator runs in child pytests with the
+variable set, two at once (each mostly one core: on a 2-core machine that takes about the time of the longer
+one instead of the sum):
+
+    properties  tests/test_backends.py, the property suite every backend meets, for "cuda" only
+                (CLEARMAPS_TEST_BACKENDS=cuda; tests/conftest.py then draws smaller cases), and, to even
+                the two children out, the CUDA backend's settings and warm (tests/cuda_sim/test_config.py,
+                test_warm.py)
+    routes      tests/cuda_sim/test_routes.py: what only the CUDA backend has (every route, the sparse
+                kernel alone, the folded head, foreign traces, memory splitting)
+
+This test fails, printing a child's output, if any simulator test fails or too few ran.
 """
 
 from __future__ import annotations
@@ -17,20 +24,29 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TENSOR_CORES = "tests/cuda_sim/test_tensor_cores.py"
-# the fewest tests each child must pass: a child that collects nothing (a broken conftest) must not pass
-CHILDREN = {"tensor cores": ([TENSOR_CORES], 30), "simulator": (["tests/cuda_sim", "--ignore", TENSOR_CORES], 40)}
+# (pytest arguments, extra environment, the fewest tests that must pass: a child that collects nothing, a
+# broken conftest, must not pass)
+CHILDREN = {"properties": (["tests/test_backends.py", "tests/cuda_sim/test_config.py", "tests/cuda_sim/test_warm.py"],
+                           {"CLEARMAPS_TEST_BACKENDS": "cuda"}, 45),
+            "routes": (["tests/cuda_sim/test_routes.py"], {}, 30)}
+
+
+def test_every_simulator_test_file_runs_in_a_child():
+    """A test file added to tests/cuda_sim is run by one of the children (none is left out, none run twice)."""
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "cuda_sim").glob("test_*.py"))
+    given = sorted(a for args, _, _ in CHILDREN.values() for a in args if a.startswith("tests/cuda_sim/"))
+    assert given == files, (given, files)
 
 
 def test_cuda_kernels_under_the_simulator(tmp_path):
     procs = {}
-    for name, (args, _) in CHILDREN.items():
+    for name, (args, extra, _) in CHILDREN.items():
         # generated kernel sources go to a temporary folder, not the user's ~/.cache
-        cache = tmp_path / name.replace(" ", "-")
-        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1", CLEARMAPS_CACHE_DIR=str(cache))
+        cache = tmp_path / name
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1", CLEARMAPS_CACHE_DIR=str(cache), **extra)
         env.pop("CLEARMAPS_CUDA_REAL", None)
-        log = open(tmp_path / f"{cache.name}.log", "w+")
-        # -rs: a skip (none is expected; test_tensor_cores.py skips without a C++ compiler) says why
+        log = open(tmp_path / f"{name}.log", "w+")
+        # -rs: a skip (none is expected) says why
         procs[name] = (subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *args],
                                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log)
     tails = []
@@ -42,7 +58,7 @@ def test_cuda_kernels_under_the_simulator(tmp_path):
             tail = out.strip().splitlines()[-1] if out.strip() else ""
             assert code == 0, f"{name} tests under the simulator failed (exit {code}):\n{out[-20000:]}"
             passed = re.search(r"(\d+) passed", tail)
-            least = CHILDREN[name][1]
+            least = CHILDREN[name][2]
             assert passed and int(passed.group(1)) >= least and "skipped" not in tail, \
                 f"too few {name} tests ran under the simulator (at least {least} expected):\n{out}"
             tails.append(f"{name}: {tail}")

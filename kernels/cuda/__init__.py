@@ -3,22 +3,26 @@
 Same names and signatures as :mod:`clearmaps.reference` (the backend contract, kernels/__init__.py), in
 float32 on the GPU:
 
-    forward, clear_from_trace, backproject          the pipeline (backend.py)
+    forward, clear_from_trace, backproject          the pipeline (pipeline.py)
     conv2d, conv_transpose2d, max_pool_with_switches, unpool, reduce_channels, dominant, compose
                                                     single operators (ops.py)
+    CudaConfig, get_config, set_config              the settings, one frozen object (config.py): every
+                                                    function above takes ``config=`` (None: the default)
     set_precision("exact" | "tf32"), agreement      the exact default and the fast mode
     set_memory_limit                                cap on the GPU memory a call plans to use
     warm(net, x)                                    compile a network's kernels beforehand, in parallel
 
-Kernel files: sparse_kernels.py (stride-1 convs, forward and transposed, as a tiled kernel that skips
-zeros and reads an unpooled plane through the switches), forward_kernels.py (columns, max pool with
-switches), backproject_kernels.py (G_L^c z_L, the fused unpool + rectify + transposed-conv gather, the
-direct transposed conv), epilogue.py (channel reduction + argmax + max + HSV), device.py (CuPy or, under
-``NUMBA_ENABLE_CUDASIM=1``, NumPy; the GEMM).
+Modules: config.py (CudaConfig, Profiler), pipeline.py, routing.py (which kernel runs each conv), convs.py
+(the conv executors), memory.py (budgets and splitting), plans.py (weights in the kernels' layouts),
+validation.py (arguments and traces), ops.py, warmup.py. Kernel files: sparse_kernels.py (stride-1 convs,
+forward and transposed, as a tiled kernel that skips zeros and reads an unpooled plane through the
+switches), forward_kernels.py (columns, max pool with switches), backproject_kernels.py (G_L^c z_L, the fused
+unpool + rectify + transposed-conv gather, the direct transposed conv), epilogue.py (channel reduction +
+argmax + max + HSV), device.py (CuPy or, under ``NUMBA_ENABLE_CUDASIM=1``, NumPy; the GEMM).
 
 Importing this package is cheap and never fails: ``is_available()`` says whether the backend can run here
 and ``why_unavailable()`` why not. Under Numba's CUDA simulator the backend runs (slowly) on the CPU with
-NumPy arrays; that is how CI tests the kernels.
+NumPy arrays; that is how CI tests the kernels. The configuration names need neither.
 """
 
 from __future__ import annotations
@@ -29,14 +33,17 @@ import os
 _STATUS: dict = {}
 
 _PUBLIC = {
-    "forward": "backend", "clear_from_trace": "backend", "backproject": "backend", "agreement": "backend",
-    "set_precision": "backend", "get_precision": "backend", "set_memory_limit": "backend",
-    "CudaTrace": "backend", "warm": "warmup",
+    "forward": "pipeline", "clear_from_trace": "pipeline", "backproject": "pipeline", "agreement": "pipeline",
+    "CudaTrace": "validation", "warm": "warmup",
     "conv2d": "ops", "conv_transpose2d": "ops", "max_pool_with_switches": "ops", "unpool": "ops",
     "reduce_channels": "ops", "dominant": "ops", "compose": "ops",
 }
 
-__all__ = ["is_available", "why_unavailable", "simulated", *_PUBLIC]
+# the settings: importable without a GPU or Numba (a benchmark builds configurations on any machine)
+_SETTINGS = ("CudaConfig", "Profiler", "get_config", "set_config", "set_precision", "get_precision",
+             "set_memory_limit")
+
+__all__ = ["is_available", "why_unavailable", "simulated", *_SETTINGS, *_PUBLIC]
 
 
 def simulated() -> bool:
@@ -82,6 +89,8 @@ def is_available() -> bool:
 
 
 def __getattr__(name):
+    if name in _SETTINGS:
+        return getattr(importlib.import_module(f"{__name__}.config"), name)
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,12 @@ from . import backproject_kernels as bk
 from . import device as dv
 from . import epilogue as ek
 from . import forward_kernels as fk
-from .backend import _ConvPlan, _fast, _geometry, _Source, _conv_forward, _transpose_conv, checked
+from .config import CudaConfig, resolve
+from .convs import conv_forward, transpose_conv
 from .device import THREADS, ceil_div, launch, xp
+from .plans import ConvPlan, geometry
+from .routing import Source
+from .validation import checked
 
 
 def _back(a, like_device: bool):
@@ -29,13 +33,14 @@ def _weights(weight, bias, stride, padding):
     b = check_array(b, "bias", 1)
     layer = Conv(w.astype(np.float32), np.asarray(b, dtype=np.float32), check_pair(stride, "stride", 1),
                  check_pair(padding, "padding", 0))
-    return layer, _ConvPlan.of(layer)
+    return layer, ConvPlan(layer)
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, *, fast=None):
+def conv2d(x, weight, bias=None, stride=1, padding=0, *, fast=None, config: CudaConfig | None = None):
     """Cross-correlation as torch's ``conv2d`` (see :func:`clearmaps.reference.conv2d`), float32."""
+    config, fast = resolve(config, fast)
     device = dv.on_device(x)
-    x = checked(x, "x", lambda a: check_array(a, "x", 4, shape_hint=" of shape (B, C, H, W)"))
+    x = checked(x, lambda a: check_array(a, "x", 4, shape_hint=" of shape (B, C, H, W)"))
     layer, plan = _weights(weight, bias, stride, padding)
     if layer.in_channels != x.shape[1]:
         raise ClearmapsError(f"x has {x.shape[1]} channels but weight {layer.weight.shape} takes {layer.in_channels}.")
@@ -44,14 +49,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, *, fast=None):
         raise ClearmapsError(f"input of size {x.shape[2]}x{x.shape[3]} is smaller than the "
                              f"{layer.kernel[0]}x{layer.kernel[1]} kernel with padding {padding}.")
     a = xp.ascontiguousarray(x.astype(np.float32).transpose(1, 0, 2, 3))
-    out = _conv_forward(a, layer, plan, False, _fast(fast))
+    out = conv_forward(a, layer, plan, False, config, fast)
     return _back(xp.ascontiguousarray(out.transpose(1, 0, 2, 3)), device)
 
 
-def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None, *, fast=None):
+def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None, *, fast=None,
+                     config: CudaConfig | None = None):
     """The transpose of :func:`conv2d` (see :func:`clearmaps.reference.conv_transpose2d`), float32."""
+    config, fast = resolve(config, fast)
     device = dv.on_device(y)
-    y = checked(y, "y", lambda a: check_array(a, "y", 4, shape_hint=" of shape (B, O, oh, ow)"))
+    y = checked(y, lambda a: check_array(a, "y", 4, shape_hint=" of shape (B, O, oh, ow)"))
     layer, plan = _weights(weight, None, stride, padding)
     B, O, oh, ow = y.shape
     if layer.out_channels != O:
@@ -64,15 +71,15 @@ def conv_transpose2d(y, weight, stride=1, padding=0, output_size=None, *, fast=N
     if fits != (oh, ow):
         raise ClearmapsError(f"output_size {(H, W)} does not fit: a conv with kernel {(kh, kw)}, stride "
                              f"{(sh, sw)}, padding {(ph, pw)} maps it to {fits}, not {(oh, ow)}.")
-    src = _Source(bk.DENSE, xp.ascontiguousarray(y.astype(np.float32).transpose(1, 0, 2, 3)), (oh, ow))
-    out = _transpose_conv(src, layer, plan, (H, W), 0, 1, _fast(fast))
+    src = Source(bk.DENSE, xp.ascontiguousarray(y.astype(np.float32).transpose(1, 0, 2, 3)), (oh, ow))
+    out, _ = transpose_conv(src, layer, plan, (H, W), 0, 1, config, fast)
     return _back(xp.ascontiguousarray(out.transpose(1, 0, 2, 3)), device)
 
 
 def max_pool_with_switches(x, kernel, stride=None, padding=0):
     """Max pooling that also returns the switches (see :func:`clearmaps.reference.max_pool_with_switches`)."""
     device = dv.on_device(x)
-    x = checked(x, "x", lambda a: check_array(a, "x", 4, shape_hint=" of shape (B, C, H, W)"))
+    x = checked(x, lambda a: check_array(a, "x", 4, shape_hint=" of shape (B, C, H, W)"))
     kh, kw = check_pair(kernel, "kernel", 1)
     ph, pw = check_pair(padding, "padding", 0)
     if ph > kh // 2 or pw > kw // 2:
@@ -86,7 +93,7 @@ def max_pool_with_switches(x, kernel, stride=None, padding=0):
     pooled = xp.empty((C, B, oh, ow), dtype=np.float32)
     switches = xp.empty((B, C, oh, ow), dtype=np.int64)
     index32, offsets = (xp.empty((B, C, oh, ow), dtype=np.int32) for _ in range(2))  # not returned
-    launch(fk.max_pool(*_geometry(pool)), ceil_div(pooled.size, THREADS), THREADS, a, pooled, switches,
+    launch(fk.max_pool(*geometry(pool)), ceil_div(pooled.size, THREADS), THREADS, a, pooled, switches,
            index32, offsets, 0, False)
     return _back(xp.ascontiguousarray(pooled.transpose(1, 0, 2, 3)), device), _back(switches, device)
 
@@ -94,8 +101,8 @@ def max_pool_with_switches(x, kernel, stride=None, padding=0):
 def unpool(y, switches, input_size):
     """Switch unpooling (see :func:`clearmaps.reference.unpool`), float32."""
     device = dv.on_device(y)
-    y = checked(y, "y", lambda a: check_array(a, "y", 4, shape_hint=" of shape (B, C, oh, ow)"))
-    switches = checked(switches, "switches", lambda a: check_array(a, "switches", 4, kinds="iu"), finite=False)
+    y = checked(y, lambda a: check_array(a, "y", 4, shape_hint=" of shape (B, C, oh, ow)"))
+    switches = checked(switches, lambda a: check_array(a, "switches", 4, kinds="iu"))
     H, W = check_pair(input_size, "input_size", 1)
     if tuple(switches.shape) != tuple(y.shape):
         raise ClearmapsError(f"switches have shape {tuple(switches.shape)} but y has shape {tuple(y.shape)}; "
@@ -116,7 +123,7 @@ def reduce_channels(R, reduce: str = "sum"):
     if reduce not in REDUCTIONS:
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
     device = dv.on_device(R)
-    R = checked(R, "R", lambda a: check_array(a, "R", None, shape_hint=" of shape (..., C, H, W)"))
+    R = checked(R, lambda a: check_array(a, "R", None, shape_hint=" of shape (..., C, H, W)"))
     if R.ndim < 3:
         raise ClearmapsError(f"R has shape {tuple(R.shape)}; expected (..., C, H, W) with at least 3 axes.")
     R = R.astype(np.float32, copy=False)
@@ -132,7 +139,7 @@ def reduce_channels(R, reduce: str = "sum"):
 def dominant(responses):
     """Eqs. 4-5 with the epilogue kernel: (index into K int64, response), both (B, H, W)."""
     device = dv.on_device(responses)
-    r = checked(responses, "responses",
+    r = checked(responses,
                 lambda a: check_array(a, "responses", 4, shape_hint=" of shape (B, K, H, W)"))
     B, K, H, W = r.shape
     if K == 0:
@@ -151,10 +158,9 @@ def dominant(responses):
 def compose(class_index, response, palette=None, vmax=None, *, num_classes=None):
     """The CLEAR map (Eq. 6) as uint8 RGB (B, H, W, 3) (see :func:`clearmaps.reference.compose`)."""
     device = dv.on_device(response)
-    index = checked(class_index, "class_index",
-                    lambda a: check_array(a, "class_index", 3, kinds="iu", finite=False,
-                                          shape_hint=" of shape (B, H, W)"), finite=False)
-    d = checked(response, "response", lambda a: check_array(a, "response", 3, shape_hint=" of shape (B, H, W)"))
+    index = checked(class_index, lambda a: check_array(a, "class_index", 3, kinds="iu", finite=False,
+                                                       shape_hint=" of shape (B, H, W)"))
+    d = checked(response, lambda a: check_array(a, "response", 3, shape_hint=" of shape (B, H, W)"))
     if tuple(index.shape) != tuple(d.shape):
         raise ClearmapsError(f"class_index {tuple(index.shape)} and response {tuple(d.shape)} must have the same shape.")
     hues = check_palette(palette, num_classes)

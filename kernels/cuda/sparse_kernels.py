@@ -6,17 +6,18 @@ the rectified signal (about half of what is left), and it writes and reads kh*kw
 This kernel reads the pooled (or dense) signal once, through shared memory, and does a multiply-add only
 for values that are not zero. Exact float32 FMAs, summed in a fixed order: deterministic.
 
-What it computes (stride-1 transposed convs; the driver, backend.py, routes strided ones to the GEMM path,
-and runs a forward stride-1 conv here as the transposed conv of its flipped kernels, plus the bias):
+What it computes (stride-1 transposed convs; routing.py sends strided ones to the GEMM path, and convs.py
+runs a forward stride-1 conv here as the transposed conv of its flipped kernels, plus the bias):
 
     out[i, t, y, x] = sum over o, ky, kx of weight[o, i, ky, kx] * U[o, t, y + ph - ky, x + pw - kx]
 
 where U is the source: a dense plane (C, n, Hs, Ws), rectified as read when ``rect``; or the unpooled plane
 of a max pool, given as the pooled signal (C, n, Hs, Ws) and, per pooled value, its switch's OFFSET IN ITS
-WINDOW d = dy*pkw + dx (int32, made once per trace from the switches by the driver): window (p, q)'s value
+WINDOW d = dy*pkw + dx (int32, written by the forward pass's pool kernel, or made from a trace's switches
+by validation.py): window (p, q)'s value
 (rectified when ``rect``) is added at unpooled pixel (p*psh - pph + dy, q*psw - ppw + dx). Where windows
 overlap (3x3/2) a pixel gets the sum of the windows whose switch it is, as unpooling defines it; the
-driver does not send an overlapping pool here when a rectification must follow the sum.
+routing does not send an overlapping pool here when a rectification must follow the sum.
 
 How the work is laid out. A block owns one signal t, one tile of TY x TX output pixels (TY, TX multiples of
 the pool's stride, so that the tile's windows sit at the same places relative to every tile) and up to
@@ -51,8 +52,6 @@ from numba import cuda
 
 from .backproject_kernels import _ix
 
-# Output pixels per tile: TILE_ROWS x TILE_COLS, rounded down to multiples of the pool's stride.
-TILE_ROWS, TILE_COLS = 4, 8
 # Input channels staged in shared memory at a time (values and offsets of the tile's windows).
 CHUNK = 32
 # Threads per block, at most: four warps share one staging of the tile's windows. Blocks have 1, 2 or 4
@@ -60,62 +59,36 @@ CHUNK = 32
 BLOCK_CHANNELS = 128
 # The largest tile the generator will unroll (accumulators per thread, per output channel).
 MAX_TILE_PIXELS = 64
-# Output channels per thread, at most (channels_per_thread).
-MAX_CHANNELS_PER_THREAD = 2
 # Static shared memory a block may declare (CUDA's limit without the dynamic opt-in).
 SHARED_LIMIT = 48 << 10
-# The driver (backend.py) sends a conv on a DENSE input here only where dense_pays says so. Behind a pool the
-# kernel skips ~7/8 of the multiply-adds (3/4 unpooled zeros, half the rest rectified) and wins at any width;
-# on a dense input it skips only the rectified half, while a wide GEMM (M >= 128 rows) runs near the fp32
-# peak. GPU run 5 (H200): the sparse kernel for every dense conv (bench's cuda-sparse) was 3% slower on
-# vgg16-fcn than the GEMM for its 128-512-channel layers, while the 32-64-channel ones ran 1.3-2.5x faster
-# sparse. A source of 1 or 3 channels fills a fraction of a staged chunk: the input convs (1->32, 3->64) ran
-# 1.6-1.7x slower sparse than as columns + GEMM; and a 1x1 kernel gives each window one multiply-add: the
-# 1024->10 head conv took 0.38 ms sparse, 0.02 ms as a GEMM.
-DENSE_MAX_CHANNELS = 64
-DENSE_MIN_SOURCE_CHANNELS = 16
-# Behind a pool, load each window's offset d beside its value, before the zero test, instead of inside the
-# branch (where the compiler otherwise sinks it). Run 7 put the kernels reading through switches at ~1.6x their
-# model wherever a thread does two channels; the sm_90 SASS of the lazy walk has a shared load -> compare ->
-# branch chain per nonzero window (~30 cycles each), the eager one two 128-bit loads per four windows ahead
-# of their tests: the same FMAs in the same order (same bits), 126 registers instead of 117 at two channels
-# per thread (72 instead of 64 at one). Off until a GPU run times it (bench method cuda-eager).
-EAGER_OFFSETS = os.environ.get("CLEARMAPS_CUDA_SPARSE_EAGER", "0") == "1"
-
-
-def dense_pays(source_channels: int, out_channels: int, kh: int, kw: int) -> bool:
-    """Whether a stride-1 conv reading a DENSE source of ``source_channels`` into ``out_channels`` runs
-    faster as this kernel than as columns + GEMM (the measurements above)."""
-    return (out_channels <= DENSE_MAX_CHANNELS and source_channels >= DENSE_MIN_SOURCE_CHANNELS
-            and kh * kw > 1)
+# Which convs come here, the tile and the channels per thread are the caller's choice
+# (clearmaps.kernels.cuda.CudaConfig: sparse, dense_*, tile, max_channels_per_thread; routing.py).
 
 _DENSE_POOL = (1, 1, 1, 1, 0, 0)
 
 
-def tile_shape(pool: tuple | None, rows: int | None = None, cols: int | None = None) -> tuple[int, int]:
-    """(TY, TX): ``rows`` x ``cols`` (default TILE_ROWS x TILE_COLS) rounded down to multiples of the pool's
-    stride (at least one stride; a dense source has stride 1)."""
+def tile_shape(pool: tuple | None, tile: tuple) -> tuple[int, int]:
+    """(TY, TX): the requested ``tile`` (rows, cols) rounded down to multiples of the pool's stride (at least
+    one stride; a dense source has stride 1), so that the tile's windows sit at the same places relative to
+    every tile."""
     psh, psw = (pool or _DENSE_POOL)[2:4]
-    rows, cols = rows or TILE_ROWS, cols or TILE_COLS
+    rows, cols = tile
     return psh * max(1, rows // psh), psw * max(1, cols // psw)
 
 
-def supports(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, pool: tuple | None,
-             tile: tuple | None = None) -> bool:
-    """Whether the sparse kernel can do this transposed conv (kernel, stride, padding): stride 1, a tile
-    (``tile``, default :func:`tile_shape` of ``pool``: the pool whose switches the source is read through,
-    None for a dense source) small enough to keep in registers, and its staging within the shared memory
-    of a block of BLOCK_CHANNELS threads."""
-    tile = tile or tile_shape(pool)
+def supports(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, pool: tuple | None, tile: tuple) -> bool:
+    """Whether the sparse kernel can do this transposed conv (kernel, stride, padding) on ``tile`` (TY, TX)
+    (from :func:`tile_shape` of ``pool``: the pool whose switches the source is read through, None for a
+    dense source): stride 1, a tile small enough to keep in registers, and its staging within the shared
+    memory of a block of BLOCK_CHANNELS threads."""
     return ((sh, sw) == (1, 1) and tile[0] * tile[1] <= MAX_TILE_PIXELS
             and shared_bytes(kh, kw, ph, pw, pool, BLOCK_CHANNELS, tile) <= SHARED_LIMIT)
 
 
-def channels_per_thread(I: int) -> int:
+def channels_per_thread(I: int, most: int = 2) -> int:
     """Output channels per thread: 2 when there are at least 64 (each window's test and dispatch then
-    serves twice the FMAs, at ~117 registers instead of 64: fewer warps per SM), else 1; at most
-    MAX_CHANNELS_PER_THREAD."""
-    return min(MAX_CHANNELS_PER_THREAD, 2 if I >= 64 else 1)
+    serves twice the FMAs, at ~117 registers instead of 64: fewer warps per SM), else 1; at most ``most``."""
+    return min(most, 2 if I >= 64 else 1)
 
 
 def block_threads(I: int, cpt: int = 1) -> int:
@@ -125,16 +98,17 @@ def block_threads(I: int, cpt: int = 1) -> int:
     return min(BLOCK_CHANNELS, 32 * (1 << (warps - 1).bit_length()))
 
 
-def specialisation(kernel: tuple, padding: tuple, pool: tuple | None, I: int, bias: bool) -> tuple:
+def specialisation(kernel: tuple, padding: tuple, pool: tuple | None, I: int, bias: bool, tile: tuple,
+                   most_per_thread: int = 2) -> tuple:
     """The arguments of :func:`sparse_transpose` (and :func:`kernel_name`) for a launch with I output
-    channels, as the knobs (MAX_CHANNELS_PER_THREAD, TILE_ROWS/COLS, EAGER_OFFSETS) are now."""
-    cpt = channels_per_thread(I)
-    return (*kernel, *padding, pool, block_threads(I, cpt), bool(bias), tile_shape(pool), cpt,
-            bool(EAGER_OFFSETS and pool is not None))
+    channels on the requested ``tile`` (rows, cols), at most ``most_per_thread`` channels per thread
+    (CudaConfig.tile and max_channels_per_thread)."""
+    cpt = channels_per_thread(I, most_per_thread)
+    return (*kernel, *padding, pool, block_threads(I, cpt), bool(bias), tile_shape(pool, tile), cpt)
 
 
-def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple | None = None):
-    """The specialisation's static plan: (TY, TX, PLO, QLO, NWY, NWX, windows).
+def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple):
+    """The specialisation's static plan on ``tile`` (TY, TX): (TY, TX, PLO, QLO, NWY, NWX, windows).
 
     The tile with rows [y0, y0 + TY) reads source rows u = y + ph - ky in [y0 + ph - kh + 1, y0 + TY - 1 + ph];
     window p covers rows p*psh - pph + [0, pkh). With y0 = tile_row * TY and TY a multiple of psh, the
@@ -143,8 +117,8 @@ def layout(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, tile: tuple |
     window pixel d = dy*pkw + dx reaches output (ty, tx) = (u - ph + ky, v - pw + kx) through tap ky*kw + kx,
     accumulator ty*TX + tx. Where windows do not overlap, every (tile pixel, tap) pair appears at most once over
     all windows and cases; a pixel shared by overlapping windows appears once per window. Tuples, computed
-    once per geometry: the driver asks (through supports) for every conv of every call."""
-    return _layout(kh, kw, ph, pw, pool, *(tile or tile_shape(pool)))
+    once per geometry: the routing asks (through supports) for every conv of every call."""
+    return _layout(kh, kw, ph, pw, pool, *tile)
 
 
 @lru_cache(maxsize=None)
@@ -178,7 +152,7 @@ def _layout(kh, kw, ph, pw, pool, TY, TX):
     return TY, TX, plo, qlo, NWY, NWX, tuple(windows)
 
 
-def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager=False):
+def kernel_source(kh, kw, ph, pw, pool, threads, bias, tile, cpt) -> str:
     """The kernel's Python source (see the module docstring); ``bias`` adds bias[i] to every output."""
     pooled = pool is not None
     TY, TX, plo, qlo, NWY, NWX, windows = layout(kh, kw, ph, pw, pool, tile)
@@ -186,7 +160,6 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager=False):
     taps, npix, nwin = kh * kw, TY * TX, NWY * NWX
     L = []
     a = L.append
-    eager = eager and pooled
     a("def kernel(src, offs, weight, bias, out, O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc, rect):")
     # one float32 buffer: the staged values while the tile is computed, then the tile on its way out
     a(f"    sval = cuda.shared.array({max(CHUNK * nwin, threads * (npix + 1))}, float32)")
@@ -265,17 +238,12 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager=False):
             a(f"            w{k}_{c} = weight[_ix(wb + iw{c} + {k} * I)]")
     a(f"            sb = oc * {nwin}")
     for wi, cases in windows:
-        # (the values of consecutive windows come in wide shared loads; the offset is loaded in the branch:
-        # the compiler sinks it there even when it is written before, unless the test reads it, as the
-        # eager walk's does: d >= 0 always holds, but the compiler cannot know it)
+        # (the values of consecutive windows come in wide shared loads; the offset is loaded in the branch,
+        # where the compiler sinks it even when it is written before the test)
         a(f"            s = sval[_ix(sb + {wi})]")
-        if eager:
-            a(f"            d = soff[_ix(sb + {wi})]")
-            a("            if (s != zero) & (d >= 0):")
-        else:
-            a("            if s != zero:")
-            if pooled:
-                a(f"                d = soff[_ix(sb + {wi})]")
+        a("            if s != zero:")
+        if pooled:
+            a(f"                d = soff[_ix(sb + {wi})]")
         for n_case, (d, fmas) in enumerate(cases):
             ind = "                "
             if pooled:
@@ -308,37 +276,26 @@ def _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager=False):
     return "\n".join(L) + "\n"
 
 
-def shared_bytes(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, tile: tuple | None = None) -> int:
-    """Static shared memory of a specialisation: the staged values (or the outgoing tile, whichever is
-    larger) and, through a pool, the staged offsets. At most SHARED_LIMIT (sparse_transpose checks)."""
+def shared_bytes(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, tile: tuple) -> int:
+    """Static shared memory of a specialisation on ``tile`` (TY, TX): the staged values (or the outgoing tile,
+    whichever is larger) and, through a pool, the staged offsets. At most SHARED_LIMIT (sparse_transpose
+    checks)."""
     TY, TX, _, _, NWY, NWX, _ = layout(kh, kw, ph, pw, pool, tile)
     nwin = NWY * NWX
     return 4 * max(CHUNK * nwin, threads * (TY * TX + 1)) + (4 * CHUNK * nwin if pool is not None else 0)
 
 
 def kernel_name(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, bias: bool, tile: tuple,
-                cpt: int, eager: bool = False) -> str:
-    """The name of :func:`sparse_transpose`'s specialisation for these arguments (``tile`` resolved)."""
+                cpt: int) -> str:
+    """The name of :func:`sparse_transpose`'s specialisation for these arguments."""
     return (f"sparse_transpose_k{kh}x{kw}_p{ph}x{pw}_t{threads}x{cpt}_{tile[0]}x{tile[1]}" +
             ("_bias" if bias else "") + "_" +
-            ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)) +
-            ("_eager" if eager and pool is not None else ""))
+            ("dense" if pool is None else "unpooled_k{}x{}_s{}x{}_p{}x{}".format(*pool)))
 
 
-@lru_cache(maxsize=None)
-def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, bias: bool = False,
-                     tile: tuple | None = None, cpt: int = 1, eager: bool = False):
-    """Kernel: the stride-1 transposed conv of a dense source (``pool`` None) or of a pool's unpooled plane
-    read through its switches (``pool`` = (pkh, pkw, psh, psw, pph, ppw)), zeros skipped (module docstring).
-
-    Launch with grid (n * tiles_y * tiles_x, ceil(I / (threads * cpt))) and ``threads``
-    (:func:`block_threads`) threads, each computing ``cpt`` output channels; tiles_y = ceil(H / TY), tiles_x = ceil(W / TX), (TY, TX) = ``tile`` (default
-    :func:`tile_shape` of ``pool``; a multiple of the pool's stride). Arguments: src
-    (C*n*Hs*Ws,) float32; offs (B*C*Hs*Ws,) int32 window offsets (any int32 array for a dense source);
-    weight (O*kh*kw*I,) float32 laid out (O, kh, kw, I); bias (I,) float32 (read only when ``bias``);
-    out (I*n*H*W,) float32; O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc; rect (rectify the source).
-    ``eager``: through a pool, load each window's offset before its zero test (EAGER_OFFSETS); same results."""
-    tile = tuple(tile or tile_shape(pool))
+def check_specialisation(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, tile: tuple):
+    """Raise ValueError for a specialisation the kernel cannot be: a block that is not 1, 2 or 4 warps, a tile
+    too large or not a multiple of the pool's stride, or staging beyond a block's static shared memory."""
     if threads % 32 or CHUNK % (threads // 32):
         raise ValueError(f"sparse_transpose: {threads} threads; expected whole warps that divide the {CHUNK} "
                          "channels staged at a time (block_threads gives 32, 64 or 128)")
@@ -347,12 +304,35 @@ def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, thr
     if shared_bytes(kh, kw, ph, pw, pool, threads, tile) > SHARED_LIMIT:
         raise ValueError(f"sparse_transpose: {shared_bytes(kh, kw, ph, pw, pool, threads, tile)} bytes of shared "
                          f"memory for a {kh}x{kw} conv on tile {tile}; a block's static limit is {SHARED_LIMIT}")
-    code = _source(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager)
-    fn, cached = _define(code, kernel_name(kh, kw, ph, pw, pool, threads, bias, tile, cpt, eager))
+
+
+def jit_source(code: str, name: str):
+    """The generated kernel ``code`` as a numba.cuda kernel named ``name``, file-cached where it can be (see
+    below); ``source`` and ``file_cached`` (whether other processes can compile it for this one, warmup.py)
+    are kept on it."""
+    fn, cached = _define(code, name)
     kernel = cuda.jit(fn, cache=cached)
     kernel.source = code
-    kernel.file_cached = cached  # whether other processes can compile it for this one (kernels/cuda/warmup.py)
+    kernel.file_cached = cached
     return kernel
+
+
+@lru_cache(maxsize=None)
+def sparse_transpose(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, threads: int, bias: bool,
+                     tile: tuple, cpt: int = 1):
+    """Kernel: the stride-1 transposed conv of a dense source (``pool`` None) or of a pool's unpooled plane
+    read through its switches (``pool`` = (pkh, pkw, psh, psw, pph, ppw)), zeros skipped (module docstring).
+
+    Launch with grid (n * tiles_y * tiles_x, ceil(I / (threads * cpt))) and ``threads``
+    (:func:`block_threads`) threads, each computing ``cpt`` output channels; tiles_y = ceil(H / TY), tiles_x =
+    ceil(W / TX), (TY, TX) = ``tile`` (from :func:`tile_shape`: a multiple of the pool's stride). Arguments:
+    src (C*n*Hs*Ws,) float32; offs (B*C*Hs*Ws,) int32 window offsets (any int32 array for a dense source);
+    weight (O*kh*kw*I,) float32 laid out (O, kh, kw, I); bias (I,) float32 (read only when ``bias``);
+    out (I*n*H*W,) float32; O, I, n, Hs, Ws, H, W, tiles_x, tiles_y, b0, kc; rect (rectify the source)."""
+    tile = tuple(tile)
+    check_specialisation(kh, kw, ph, pw, pool, threads, tile)
+    return jit_source(kernel_source(kh, kw, ph, pw, pool, threads, bias, tile, cpt),
+                      kernel_name(kh, kw, ph, pw, pool, threads, bias, tile, cpt))
 
 
 # Numba spends 5-15 s compiling one specialisation (typing and lowering its hundreds of statements), once per
@@ -365,7 +345,7 @@ _HEADER = ("# Generated by clearmaps/kernels/cuda/sparse_kernels.py: a cache, sa
 
 def cache_root() -> Path:
     """Where clearmaps keeps compiled kernels: CLEARMAPS_CACHE_DIR, else $XDG_CACHE_HOME/clearmaps or
-    ~/.cache/clearmaps (tensor_cores.py's host emulation builds go there too)."""
+    ~/.cache/clearmaps (the lab's host emulation builds go there too)."""
     return Path(os.environ.get("CLEARMAPS_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "clearmaps"))
 

@@ -5,10 +5,11 @@ channels per thread, tile and bias) on its first launch, 4-26 s each on one CPU 
 network's first call on the CUDA backend can wait a minute or two before its first map. Compiled kernels are
 kept in Numba's file cache (CLEARMAPS_CACHE_DIR), so this is paid once per machine and layer shape.
 
-``warm`` pays it up front and in parallel. It runs the network once on one image with the sparse launcher
-replaced by a recorder (zero-filled outputs: which kernels a layer needs depends on its shapes, not on its
-values), then launches each recorded specialisation once, on zero inputs of the recorded shapes, in its own
-worker process, so that each compiles into the file cache. The caller's later calls load them from there.
+``warm`` pays it up front and in parallel. It runs the network once on one image with a recorder as the
+configuration's profiler, which takes each sparse launch instead of running it (zero-filled outputs: which
+kernels a layer needs depends on its shapes, not on its values), then launches each recorded
+specialisation once, on zero inputs of the recorded shapes, in its own worker process, so that each
+compiles into the file cache. The caller's later calls load them from there.
 Under Numba's CUDA simulator (which compiles nothing) the same steps run, which is how CI tests them.
 
 The workers are spawned, so a script that calls ``warm`` must keep its top-level code under
@@ -28,65 +29,66 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from ...reference import ClearmapsError
-from . import backend, simulated
+from . import device as dv
+from . import pipeline, simulated
 from . import sparse_kernels as sk
+from .config import Profiler, resolve
+from .convs import SparseLaunch
+from .validation import check_net
 
-# what _launch_sparse reads besides its arguments: a worker sets them as the caller had them when recording
-KNOB_NAMES = ("TILE_ROWS", "TILE_COLS", "MAX_CHANNELS_PER_THREAD", "EAGER_OFFSETS")
 # a worker holds its own CUDA context (100s of MB of GPU memory): the default leaves room on small GPUs
 MAX_DEFAULT_JOBS = 8
 
 
-def record(net, x, *, fast=None, rectify: bool = True) -> dict:
-    """{specialisation name: the launch that compiles it (shapes, geometry, knobs)} for ``net`` on images
-    shaped like ``x`` (only its first image is run), in the mode ``fast`` (None: the current precision), for
-    maps with or without ``rectify``. For warm() and bench/device_warm.py; arguments are not checked here."""
-    calls = {}
+class Recorder(Profiler):
+    """A profiler that takes every sparse launch instead of running it: {kernel name: the launch's recipe}
+    (the kernel's factory and arguments, the arrays' shapes), its output zero-filled."""
 
-    def recorder(src, offsets, weight, bias, out, kernel, padding, pool, b0, kcount, rect):
-        name = sk.kernel_name(*sk.specialisation(kernel, padding, pool, out.shape[0], bias is not None))
-        calls.setdefault(name, dict(
-            src=tuple(src.shape), offsets=None if offsets is None else tuple(offsets.shape),
-            weight=tuple(weight.shape), bias=None if bias is None else tuple(bias.shape), out=tuple(out.shape),
-            kernel=tuple(kernel), padding=tuple(padding), pool=pool, b0=b0, kc=kcount, rect=rect,
-            knobs={k: getattr(sk, k) for k in KNOB_NAMES}))
-        out[...] = 0
+    def __init__(self):
+        self.calls = {}
 
-    token = backend.SPARSE_RECORDER.set(recorder)  # this thread's launches only: other threads run as usual
-    try:
-        trace = backend.forward(net, x[:1], fast=fast)  # one image: the batch does not change the kernels
-        backend.clear_from_trace(net, trace, np.zeros((1, 1), np.int64), rectify, keep_responses=False,
-                                 fast=fast)
-    finally:
-        backend.SPARSE_RECORDER.reset(token)
-    return calls
+    def sparse_launch(self, launch: SparseLaunch) -> bool:
+        self.calls.setdefault(launch.name, dict(
+            build=launch.build, spec=launch.spec, src=tuple(launch.src.shape),
+            offsets=None if launch.offsets is None else tuple(launch.offsets.shape),
+            weight=tuple(launch.weight.shape), bias=None if launch.bias is None else tuple(launch.bias.shape),
+            out=tuple(launch.out.shape), b0=launch.b0, kc=launch.kc, rect=launch.rect))
+        launch.out[...] = 0
+        return True
+
+
+def record(net, x, *, fast=None, rectify: bool = True, config=None) -> dict:
+    """{specialisation name: the launch that compiles it (factory, arguments, shapes)} for ``net`` on images
+    shaped like ``x`` (only its first image is run), in the mode ``fast`` (None: the configuration's
+    precision), for maps with or without ``rectify``, with ``config``'s routing (None: the default). For
+    warm() and bench/device_warm.py; arguments are not checked here."""
+    config, fast = resolve(config, fast)
+    recorder = Recorder()
+    config = config.replace(profiler=recorder)  # this call's launches only: other calls run as usual
+    trace = pipeline.forward(net, x[:1], fast=fast, config=config)  # one image: the batch does not change the kernels
+    pipeline.clear_from_trace(net, trace, np.zeros((1, 1), np.int64), rectify, keep_responses=False, fast=fast,
+                              config=config)
+    return recorder.calls
 
 
 def compile_one(item):
-    """One launch of the real launcher on zero inputs, with the knobs it was recorded under (restored after):
-    (name, seconds, error or None). Run in a worker, or in this process when there is one."""
+    """One launch of the recorded kernel on zero inputs: (name, seconds, error or None). Run in a worker, or
+    in this process when there is one."""
     name, call = item
-    xp = backend.xp
-    saved = {k: getattr(sk, k) for k in call["knobs"]}
+    xp = dv.xp
 
     def zeros(shape, dtype, one=False):  # one: a single signal (src and out are (C, n, H, W))
         return None if shape is None else xp.zeros((shape[0], 1, *shape[2:]) if one else shape, dtype=dtype)
 
     t = time.perf_counter()
     try:
-        for k, v in call["knobs"].items():
-            setattr(sk, k, v)
-        backend._launch_sparse(zeros(call["src"], "float32", True), zeros(call["offsets"], "int32"),
-                               zeros(call["weight"], "float32"), zeros(call["bias"], "float32"),
-                               zeros(call["out"], "float32", True), call["kernel"], call["padding"], call["pool"],
-                               call["b0"], call["kc"], call["rect"])
+        SparseLaunch(call["build"], call["spec"], name, zeros(call["src"], "float32", True),
+                     zeros(call["offsets"], "int32"), zeros(call["weight"], "float32"), zeros(call["bias"], "float32"),
+                     zeros(call["out"], "float32", True), call["b0"], call["kc"], call["rect"]).run()
         if xp.__name__ == "cupy":
             xp.cuda.runtime.deviceSynchronize()
     except Exception as exc:  # reported, not raised: the caller's own call then compiles it itself
         return name, time.perf_counter() - t, f"{type(exc).__name__}: {exc}"
-    finally:
-        for k, v in saved.items():
-            setattr(sk, k, v)
     return name, time.perf_counter() - t, None
 
 
@@ -122,9 +124,8 @@ def default_jobs() -> int:
 
 
 def kernel_of(call):
-    """The sparse kernel (its Numba dispatcher) that a recorded launch runs, with the knobs as they are now."""
-    return sk.sparse_transpose(*sk.specialisation(call["kernel"], call["padding"], call["pool"], call["out"][0],
-                                                  call["bias"] is not None))
+    """The sparse kernel (its Numba dispatcher) that a recorded launch runs."""
+    return call["build"](*call["spec"])
 
 
 def _built_here(call) -> bool:
@@ -132,17 +133,18 @@ def _built_here(call) -> bool:
     return bool(getattr(kernel_of(call), "overloads", None))
 
 
-def warm(net, x, *, fast=None, rectify: bool = True, jobs=None) -> dict:
+def warm(net, x, *, fast=None, rectify: bool = True, jobs=None, config=None) -> dict:
     """Compile the sparse-kernel specialisations that ``explain(net, x, backend="cuda", rectify=rectify)``
     will use, in ``jobs`` parallel processes (default: the usable CPUs less one, at most 8; each holds a CUDA
     context), into the file cache its later calls load from.
 
     ``x``: images (B, C, H, W) as they will be explained; only the first is run. ``fast``: the precision to
-    warm for (None: the current one, :func:`set_precision`). Returns {specialisation: seconds its worker
+    warm for (None: the configuration's); ``config``: the configuration the calls will use (None: the
+    default). Returns {specialisation: seconds its worker
     took}; empty when this process has them all already. When a specialisation fails to compile, or the
     kernel cache is off (CLEARMAPS_CUDA_CACHE=0, or a folder that cannot be written), ``warm`` warns and
     leaves it to the call that needs it, which compiles it itself (and fails there if it must)."""
-    backend._check_net(net)
+    check_net(net)
     if jobs is None:
         jobs = default_jobs()
     if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
@@ -154,7 +156,7 @@ def warm(net, x, *, fast=None, rectify: bool = True, jobs=None) -> dict:
             and shape[0] >= 1):
         raise ClearmapsError(f"x has shape {shape}; expected images (B, C, H, W) with B >= 1, shaped as they "
                              "will be explained.")
-    calls = {name: call for name, call in record(net, x, fast=fast, rectify=bool(rectify)).items()
+    calls = {name: call for name, call in record(net, x, fast=fast, rectify=bool(rectify), config=config).items()
              if not _built_here(call)}
     uncached = sorted(name for name, call in calls.items() if not getattr(kernel_of(call), "file_cached", True))
     if uncached and not simulated():

@@ -14,7 +14,7 @@ import pytest
 
 from clearmaps import ClearmapsError
 from clearmaps.kernels import cuda as kc
-from clearmaps.kernels.cuda import backend
+from clearmaps.kernels.cuda import convs
 from clearmaps.kernels.cuda import sparse_kernels as sk
 from clearmaps.kernels.cuda import warmup
 from clearmaps.reference import Conv, MaxPool, Network, ReLU
@@ -44,7 +44,7 @@ def _built(monkeypatch):
 def _overlapping():
     """A pool with overlapping windows and a ReLU below it: the 8 -> 16 conv's transposed conv reads the
     unpooled plane through the switches on the sparse kernel without rectification, and goes to columns +
-    GEMM with it (summed overlaps, then rectified: backend._Source.sparse). The routes differ with rectify."""
+    GEMM with it (summed overlaps, then rectified: routing.sparse_takes). The routes differ with rectify."""
     rng = np.random.default_rng(4)
 
     def conv(i, o, k=3, p=1):
@@ -63,7 +63,7 @@ def test_warm_records_what_explain_builds(monkeypatch, fast, rectify):
         built = _built(monkeypatch)
         kc.clear_from_trace(case.net, kc.forward(case.net, case.x, fast=fast), case.classes, rectify, fast=fast)
         assert built and set(calls) == built
-        assert backend.SPARSE_RECORDER.get() is None, "the recorder was left in place"
+        assert kc.get_config().profiler is None, "the recorder was left in place"
     case = _overlapping()  # rectify reaches the routing: this network needs other kernels without it
     assert set(warmup.record(case.net, case.x, rectify=True)) != set(warmup.record(case.net, case.x, rectify=False))
 
@@ -82,14 +82,10 @@ def test_warm_compiles_each_in_a_worker(monkeypatch):
 
 
 def test_a_specialisation_that_fails_is_a_warning_not_an_error(monkeypatch):
-    real = backend._launch_sparse
-
-    def broken(*args):  # records as the real one does; launching fails
-        if backend.SPARSE_RECORDER.get() is not None:
-            return real(*args)
+    def broken(self):  # recording never runs a launch; compiling one fails
         raise RuntimeError("no compiler today")
 
-    monkeypatch.setattr(backend, "_launch_sparse", broken)
+    monkeypatch.setattr(convs.SparseLaunch, "run", broken)
     monkeypatch.setattr(warmup, "_built_here", lambda call: False)
     case = _case()
     with pytest.warns(RuntimeWarning, match="did not compile .*no compiler today"):
@@ -98,14 +94,14 @@ def test_a_specialisation_that_fails_is_a_warning_not_an_error(monkeypatch):
 
 
 def test_a_worker_that_dies_ends_the_pool_instead_of_hanging():
-    """A worker killed mid-compile (here it exits: its knobs make sk.channels_per_thread os._exit) would
-    leave multiprocessing.Pool waiting forever; compile_all reports what was left as failed instead."""
+    """A worker killed mid-compile (here it exits: its kernel factory is os._exit) would leave
+    multiprocessing.Pool waiting forever; compile_all reports what was left as failed instead."""
     import os
 
     case = _case()
     calls = warmup.record(case.net, case.x)
     name = sorted(calls)[0]
-    calls[name] = dict(calls[name], knobs={"channels_per_thread": os._exit})
+    calls[name] = dict(calls[name], build=os._exit, spec=(3,))
     results = {n: error for n, _, error in warmup.compile_all(calls, 2)}
     assert set(results) == set(calls)
     assert "stopped" in results[name], results[name]
@@ -127,9 +123,11 @@ def test_warm_refuses_bad_arguments():
 
 
 def test_bench_warm_records_every_methods_routing(monkeypatch):
+    """bench/device_warm.py records over the benchmark's methods, each with its own configuration (tiles,
+    channels per thread, routing, and a lab variant's own kernels): what it records is what those methods
+    build, and each recorded launch compiles (here: runs once)."""
     from bench import device_warm
     from bench.harness import METHODS
-    from bench.methods_cuda import ways
     from bench.run import load_methods
 
     load_methods()
@@ -137,16 +135,18 @@ def test_bench_warm_records_every_methods_routing(monkeypatch):
     methods = ["cuda", "cuda-gemm", "cuda-cpt1", "cuda-8x8", "cuda-eager"]
     calls = device_warm.record(methods, [case])
     built = _built(monkeypatch)
+    from lab import eager_offsets
+
+    real_eager = eager_offsets.sparse_transpose
+    monkeypatch.setattr(eager_offsets, "sparse_transpose", lambda *a: built.add(eager_offsets.kernel_name(*a)) or
+                        real_eager(*a))
     for method in methods:
-        setup = METHODS[method].setup
-        with ways(**setup.knobs):
-            kc.clear_from_trace(case.net, kc.forward(case.net, case.x), case.classes, keep_responses=False)
+        config = METHODS[method].setup.config()
+        kc.clear_from_trace(case.net, kc.forward(case.net, case.x, config=config), case.classes,
+                            keep_responses=False, config=config)
     assert built and set(calls) == built
     tiles = {re.search(r"_t\d+x\d+_(\d+x\d+)", name).group(1) for name in built}
     assert tiles == {"4x8", "8x8"}, tiles
-    assert any(name.endswith("_eager") for name in built)  # the knob reaches the recorded names
-
-    for knob in warmup.KNOB_NAMES:  # compile_one sets them: restored after the test
-        monkeypatch.setattr(sk, knob, getattr(sk, knob))
+    assert any(name.endswith("_eager") for name in built)  # the lab variant's kernels are recorded as its own
     for name, seconds, error in warmup.compile_all(calls, 1):
         assert error is None, f"{name}: {error}"

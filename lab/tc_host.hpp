@@ -1,4 +1,4 @@
-// Runs tensor_cores.py's CUDA C kernel on the CPU, for the tests of machines without a GPU.
+// Runs lab/tensor_cores.py's CUDA C kernel on the CPU, for the lab's tests on machines without a GPU.
 //
 // The kernel's own source is compiled by the host C++ compiler with this header in front of it. Each block
 // runs as blockDim.x std::threads (blocks one after another), so that __shared__ arrays (statics here) are
@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +29,10 @@ static thread_local tc_dim3 threadIdx, blockIdx;
 static tc_dim3 blockDim, gridDim;
 static std::barrier<>* tc_block_barrier = nullptr;
 static std::vector<std::barrier<>*> tc_warp_barriers;
+static const int TC_MAX_THREADS = 1024;
+// per thread of the running block: the __syncthreads() it has arrived at (TC_DONE once its kernel returned)
+static std::atomic<long> tc_arrivals[TC_MAX_THREADS];
+static const long TC_DONE = 1L << 62;
 
 #define __global__
 #define __device__
@@ -53,7 +56,10 @@ struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 
-inline void __syncthreads() { tc_block_barrier->arrive_and_wait(); }
+inline void __syncthreads() {
+    tc_arrivals[threadIdx.x].fetch_add(1);
+    tc_block_barrier->arrive_and_wait();
+}
 
 inline unsigned tc_float_bits(float f) {
     unsigned u;
@@ -102,12 +108,16 @@ inline void tc_host_mma(float d[4], const unsigned a[4], const unsigned b[2]) {
     tc_warp_barriers[warp]->arrive_and_wait();  // no lane republishes before every lane of its warp has read
 }
 
-// For the tests' negative controls: warp 0 falls behind the others (what a missing barrier then exposes). Its
-// first delays are long, so that the others get far ahead even on a loaded machine (2 ms alone was sometimes
-// too short while other processes ran), the rest short, to keep the tests quick.
+// For the tests' negative controls: warp 0 falls a barrier behind the rest of its block. Each of its threads
+// waits here until every thread of the other warps has arrived at its next __syncthreads() (or returned). With
+// the barriers the kernel needs, the others are then held at that barrier and the delay is harmless; with one
+// missing, they have run on into the work it should have held back, and warp 0 goes on only after that. An
+// order, not a timing: the verdict is the same on a loaded machine (no sleeps).
 inline void tc_host_skew(int warp) {
-    static std::atomic<int> calls{0};
-    if (warp == 0) std::this_thread::sleep_for(std::chrono::milliseconds(calls++ < 8 ? 30 : 2));
+    if (warp != 0) return;
+    const long mine = tc_arrivals[threadIdx.x].load();
+    for (unsigned t = 32; t < blockDim.x; ++t)
+        while (tc_arrivals[t].load() <= mine) std::this_thread::yield();
 }
 
 // Launch: blocks in order, each as blockDim.x threads.
@@ -122,11 +132,13 @@ void tc_host_launch(unsigned gx, unsigned gy, unsigned threads, Kernel body) {
         for (unsigned bx = 0; bx < gx; ++bx) {
             std::vector<std::thread> team;
             team.reserve(threads);
+            for (unsigned t = 0; t < threads; ++t) tc_arrivals[t] = 0;
             for (unsigned t = 0; t < threads; ++t) {
                 team.emplace_back([=] {
                     threadIdx = {t, 0, 0};
                     blockIdx = {bx, by, 0};
                     body();
+                    tc_arrivals[t] = TC_DONE;
                 });
             }
             for (auto& th : team) th.join();

@@ -1,6 +1,6 @@
-"""The fast mode's tensor-core kernel (kernels/cuda/tensor_cores.py) against the float64 reference.
+"""The fast mode's tensor-core kernels (lab/tensor_cores.py, flat and halo) against the float64 reference.
 
-Under the simulator its CUDA C runs through tc_host.hpp (blocks as threads, the mma instruction emulated
+Under the simulator its CUDA C runs through lab/tc_host.hpp (blocks as threads, the mma instruction emulated
 with the PTX ISA's fragment layouts); on a GPU (bench/device.sh) the same tests run the real kernel. The
 reference is fed the inputs rounded to TF32, as the kernel rounds them, so what is left is float32
 summation: a wrong index, lane, register or row anywhere would be an O(1) error."""
@@ -13,23 +13,25 @@ import pytest
 from clearmaps import reference as ref
 from clearmaps.kernels import cuda as kc
 from clearmaps.reference import Conv, MaxPool, Network, ReLU
-
-from ..tolerances import RTOL_F32, assert_close, assert_equal, decisive, rel_err
-from .signals import signals
+from tests.cuda_sim.signals import signals
+from tests.tolerances import RTOL_F32, assert_close, assert_equal, decisive, rel_err
 
 assert kc.is_available(), kc.why_unavailable()
-from clearmaps.kernels.cuda import backend  # noqa: E402
 from clearmaps.kernels.cuda import device as dv  # noqa: E402
-from clearmaps.kernels.cuda import tensor_cores as tc  # noqa: E402
+from clearmaps.kernels.cuda import memory  # noqa: E402
 
-pytestmark = pytest.mark.skipif(tc.available() is not None, reason=str(tc.available()))
+from lab import tensor_cores as tc  # noqa: E402
+from lab.variants import TensorCores  # noqa: E402
+
+# the emulation needs a C++20 compiler: without one these tests fail here, saying so (never a silent skip)
+assert tc.available() is None, tc.available()
 
 
 def _tf32(a):
     return tc.round_tf32(a).astype(np.float64)
 
 
-def run_kernel(seed, k, p, pool, O, I, B, kc_, Hu, Wu, rect, bias=False):
+def run_kernel(seed, k, p, pool, O, I, B, kc_, Hu, Wu, rect, bias=False, halo=False, wide=False):
     """(kernel output (n, I, H, W), float64 reference of the TF32-rounded inputs)."""
     rng = np.random.default_rng(seed)
     kh, kw = k
@@ -46,7 +48,7 @@ def run_kernel(seed, k, p, pool, O, I, B, kc_, Hu, Wu, rect, bias=False):
     out = dv.asdevice(np.full((I, n, H, W), np.nan, np.float32))
     tc.launch(dv.asdevice(np.ascontiguousarray(y.transpose(1, 0, 2, 3), np.float32)), dv.asdevice(offsets),
               dv.asdevice(tc.weight_layout(weight)), out, O, I, n, Hs, Ws, Hu, Wu, H, W, 0, kc_,
-              rect, (kh, kw), p, geo, dv.asdevice(b) if bias else None)
+              rect, (kh, kw), p, geo, dv.asdevice(b) if bias else None, halo=halo, wide=wide)
     return dv.tohost(out).transpose(1, 0, 2, 3), want
 
 
@@ -69,13 +71,13 @@ CASES = [
 ]
 
 
-# the two kernels: the flat one (B gathered per tap) and the halo one (tc.HALO: B staged per patch and chunk)
+# the two kernels: the flat one (B gathered per tap) and the halo one (halo=True: B staged per patch and chunk)
 KERNELS = [False, True]
 KERNEL_IDS = ["flat", "halo"]
 
 
 def _halo_ran(monkeypatch):
-    """Record the patch of every launch (None: the flat kernel). With tc.HALO on, every launch of these tests
+    """Record the patch of every launch (None: the flat kernel). With halo on, every launch of these tests
     must have one: else a change to PATCHES or the tiles would quietly test the flat kernel twice."""
     patches = []
     real = tc.patch
@@ -83,7 +85,7 @@ def _halo_ran(monkeypatch):
     return patches
 
 
-def _run_with(monkeypatch, name, code, case=None):
+def _run_with(monkeypatch, name, code, case=None, halo=False):
     """run_kernel(3, case (default CASES[3])) with the kernel source tc.<name> replaced by ``code``: the
     compiled kernels are rebuilt for it, and again after it is restored."""
     original = getattr(tc, name)
@@ -91,7 +93,7 @@ def _run_with(monkeypatch, name, code, case=None):
     tc._host_library.cache_clear()
     tc._gpu_kernel.cache_clear()
     try:
-        return run_kernel(3, *(case or CASES[3]))
+        return run_kernel(3, *(case or CASES[3]), halo=halo)
     finally:
         monkeypatch.setattr(tc, name, original)
         tc._host_library.cache_clear()
@@ -101,9 +103,8 @@ def _run_with(monkeypatch, name, code, case=None):
 @pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_tensor_core_transpose_equals_reference(monkeypatch, case, halo):
-    monkeypatch.setattr(tc, "HALO", halo)
     patches = _halo_ran(monkeypatch)
-    got, want = run_kernel(3, *case)
+    got, want = run_kernel(3, *case, halo=halo)
     assert not np.isnan(got).any(), "pixels left unwritten"
     assert_close(got, want, RTOL_F32, "tensor-core transposed conv (TF32 inputs)")
     assert all(patches) and len(patches) == halo  # the halo kernel ran where asked, and only there
@@ -111,15 +112,13 @@ def test_tensor_core_transpose_equals_reference(monkeypatch, case, halo):
 
 @pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
 def test_wide_tiles(monkeypatch, halo):
-    """WIDE_TILES: 128-channel blocks (4 x 4 mma tiles per warp) for a layer of 130 output channels (a ragged
+    """wide: 128-channel blocks (4 x 4 mma tiles per warp) for a layer of 130 output channels (a ragged
     second block), behind a pool and on a dense source."""
-    monkeypatch.setattr(tc, "WIDE_TILES", True)
-    monkeypatch.setattr(tc, "HALO", halo)
     patches = _halo_ran(monkeypatch)
-    assert tc.tile_m(130) == 128 and tc.tile_m(64) == 64
+    assert tc.tile_m(130, True) == 128 and tc.tile_m(64, True) == 64 and tc.tile_m(130) == 64
     for case in (((3, 3), (1, 1), (2, 2, 0), 32, 130, 1, 2, 8, 6, True),
                  ((3, 3), (1, 1), None, 40, 130, 1, 1, 5, 7, False)):
-        got, want = run_kernel(5, *case)
+        got, want = run_kernel(5, *case, halo=halo, wide=True)
         assert_close(got, want, RTOL_F32, "tensor-core transposed conv on 128-channel tiles")
     assert all(patches) and len(patches) == 2 * halo
 
@@ -128,7 +127,6 @@ def test_wide_tiles(monkeypatch, halo):
 def test_a_nan_in_the_source_stays_nan(monkeypatch, halo):
     """Rectification as the reference does it (s < 0 -> 0): a NaN that overflow left in a signal comes out as
     NaN where it reaches, rectified or not, never as a plausible 0."""
-    monkeypatch.setattr(tc, "HALO", halo)
     patches = _halo_ran(monkeypatch)
     rng = np.random.default_rng(2)
     y = rng.normal(size=(32, 1, 4, 4)).astype(np.float32)
@@ -137,7 +135,7 @@ def test_a_nan_in_the_source_stays_nan(monkeypatch, halo):
     for rect in (True, False):
         out = dv.asdevice(np.zeros((8, 1, 4, 4), np.float32))
         tc.launch(dv.asdevice(y), dv.asdevice(np.zeros(1, np.int32)), w, out, 32, 8, 1, 4, 4, 4, 4, 4, 4, 0, 1, rect,
-                  (3, 3), (1, 1), None)
+                  (3, 3), (1, 1), None, halo=halo)
         got = dv.tohost(out)
         assert np.isnan(got[:, 0, 0:3, 1:4]).all() and not np.isnan(got[:, 0, 3, 0]).any(), rect
     assert all(patches) and len(patches) == 2 * halo
@@ -146,9 +144,8 @@ def test_a_nan_in_the_source_stays_nan(monkeypatch, halo):
 @pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
 def test_tensor_core_bias(monkeypatch, halo):
     """The forward conv's bias (BIAS): added once per output channel."""
-    monkeypatch.setattr(tc, "HALO", halo)
     patches = _halo_ran(monkeypatch)
-    got, want = run_kernel(4, *CASES[1], bias=True)
+    got, want = run_kernel(4, *CASES[1], bias=True, halo=halo)
     assert_close(got, want, RTOL_F32, "tensor-core transposed conv with bias")
     assert all(patches) and len(patches) == halo
 
@@ -216,7 +213,6 @@ def test_halo_kernel_mistakes_are_caught(monkeypatch):
     pair swapped, the patch's rows read with the halo's width dropped, and (emulation only, warp 0 delayed)
     the barrier after each tap's A store deleted, or the first chunk's, which publishes the halo's source
     cells: each must fail the comparison."""
-    monkeypatch.setattr(tc, "HALO", True)
     controls = [("(KH - 1 - tap / KW) * HW2 + (KW - 1 - tap % KW)", "(tap / KW) * HW2 + (tap % KW)"),
                 ("Bs[grp][pix][pr] = make_uint2(r[0], r[1]);", "Bs[grp][pix][pr] = make_uint2(r[1], r[0]);"),
                 ("pb[ni] = (col / TW) * HW2 + col % TW;", "pb[ni] = col;")]
@@ -232,14 +228,14 @@ def test_halo_kernel_mistakes_are_caught(monkeypatch):
         # the positive controls: the same delays with the barriers kept are harmless
         for old, new in ((barrier, "                tc_host_skew(warp);\n" + barrier), late_fill):
             assert old in tc._HALO_SOURCE, old
-            got, want = _run_with(monkeypatch, "_HALO_SOURCE", tc._HALO_SOURCE.replace(old, new))
+            got, want = _run_with(monkeypatch, "_HALO_SOURCE", tc._HALO_SOURCE.replace(old, new), halo=True)
             assert rel_err(got, want) < RTOL_F32, old
     for control in controls:  # (old, new) pairs, each replaced in the source
         code = tc._HALO_SOURCE
         for old, new in zip(control[::2], control[1::2]):
             assert old in code, old
             code = code.replace(old, new)
-        got, want = _run_with(monkeypatch, "_HALO_SOURCE", code)
+        got, want = _run_with(monkeypatch, "_HALO_SOURCE", code, halo=True)
         assert rel_err(got, want) > 0.1, (control, rel_err(got, want))
 
 
@@ -259,7 +255,8 @@ def test_halo_patches():
 
 def test_a_missing_barrier_between_warps_is_caught(monkeypatch):
     """The emulated mma synchronises its own warp only, as mma.sync does: with the __syncthreads() between a
-    step's fragment reads and the next step's staging deleted, and warp 0 made to fall behind, the other
+    step's fragment reads and the next step's staging deleted, and warp 0 made to fall a barrier behind
+    (tc_host_skew: it waits until the other warps reach their next barrier, an order, not a delay), the other
     warps overwrite the tiles it is still reading, and the comparison fails (with the barrier, it passes:
     the same skew is harmless). Emulation only: the skew is a host function."""
     if dv.cp is not None:
@@ -325,34 +322,33 @@ def _net(rng):
 
 @pytest.mark.parametrize("halo", KERNELS, ids=KERNEL_IDS)
 def test_fast_mode_on_the_tensor_cores(monkeypatch, halo):
-    """TENSOR_CORES on, fast mode: the forward convs with at least tc.MIN_CHANNELS source channels run on the
+    """The TensorCores variant in the fast mode: the forward convs with at least tc.MIN_CHANNELS source channels run on the
     tensor-core kernel as transposed convs of their flipped kernels, bias added (the input conv and the 7->4
     head do not); so do the back-projection's stride-1 transposed convs behind the 2x2 pools (one padded)
     and on a dense source, while the input layer's stays on the direct kernel. Every launch is counted. The
     forward's logits, and the maps made from the exact trace (same switches), agree with the float64
     reference to TF32 accuracy, and the dominant class wherever it is decided by more than that. In the
     exact mode the kernel is never used."""
-    monkeypatch.setattr(backend, "TENSOR_CORES", True)
-    monkeypatch.setattr(tc, "HALO", halo)
+    config = kc.CudaConfig(variants=(TensorCores(halo=halo),))
     patches = _halo_ran(monkeypatch)
     used = []
     real = tc.launch
-    monkeypatch.setattr(tc, "launch", lambda *a: used.append((a[4], a[5], a[18], len(a) > 19)) or real(*a))
+    monkeypatch.setattr(tc, "launch", lambda *a, **k: used.append((a[4], a[5], a[18], len(a) > 19)) or real(*a, **k))
     rng = np.random.default_rng(8)
     net = _net(rng)
     x = rng.normal(size=(2, 2, 12, 11))
     classes = np.array([[0, 3, 1], [2, 1, 0]])
     want_trace = ref.forward(net, x)
     want = ref.clear_from_trace(net, want_trace, classes)
-    trace = kc.forward(net, x, fast=False)
-    exact = kc.clear_from_trace(net, trace, classes, fast=False)
+    trace = kc.forward(net, x, fast=False, config=config)
+    exact = kc.clear_from_trace(net, trace, classes, fast=False, config=config)
     assert used == []
-    fast_trace = kc.forward(net, x, fast=True)
+    fast_trace = kc.forward(net, x, config=config.replace(precision="tf32"))
     assert used == [(16, 17, None, True), (17, 16, None, True), (16, 16, None, True), (16, 7, None, True)]
     err = rel_err(dv.tohost(fast_trace.logits), want_trace.logits)
     assert RTOL_F32 < err < 2e-3, err  # really TF32, and only that far off
     del used[:]
-    got = kc.clear_from_trace(net, trace, classes, fast=True)
+    got = kc.clear_from_trace(net, trace, classes, fast=True, config=config)
     assert used == [(16, 16, (2, 2, 2, 2, 1, 1), False), (16, 17, None, False), (17, 16, (2, 2, 2, 2, 0, 0), False)]
     for out, tol in ((exact, RTOL_F32), (got, 2e-3)):
         responses = dv.tohost(out.responses)
@@ -369,18 +365,17 @@ def test_fast_mode_on_the_tensor_cores(monkeypatch, halo):
 def test_tensor_cores_in_chunks(monkeypatch, halo):
     """The work split into chunks of one image and some of its classes (b0 > 0, kc < K): the tensor-core
     kernel reads the chunk's own images' switch offsets, and the maps are bit for bit those of one pass."""
-    monkeypatch.setattr(backend, "TENSOR_CORES", True)
-    monkeypatch.setattr(tc, "HALO", halo)
+    config = kc.CudaConfig(precision="tf32", variants=(TensorCores(halo=halo),))
     patches = _halo_ran(monkeypatch)
     rng = np.random.default_rng(9)
     net = _net(rng)
     x = rng.normal(size=(3, 2, 12, 11))
     classes = np.array([[0, 3, 1], [2, 1, 0], [3, 2, 1]])
     trace = kc.forward(net, x, fast=False)
-    whole = kc.clear_from_trace(net, trace, classes, fast=True)
+    whole = kc.clear_from_trace(net, trace, classes, config=config)
     pieces = [(b, 1, k0, k) for b in range(3) for k0, k in ((0, 2), (2, 1))]
-    monkeypatch.setattr(backend, "_chunks", lambda *a: pieces)
-    split = kc.clear_from_trace(net, trace, classes, fast=True)
+    monkeypatch.setattr(memory, "chunks", lambda *a: pieces)
+    split = kc.clear_from_trace(net, trace, classes, config=config)
     assert_equal(dv.tohost(split.responses), dv.tohost(whole.responses), "responses")
     assert_equal(dv.tohost(split.dominant_index), dv.tohost(whole.dominant_index), "dominant class")
     assert all(patches) and bool(patches) == halo

@@ -1,4 +1,5 @@
-"""The fast mode's stride-1 transposed conv on the tensor cores: an implicit GEMM in TF32 (CuPy RawKernel).
+"""LAB (not in the product; lab/README.md): the fast mode's stride-1 transposed conv on the tensor cores, an
+implicit GEMM in TF32 (CuPy RawKernel). Plugged into a run by lab.variants.TensorCores.
 
 Why. GPU run 7 (bench/GPU_NOTES.md) left the fast mode at 0.80x (allcnn-mnist) and 0.42x (vgg16-fcn) of
 plain torch with TF32 convolutions: its GEMMs ran on the tensor cores, but its columns cost as much memory
@@ -19,7 +20,7 @@ of K is BK channels of one tap, so a thread's source pixel and its bounds test s
 are float32 on the tensor cores.
 
 How the work is laid out. A block of 4 warps owns BM output channels x BN pixels (TILES: 64 x 64; 32 x 128
-when I <= 32, so that a 32-channel layer wastes no half of its M; 128 x 64 for wide layers when WIDE_TILES);
+when I <= 32, so that a 32-channel layer wastes no half of its M; 128 x 64 for wide layers with ``wide``);
 each warp a (16 MI) x 32 piece as MI x 4 mma tiles of 16 x 8, 16 MI float accumulators per thread. Per step
 of BK = 32 along K, the next step's A and B slices are loaded into registers while the tensor cores work on
 the current one from shared memory. A is stored in fragment order (weight_layout), so its staging is a copy
@@ -30,7 +31,7 @@ loop (NVRTC 13.5 + ptxas, 3x3 conv; `python -m bench.kernel_report --only tc_`) 
 mma on 64 x 64 tiles (~314 dense, ~382 behind a pool, per 32 mma), ~14-17 on 32 x 128 tiles, ~5.5-6.7 on
 128 x 64 tiles (~352-426 per 64 mma), at 128-168 registers (MIN_BLOCKS). No spills.
 
-The halo kernel (HALO, off by default; PATCHES, patch()): the same GEMM, but a block's BN pixels are a
+The halo kernel (``halo``; PATCHES, patch()): the same GEMM, but a block's BN pixels are a
 TH x TW patch of one signal's output, and per chunk of BK source channels the patch's (TH + kh - 1) x
 (TW + kw - 1) source pixels are staged once, unpooled, rectified and rounded, as (b0, b1) channel pairs; every
 tap then reads its B fragments from them with a constant shift, and A, one tap at a time, is double-buffered
@@ -62,7 +63,7 @@ import numpy as np
 def _dv():
     # the backend's device module, imported on first use: bench/kernel_report.py reads the sources here on a
     # machine with neither a GPU nor CuPy
-    from . import device
+    from clearmaps.kernels.cuda import device
 
     return device
 
@@ -280,7 +281,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) tc_transpos
 }
 """
 
-# The halo kernel (HALO): a block's BN pixels are a TH x TW patch of one signal's output. Per chunk of BK source
+# The halo kernel (``halo``): a block's BN pixels are a TH x TW patch of one signal's output. Per chunk of BK source
 # channels it stages the patch's (TH + KH - 1) x (TW + KW - 1) source pixels once (unpooled, rectified,
 # rounded), then runs every tap from shared memory, a tap being a constant shift of each lane's pixel: for
 # 3x3 on 8 x 8 patches, 100 gathers per channel where the flat kernel makes 576.
@@ -465,17 +466,15 @@ TILES = {32: dict(BN=128, WARPS_M=1, MI=2), 64: dict(BN=64, WARPS_M=2, MI=2), 12
 # free, ptxas gave the 128 x 64 tile behind a pool 246 registers (2 blocks, 8 warps per SM) to keep more
 # loads in flight. One block less for the 32 x 128 tile behind a pool, which spills at 128 registers.
 MIN_BLOCKS = {32: (4, 3), 64: (4, 4), 128: (3, 3)}
-# 128-channel tiles for layers of at least 128 output channels: each gathered B element then feeds twice the
-# mma, at 64 accumulators per thread (fewer warps per SM). Off until a GPU run has timed it (bench method
-# cuda-fast-tc-wide).
-WIDE_TILES = os.environ.get("CLEARMAPS_CUDA_TC_WIDE", "0") == "1"
+# ``wide``: 128-channel tiles for layers of at least 128 output channels: each gathered B element then feeds
+# twice the mma, at 64 accumulators per thread (fewer warps per SM) (bench method cuda-fast-tc-wide).
 ROW_PAD = 128  # weight_layout pads the rows to a multiple of the largest BM
 
 
-def tile_m(I: int) -> int:
+def tile_m(I: int, wide: bool = False) -> int:
     """Output channels per block: 32 when the layer has at most 32 (each block then covers 128 pixels), 128
-    for 128 or more when WIDE_TILES, else 64."""
-    return 32 if I <= 32 else 128 if WIDE_TILES and I >= 128 else 64
+    for 128 or more when ``wide``, else 64."""
+    return 32 if I <= 32 else 128 if wide and I >= 128 else 64
 
 
 def supports(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, pool: tuple | None) -> bool:
@@ -544,9 +543,6 @@ def source(kh: int, kw: int, ph: int, pw: int, pool: tuple | None, bm: int, full
 # The halo kernel's output patches (TH, TW) for each tile's BN pixels; patch() picks the one that covers a
 # layer's plane with the least waste (28 x 28 on 8 x 8 patches computes 32 x 32: 31% more).
 PATCHES = {64: ((8, 8), (4, 16), (2, 32)), 128: ((8, 16), (4, 32))}
-# The halo kernel for the fast mode's stride-1 convs (HALO, CLEARMAPS_CUDA_TC_HALO=1): off until a GPU run
-# has checked and timed it (bench method cuda-fast-tc-halo).
-HALO = os.environ.get("CLEARMAPS_CUDA_TC_HALO", "0") == "1"
 SHARED_LIMIT = 48 << 10
 
 
@@ -567,8 +563,8 @@ def patch(kh: int, kw: int, bm: int, H: int, W: int) -> tuple | None:
                                        (p[0] + kh - 1) * (p[1] + kw - 1)))
 
 
-def grid(I: int, pixels: int) -> tuple[int, int]:
-    bm = tile_m(I)
+def grid(I: int, pixels: int, wide: bool = False) -> tuple[int, int]:
+    bm = tile_m(I, wide)
     return -(-pixels // TILES[bm]["BN"]), -(-I // bm)
 
 
@@ -590,12 +586,14 @@ def available() -> str | None:
 _AVAILABLE: dict = {}
 
 
-def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, kernel, padding, pool, bias=None):
+def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, kernel, padding, pool, bias=None,
+           *, halo: bool = False, wide: bool = False):
     """out (I, n, H, W) = the stride-1 transposed conv (``kernel``, ``padding``) of src (O, n, Hs, Ws)
     ((Hs, Ws) the pooled size when ``pool``, whose window offsets ``offs`` (B, O, Hs, Ws) int32 are read),
     rectified as read when ``rect``; weight float32 as :func:`weight_layout` makes it (:func:`padded_shape`);
-    ``bias`` (I,) float32 added to the output unless None. TF32 inputs, float32 sums. A forward stride-1 conv
-    is the transposed conv of its flipped kernels with padding kernel - 1 - padding (backend.py)."""
+    ``bias`` (I,) float32 added to the output unless None; ``halo``: the halo kernel where a patch fits;
+    ``wide``: 128-channel tiles for wide layers. TF32 inputs, float32 sums. A forward stride-1 conv is the
+    transposed conv of its flipped kernels with padding kernel - 1 - padding (lab/variants.py)."""
     if not fits(src.size, out.size) or not fits(offs.size, weight.size):
         raise ValueError(f"tensor_cores.launch: arrays of {max(src.size, out.size, offs.size)} elements; the "
                          "kernel's 32-bit indices reach 2^31 - 1")
@@ -616,9 +614,9 @@ def launch(src, offs, weight, out, O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, rect, 
     if address % 16:
         raise ValueError("tensor_cores.launch: a weight not aligned to 16 bytes; the kernel reads it 16 bytes at "
                          "a time (a fresh array of weight_layout is)")
-    bm, full = tile_m(I), O % BK == 0
-    pt = patch(kh, kw, bm, H, W) if HALO else None
-    gx, gy = grid(I, n * H * W) if pt is None else (n * -(-H // pt[0]) * -(-W // pt[1]), -(-I // bm))
+    bm, full = tile_m(I, wide), O % BK == 0
+    pt = patch(kh, kw, bm, H, W) if halo else None
+    gx, gy = grid(I, n * H * W, wide) if pt is None else (n * -(-H // pt[0]) * -(-W // pt[1]), -(-I // bm))
     ints = (O, I, n, Hs, Ws, Hu, Wu, H, W, b0, kc, int(bool(rect)))
     has_bias = bias is not None
     if bias is None:
@@ -685,7 +683,7 @@ def _host_library(kh, kw, ph, pw, pool, bm, full, bias, patch=None):
     header = Path(__file__).with_name("tc_host.hpp")
     code = f'#include "{header}"\n' + source(kh, kw, ph, pw, pool, bm, full, bias, patch) + _HOST_ENTRY
     digest = hashlib.sha256((code + header.read_text()).encode()).hexdigest()[:16]
-    from .sparse_kernels import cache_root
+    from clearmaps.kernels.cuda.sparse_kernels import cache_root
 
     folder = cache_root() / "tc-host"
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
-"""The tensor-core kernel's GPU side, compiled without a GPU: every specialisation the backend can ask for goes
-through NVRTC (the compiler CuPy's RawKernel uses) for the A100's and the H100's compute capabilities.
+"""The tensor-core kernels' GPU side (lab/tensor_cores.py), compiled without a GPU: every specialisation the
+variant can ask for goes through NVRTC (the compiler CuPy's RawKernel uses) for the A100's and the H100's
+compute capabilities.
 
 Both kernels (the flat one and the halo one, on every patch that fits) are compiled. The CPU emulation
-(tests/cuda_sim/test_tensor_cores.py) compiles the same source with its inline assembly
-swapped out; this is where the assembly itself, NVRTC's lack of host headers and CUDA's 48 KB of static
-shared memory per block are checked."""
+(lab/tests/test_tensor_cores.py) compiles the same source with its inline assembly swapped out; this is where the assembly itself, NVRTC's lack of host headers and CUDA's 48 KB of static
+shared memory per block are checked. Needs NVRTC from pip: ``pip install 'nvidia-cuda-nvrtc>=13,<14'``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from clearmaps.kernels.cuda import tensor_cores as tc
+from lab import tensor_cores as tc
 
 
 def _patches(k, bm):
