@@ -12,22 +12,22 @@
 #      processes, into the shared kernel cache (bench/device_warm.py; their compile times)    warm.log
 #   3. the benchmark: allcnn-mnist batch 1024 and vgg16-fcn 224x224 batch 8, ten classes; methods
 #      captum-cuda, torch-cuda (fp32, TF32 off), torch-cuda-tf32, cuda (exact), cuda-rows-eager (exact, with
-#      the two kernels not yet timed: the row-blocked last conv and the eager switch offsets), cuda-fast
-#      (TF32), cuda-fast-tc-wide and cuda-fast-tc-halo-wide (TF32 with the stride-1 convs on the tensor-core
-#      kernels of kernels/cuda/tensor_cores.py, flat and halo, 128-channel tiles on wide layers):
+#      the lab's two exact-mode kernels: the row-blocked last conv and the eager switch offsets), cuda-fast
+#      (TF32), cuda-fast-tc-wide and cuda-fast-tc-halo-wide (TF32 with the stride-1 convs on the lab's
+#      tensor-core kernels, lab/tensor_cores.py, flat and halo, 128-channel tiles on wide layers):
 #      the float32 contract against a float64 oracle first (vgg16-fcn: at 64x64, same weights; see
 #      bench/device_bench.py), then CUDA-event medians and per-layer breakdowns     bench.log/json/md
 #   4. pytest -m gpu: tests/test_cuda_gpu.py and the interop side-stream test          gpu_tests.log
-#   4b. the tensor-core kernel's equivalence tests (tests/cuda_sim/test_tensor_cores.py) on the real GPU
-#                                                                                    tensor_cores.log
+#   4b. the lab's tests (lab/tests: the tensor-core kernels, the row-blocked direct kernel, the eager
+#      offsets) on the real GPU, what lab/README.md asks before a promotion                 lab.log
 #   5. the variants on allcnn-mnist (cuda-rows: the row-blocked direct kernel for the last transposed conv;
 #      cuda-eager: the sparse kernel loading switch offsets ahead of its zero tests; each alone, as
 #      cuda-rows-eager of step 3 has them together; cuda-fast-tc and cuda-fast-tc-halo on 64-channel tiles)
 #      beside cuda and torch-cuda-tf32
 #                                                                                    variants/, variants.log
 #   5b. the same variants on vgg16-fcn 224 batch 8                               variants-vgg/, variants_vgg.log
-#   6. the CUDA equivalence tests of tests/cuda_sim on the real GPU (last: each hypothesis geometry
-#      compiles its own kernels)                                                       equivalence.log
+#   6. the CUDA backend's tests of tests/cuda_sim and the property suite (tests/test_backends.py, "cuda"
+#      only) on the real GPU (last: each hypothesis geometry compiles its own kernels)  equivalence.log
 # Generated kernels are compiled once per machine (5-15 s each) and cached in CLEARMAPS_CACHE_DIR, which
 # every step shares. The logs are written to /tmp/clearmaps-logs and, after every step, packed into
 # OUT/logs.tgz (the device tool brings back at most 8 files); summary.txt and the tables are copied
@@ -96,21 +96,21 @@ step warm 80 python3 -m bench.device_warm
 step bench 170 python3 -m bench.device_bench --out "$LOG" --repeats 5
 step gpu_tests 105 env CLEARMAPS_CUDA_CHECK=1 \
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
-step tensor_cores 60 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
-    python3 -m pytest -q -p no:cacheprovider tests/cuda_sim/test_tensor_cores.py
+step lab 60 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
+    python3 -m pytest -q -p no:cacheprovider lab/tests --ignore lab/tests/test_tensor_cores_compile.py
 step variants 60 python3 -m bench.device_bench --out "$LOG/variants" --cases allcnn-mnist-b1024 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
 step variants_vgg 75 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
-step equivalence 20 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
-    python3 -m pytest -q -p no:cacheprovider tests/cuda_sim
+step equivalence 20 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 CLEARMAPS_TEST_BACKENDS=cuda \
+    python3 -m pytest -q -p no:cacheprovider tests/cuda_sim tests/test_backends.py
 
 echo
 echo "================ clearmaps on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
 [ -f "$LOG/bench.md" ] && cat "$LOG/bench.md"
 grep -h "breakdown" "$LOG/bench.log" 2> /dev/null  # per-layer steps: bench.log, bench.json
 grep -h "ceilings" "$LOG/bench.log" 2> /dev/null
-tail -n 1 "$LOG/gpu_tests.log" "$LOG/tensor_cores.log" "$LOG/equivalence.log" 2> /dev/null
+tail -n 1 "$LOG/gpu_tests.log" "$LOG/lab.log" "$LOG/equivalence.log" 2> /dev/null
 [ -f "$LOG/variants/bench.md" ] && cat "$LOG/variants/bench.md"
 [ -f "$LOG/variants-vgg/bench.md" ] && cat "$LOG/variants-vgg/bench.md"
 note "total $(( $(date +%s) - T0 )) s"

@@ -54,14 +54,14 @@ DEFAULT_CASES = "allcnn-mnist-b1024,vgg16-fcn-b8"
 # cuda-direct (the direct kernel for <= 64 output channels) lost to gather + GEMM by 1.5x in run 2 and is
 # no longer in the default list; it stays registered (--methods ...,cuda-direct). cuda-gemm, the design
 # before the sparse kernel, was timed beside it in runs 5-7 (1.5x and 1.3x slower) and stays registered.
-# cuda-rows-eager and the tensor-core kernels (flat and halo, with 128-channel tiles on wide layers; on
-# allcnn-mnist, whose layers have <= 64 channels, the same as without) are the candidates for the defaults,
-# in the main table so that one run gives their ratios to Captum and torch. Variants are run by device.sh as
-# a step of their own (VARIANT_METHODS), after the tests: cuda-rows (the row-blocked direct kernel for the
-# last transposed conv, not yet timed) and cuda-eager (the sparse kernel loading switch offsets ahead of its
-# zero tests, not yet timed), each alone, and both tensor-core kernels on 64-channel tiles. cuda-sparse (the sparse kernel for every stride-1 conv larger than
-# 1x1: within noise on allcnn, 3% slower on vgg in run 5), cuda-cpt1 (one output channel per thread) and
-# cuda-8x8 (8x8 tiles) lost by 4-6% and 20% in run 5 and stay registered.
+# The lab's candidates for the defaults (lab/README.md: what each must show here to be promoted) are in the
+# main table so that one run gives their ratios to Captum and torch: cuda-rows-eager (lab/direct_rows.py and
+# lab/eager_offsets.py together) and the tensor-core kernels (lab/tensor_cores.py, flat and halo, with
+# 128-channel tiles on wide layers; on allcnn-mnist, whose layers have <= 64 channels, the same as without).
+# Variants are run by device.sh as a step of their own (VARIANT_METHODS), after the tests: cuda-rows and
+# cuda-eager each alone, and both tensor-core kernels on 64-channel tiles. cuda-sparse (the sparse kernel for
+# every stride-1 conv larger than 1x1: within noise on allcnn, 3% slower on vgg in run 5), cuda-cpt1 (one
+# output channel per thread) and cuda-8x8 (8x8 tiles) lost by 4-6% and 20% in run 5 and stay registered.
 DEFAULT_METHODS = ("captum-cuda,torch-cuda,torch-cuda-tf32,cuda,cuda-rows-eager,cuda-fast,cuda-fast-tc-wide,"
                    "cuda-fast-tc-halo-wide")
 VARIANT_METHODS = "torch-cuda-tf32,cuda,cuda-rows,cuda-eager,cuda-fast-tc,cuda-fast-tc-halo"
@@ -142,34 +142,42 @@ def ceilings(log=print) -> dict:
     return out
 
 
+class _Timeline:
+    """A clearmaps.kernels.cuda.Profiler recording a CUDA event at every step the backend marks."""
+
+    def __init__(self, cp):
+        self.cp, self.marks = cp, []
+
+    def mark(self, label):
+        event = self.cp.cuda.Event()
+        event.record()
+        self.marks.append((label, event))
+
+    def sparse_launch(self, launch):
+        return False
+
+
 def breakdown(case, method: str, log=print) -> list:
     """Per-step GPU time of one run of a clearmaps method (CUDA events between the steps), milliseconds."""
     import cupy as cp
 
     from clearmaps.kernels import cuda as kc
-    from clearmaps.kernels.cuda import backend
 
-    from .methods_cuda import ways
-
-    setup = METHODS[method].setup
-    fast = setup.fast
+    config = METHODS[method].setup.config()
     x = cp.asarray(case.x)
-    with ways(**setup.knobs):
-        kc.clear_from_trace(case.net, kc.forward(case.net, x, fast=fast), case.classes, keep_responses=False,
-                            fast=fast)
-        cp.cuda.runtime.deviceSynchronize()
-        backend.TIMELINE = []
-        try:
-            t = time.perf_counter()
-            backend._mark("call")  # the first step then holds the input checks before the first kernel
-            kc.clear_from_trace(case.net, kc.forward(case.net, x, fast=fast), case.classes, keep_responses=False,
-                                fast=fast)
-            backend._mark("returned")
-            cpu = (time.perf_counter() - t) * 1e3  # the host's time to issue it all (waiting where the driver syncs)
-            cp.cuda.runtime.deviceSynchronize()
-            marks = backend.TIMELINE
-        finally:
-            backend.TIMELINE = None
+    kc.clear_from_trace(case.net, kc.forward(case.net, x, config=config), case.classes, keep_responses=False,
+                        config=config)
+    cp.cuda.runtime.deviceSynchronize()
+    timeline = _Timeline(cp)
+    timed = config.replace(profiler=timeline)
+    t = time.perf_counter()
+    timeline.mark("call")  # the first step then holds the input checks before the first kernel
+    kc.clear_from_trace(case.net, kc.forward(case.net, x, config=timed), case.classes, keep_responses=False,
+                        config=timed)
+    timeline.mark("returned")
+    cpu = (time.perf_counter() - t) * 1e3  # the host's time to issue it all (waiting where the driver syncs)
+    cp.cuda.runtime.deviceSynchronize()
+    marks = timeline.marks
     steps = [(label, cp.cuda.get_elapsed_time(prev, ev)) for (_, prev), (label, ev) in zip(marks, marks[1:])]
     total = cp.cuda.get_elapsed_time(marks[0][1], marks[-1][1])
     log(f"  breakdown {method} "
@@ -363,7 +371,7 @@ def main(argv=None):
         steps = {}
         if not args.cpu:
             for r in results:  # every clearmaps method that ran
-                if r.median_s and hasattr(METHODS[r.method].setup, "knobs"):
+                if r.median_s and hasattr(METHODS[r.method].setup, "config"):
                     steps[r.method] = breakdown(case, r.method)
         tab = table(case, contract_case, results)
         tables += [title, "", _explain_contract(case, contract_case), "", tab, ""]

@@ -56,19 +56,18 @@ def main() -> int:
     print("numba.cuda kernel on CuPy arrays:", "ok" if ok_kernel else "WRONG")
     print("GEMM relative errors vs float64:", errs)
     tc_err = _tensor_cores(np, cp, False)
-    print("tensor-core kernel (NVRTC, mma.sync TF32) relative error vs float64:", tc_err)
+    print("LAB tensor-core kernel (NVRTC, mma.sync TF32) relative error vs float64:", tc_err)
     halo_err = _tensor_cores(np, cp, True)
-    print("tensor-core halo kernel relative error vs float64:", halo_err)
+    print("LAB tensor-core halo kernel relative error vs float64:", halo_err)
     return 0 if ok_kernel and errs["fp32"] < 1e-5 and errs["tf32"] < 1e-2 and max(tc_err, halo_err) < 1e-2 else 1
 
 
 def _tensor_cores(np, cp, halo: bool) -> float:
-    """One 3x3 transposed conv, 64 -> 64 channels on 16 signals of 14x14, through tensor_cores.py (its flat
-    kernel, or the halo kernel): its relative error against float64 (TF32: ~1e-3), or inf when it does not
-    compile or run."""
-    from clearmaps.kernels.cuda import tensor_cores as tc
+    """One 3x3 transposed conv, 64 -> 64 channels on 16 signals of 14x14, through lab/tensor_cores.py (its
+    flat kernel, or the halo kernel): its relative error against float64 (TF32: ~1e-3), or inf when it does
+    not compile or run."""
+    from lab import tensor_cores as tc
 
-    tc.HALO = halo
     why = tc.available()
     if why:
         print("tensor-core kernel unavailable:", why)
@@ -79,7 +78,7 @@ def _tensor_cores(np, cp, halo: bool) -> float:
     out = cp.full((64, 16, 14, 14), cp.nan, dtype=cp.float32)
     try:
         tc.launch(cp.asarray(src), cp.zeros(1, cp.int32), cp.asarray(tc.weight_layout(w)), out,
-                  64, 64, 16, 14, 14, 14, 14, 14, 14, 0, 1, False, (3, 3), (1, 1), None)
+                  64, 64, 16, 14, 14, 14, 14, 14, 14, 0, 1, False, (3, 3), (1, 1), None, halo=halo)
         cp.cuda.runtime.deviceSynchronize()
     except Exception as exc:  # what failed is the point of a preflight
         print("tensor-core kernel FAILED:", type(exc).__name__, str(exc)[:2000])

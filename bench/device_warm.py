@@ -2,8 +2,8 @@
 
 Compiles, in parallel processes, the sparse kernel's specialisations that the benchmark's methods will use,
 into Numba's file cache under CLEARMAPS_CACHE_DIR: clearmaps.kernels.cuda.warm's recording and workers
-(kernels/cuda/warmup.py), over every method's routing (``setup.knobs`` in bench/methods_cuda.py) and every
-case's network. The timed steps of bench/device.sh then load them instead of compiling them one after
+(kernels/cuda/warmup.py), over every method's configuration (``setup.config()`` in bench/methods_cuda.py:
+its routing settings and lab variants) and every case's network. The timed steps of bench/device.sh then load them instead of compiling them one after
 another (5-15 s each, single-threaded). Prints each specialisation with the seconds its first launch took:
 that is the compile time a user's first call pays for a new layer shape. Runs under the simulator too
 (NUMBA_ENABLE_CUDASIM=1), without caching.
@@ -27,19 +27,16 @@ DEFAULT_METHODS = "cuda,cuda-gemm,cuda-fast,cuda-fast-tc,cuda-rows,cuda-eager"
 
 
 def record(methods, cases) -> dict:
-    """{specialisation name: the launcher call that compiles it} over the methods' routings (their knobs)
-    and the cases' networks: clearmaps.kernels.cuda.warmup.record under each method's knobs."""
+    """{specialisation name: the launch that compiles it} over the methods' configurations and the cases'
+    networks: clearmaps.kernels.cuda.warmup.record with each method's configuration."""
     from clearmaps.kernels.cuda import warmup
-
-    from .methods_cuda import ways
 
     calls = {}
     for case in cases:
         for method in methods:
-            setup = METHODS[method].setup
-            with ways(**setup.knobs):
-                for name, call in warmup.record(case.net, case.x, fast=setup.fast).items():
-                    calls.setdefault(name, call)
+            config = METHODS[method].setup.config()
+            for name, call in warmup.record(case.net, case.x, config=config).items():
+                calls.setdefault(name, call)
     return calls
 
 
@@ -51,7 +48,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     load_methods()
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS or not hasattr(METHODS[m].setup, "knobs")]
+    unknown = [m for m in methods if m not in METHODS or not hasattr(METHODS[m].setup, "config")]
     if unknown:
         raise SystemExit(f"device_warm: {', '.join(unknown)} not clearmaps CUDA methods of bench/methods_cuda.py")
     t0 = time.perf_counter()

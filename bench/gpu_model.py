@@ -1,5 +1,5 @@
 """The two numbers before a GPU run (FLOPs and bytes) plus the third one that run 2 showed matters:
-instructions. Per kernel of the CUDA backend's design (kernels/cuda/backend.py), the time each would
+instructions. Per kernel of the CUDA backend's design (kernels/cuda/pipeline.py, routing.py), the time each would
 take at the measured ceilings, and the sum.
 
     python -m bench.gpu_model [--copy-GBps 4139 --fp32-TFLOPs 51 --tf32-TFLOPs 412 --issue 1.045e12]
@@ -58,9 +58,10 @@ def gemm_rate(M: int, fast: bool, args) -> float:
 def sparse_instructions(kh, kw, ph, pw, pool, O, I, n, H, W, nonzero):
     """Warp instructions of one sparse_transpose launch, a fraction ``nonzero`` of the staged values being
     nonzero (about 1/2 behind a ReLU with rectification on random weights) and offsets uniform in a window."""
+    from clearmaps.kernels.cuda import CudaConfig
     from clearmaps.kernels.cuda import sparse_kernels as sk
 
-    TY, TX, _, _, NWY, NWX, windows = sk.layout(kh, kw, ph, pw, pool)
+    TY, TX, _, _, NWY, NWX, windows = sk.layout(kh, kw, ph, pw, pool, sk.tile_shape(pool, CudaConfig().tile))
     cells = (pool[0] * pool[1]) if pool else 1
     nwin = NWY * NWX
     fmas = sum(len(f) for _, cases in windows for _, f in cases) / cells  # per nonzero window, summed
@@ -80,12 +81,16 @@ def sparse_instructions(kh, kw, ph, pw, pool, O, I, n, H, W, nonzero):
 
 def steps(net, size, B, K, direct_max=4, sparse=True, nonzero=0.5, dense_max=None):
     """(label, GEMM rows M or 0, gemm_flops, bytes, warp instructions) per kernel, exact design of
-    kernels/cuda/backend.py (``sparse``: stride-1 convs on the sparse kernel, those on a dense input where
-    sparse_kernels.dense_pays, or, given ``dense_max``, every one of at most that many output channels)."""
-    from clearmaps.kernels.cuda.sparse_kernels import dense_pays
+    kernels/cuda/routing.py (``sparse``: stride-1 convs on the sparse kernel, those on a dense input where
+    routing.dense_pays with the default configuration, or, given ``dense_max``, every one of at most that many
+    output channels)."""
+    from clearmaps.kernels.cuda import CudaConfig
+    from clearmaps.kernels.cuda.routing import dense_pays
 
     def pays(source_channels, out_channels, kh, kw):
-        return dense_pays(source_channels, out_channels, kh, kw) if dense_max is None else out_channels <= dense_max
+        if dense_max is None:
+            return dense_pays(CudaConfig(), source_channels, out_channels, kh, kw)
+        return out_channels <= dense_max
     sizes = net.layer_sizes(size)
     out = []
     C = net.in_channels

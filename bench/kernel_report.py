@@ -1,5 +1,5 @@
-"""Compile every CUDA kernel of the backend for a GPU architecture WITHOUT a GPU, and report what the
-hardware will run: registers, spills, stack, and the SASS of each loop body (instructions, global loads,
+"""Compile every CUDA kernel of the backend (and of lab/) for a GPU architecture WITHOUT a GPU, and report what
+the hardware will run: registers, spills, stack, and the SASS of each loop body (instructions, global loads,
 stores, FMAs per iteration). It also catches Numba typing errors that the CUDA simulator cannot (the
 simulator runs the kernels as Python).
 
@@ -65,7 +65,7 @@ def compile_one(kernel, sig, name, cc, tools, sass_dir=None) -> dict:
     """``kernel`` is a numba.cuda kernel compiled for ``sig``, or CUDA C source text (``sig`` None)."""
     from numba import cuda
 
-    from clearmaps.kernels.cuda.tensor_cores import nvrtc_ptx
+    from lab.tensor_cores import nvrtc_ptx
 
     ptx = nvrtc_ptx(kernel, cc) if isinstance(kernel, str) else cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0]
     work = Path(sass_dir or "/tmp/clearmaps-kernel-report")
@@ -95,6 +95,8 @@ def kernels():
     from clearmaps.kernels.cuda import epilogue as ek
     from clearmaps.kernels.cuda import forward_kernels as fk
     from clearmaps.kernels.cuda import sparse_kernels as sk
+    from lab import direct_rows, eager_offsets
+    from lab import tensor_cores as tc
 
     f1, i1, l1 = (types.Array(t, 1, "C") for t in (types.float32, types.int32, types.int64))
     f4, l4, i4 = (types.Array(t, 4, "C") for t in (types.float32, types.int64, types.int32))
@@ -117,16 +119,18 @@ def kernels():
                 out.append((k.__name__, k, (f1, i1, f1, f1) + (i,) * 10 + (b, b)))
     for g in ((3, 3, 1, 1), (5, 5, 2, 2), (1, 1, 0, 0)):
         for _, pool in sources:
+            tile = sk.tile_shape(pool, (4, 8))
             for threads, cpt in ((32, 1), (128, 1), (32, 2)):
-                # behind a pool, the 3x3 convs also with their offsets loaded ahead of the zero tests
-                for eager in (False, True) if pool and g == (3, 3, 1, 1) else (False,):
-                    k = sk.sparse_transpose(*g, pool, threads, False, None, cpt, eager)
+                k = sk.sparse_transpose(*g, pool, threads, False, tile, cpt)
+                out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
+                if pool and g == (3, 3, 1, 1):  # LAB: the offsets loaded ahead of the zero tests
+                    k = eager_offsets.sparse_transpose(*g, pool, threads, False, tile, cpt)
                     out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
-        k = sk.sparse_transpose(*g, None, 128, True)  # a forward conv (bias)
+        k = sk.sparse_transpose(*g, None, 128, True, sk.tile_shape(None, (4, 8)))  # a forward conv (bias)
         out.append((k.__name__, k, (f1, i1, f1, f1, f1) + (i,) * 11 + (b,)))
-    from clearmaps.kernels.cuda import tensor_cores as tc
-
-    for g in ((3, 3, 1, 1), (1, 1, 0, 0)):  # CUDA C: compiled by NVRTC, as CuPy does
+    # LAB (lab/README.md): the tensor-core kernels, CUDA C compiled by NVRTC as CuPy does, and the row-blocked
+    # direct kernel
+    for g in ((3, 3, 1, 1), (1, 1, 0, 0)):
         for pool in (None, (2, 2, 2, 2, 0, 0)):
             for bm in sorted(tc.TILES):
                 tag = "k{}x{}_p{}x{}".format(*g) + ("_dense" if pool is None else "_unpooled_k2x2_s2x2")
@@ -136,7 +140,7 @@ def kernels():
     out.append(("tc_transpose_k3x3_p1x1_dense_bm64_bias_masked", tc.source(3, 3, 1, 1, None, 64, False, True), None))
     for I, k_, p_ in ((1, 3, 1), (3, 3, 1), (1, 5, 2)):
         for px in (2, 4):
-            k = bk.direct_rows(I, k_, k_, p_, p_, px)
+            k = direct_rows.direct_rows(I, k_, k_, p_, p_, px)
             out.append((k.__name__, k, (f1, f1, f1) + (i,) * 6 + (b,)))
     for kind, pool in sources:
         out.append((bk.materialise(kind, pool).__name__, bk.materialise(kind, pool), (f1, i1, f1) + (i,) * 8 + (b, b)))

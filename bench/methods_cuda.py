@@ -4,6 +4,9 @@ stream (where CuPy, Numba and torch all launch), after a warm-up.
 
 TF32 is switched OFF for every torch method but ``torch-cuda-tf32`` (torch allows it in cuDNN
 convolutions by default, which would make an "fp32" baseline a TF32 one), and back to off after it.
+
+Each clearmaps method is a ``CudaConfig`` (clearmaps.kernels.cuda): the product's routing choices as settings,
+and the lab's experiments (lab/variants.py, ``lab=``) as the configuration's variants. Nothing is patched.
 """
 
 from __future__ import annotations
@@ -100,61 +103,45 @@ def _torch_method(base_setup, tf32: bool):
     return setup
 
 
+def configuration(fast: bool, lab: str | None = None, **settings):
+    """The clearmaps.kernels.cuda.CudaConfig of a method: the precision, ``settings`` (CudaConfig fields) and,
+    with ``lab``, the variants of lab/variants.py (VARIANTS[lab]; the repository's lab folder, not installed)."""
+    from clearmaps.kernels.cuda import CudaConfig
+
+    variants = ()
+    if lab is not None:
+        from lab.variants import VARIANTS
+
+        variants = VARIANTS[lab]
+    return CudaConfig(precision="tf32" if fast else "exact", variants=variants, **settings)
 
 
-def ways(direct_limit=None, sparse=None, tile_rows=None, dense_max=None, cpt=None, rows=None, dense_min=None,
-         tensor=None, wide=None, eager=None, halo=None):
-    """Context: transposed convs with at most ``direct_limit`` output channels run as the direct kernel;
-    ``sparse`` False sends the stride-1 ones to columns + GEMM instead of the sparse kernel; ``tile_rows``
-    sets the sparse kernel's tile height; ``dense_max`` the widest conv on a dense input it takes; ``cpt``
-    its most output channels per thread; ``rows`` the row-blocked direct kernel for the last transposed conv;
-    ``dense_min`` the fewest source channels of a dense conv it takes; ``tensor`` the fast mode's tensor-core
-    kernel; ``wide`` its 128-channel tiles; ``halo`` its halo kernel (tensor_cores.HALO); ``eager`` the sparse
-    kernel's offsets loaded before the zero test (sparse_kernels.EAGER_OFFSETS) (None: as set)."""
-    import contextlib
-
-    from clearmaps.kernels.cuda import backend, sparse_kernels, tensor_cores
-
-    wanted = {(backend, "DIRECT_MAX_CHANNELS"): direct_limit, (backend, "SPARSE_TRANSPOSE"): sparse,
-              (sparse_kernels, "TILE_ROWS"): tile_rows, (sparse_kernels, "DENSE_MAX_CHANNELS"): dense_max,
-              (sparse_kernels, "MAX_CHANNELS_PER_THREAD"): cpt, (backend, "ROWS_DIRECT"): rows,
-              (sparse_kernels, "DENSE_MIN_SOURCE_CHANNELS"): dense_min, (backend, "TENSOR_CORES"): tensor,
-              (tensor_cores, "WIDE_TILES"): wide, (sparse_kernels, "EAGER_OFFSETS"): eager,
-              (tensor_cores, "HALO"): halo}
-
-    @contextlib.contextmanager
-    def ctx():
-        before = {(module, name): getattr(module, name) for module, name in wanted}
-        for (module, name), value in wanted.items():
-            if value is not None:
-                setattr(module, name, value)
-        try:
-            yield
-        finally:
-            for (module, name), value in before.items():
-                setattr(module, name, value)
-    return ctx()
+_SETTING_NOTES = {
+    "direct_max_channels": "direct kernel up to {} channels", "sparse": "sparse kernel {}",
+    "tile": "sparse tiles of {}", "dense_max_channels": "sparse on dense inputs up to {} channels",
+    "dense_min_source_channels": "sparse on dense inputs from {} source channels",
+    "max_channels_per_thread": "at most {} output channel(s) per thread", "lab": "lab variant {}"}
 
 
-def _clearmaps_setup(fast: bool, **knobs):
-    """A clearmaps CUDA method run under ``ways(**knobs)``."""
-    direct_limit, sparse, tile_rows, dense_max, cpt, rows, dense_min, tensor, wide, eager, halo = (
-        knobs.get(k) for k in ("direct_limit", "sparse", "tile_rows", "dense_max", "cpt", "rows", "dense_min",
-                               "tensor", "wide", "eager", "halo"))
+def _clearmaps_setup(fast: bool, lab: str | None = None, **settings):
+    """A clearmaps CUDA method run with configuration(fast, lab, **settings). The configuration is built when
+    the method is set up (a lab variant imports Numba): ``setup.config()`` builds it for bench/device_warm.py."""
+    notes = ", ".join(_SETTING_NOTES[k].format(v) for k, v in dict(settings, lab=lab).items() if v is not None)
 
     def setup(case) -> Prepared:
         import cupy as cp
 
         from clearmaps.kernels import cuda as kc
+        from clearmaps.kernels.cuda.plans import forget_plans
 
+        config = configuration(fast, lab, **settings)
         net = case.net
         x = cp.asarray(case.x)            # the images start on the GPU, as for the torch methods
         classes = case.classes
 
         def run(keep=False):
-            with ways(**knobs):
-                trace = kc.forward(net, x, fast=fast)
-                return kc.clear_from_trace(net, trace, classes, keep_responses=keep, fast=fast)
+            trace = kc.forward(net, x, config=config)
+            return kc.clear_from_trace(net, trace, classes, keep_responses=keep, config=config)
 
         def check():
             out = run(keep=True)
@@ -170,7 +157,7 @@ def _clearmaps_setup(fast: bool, **knobs):
             for key, keep in (("composite_only", False), ("all_maps", True)):
                 cp.cuda.runtime.deviceSynchronize()
                 pool.free_all_blocks()
-                kc.backend._PLANS.clear()  # weights re-uploaded: counted, as torch's are
+                forget_plans()  # weights re-uploaded: counted, as torch's are
                 gc.collect()  # no array made before the hook may be freed inside it (the count would dip)
                 try:
                     hook = _LivePeak()
@@ -187,21 +174,10 @@ def _clearmaps_setup(fast: bool, **knobs):
 
         return Prepared(run, check, sync=cp.cuda.runtime.deviceSynchronize, timer=cuda_event_timer,
                         memory=memory, notes=("TF32 GEMMs" if fast else "fp32 (no TF32)") +
-                        ", keep_responses=False, GPU arrays in and out" +
-                        ("" if direct_limit is None else f", direct kernel up to {direct_limit} channels") +
-                        (", columns + GEMM for every transposed conv" if sparse is False else "") +
-                        ("" if tile_rows is None else f", sparse tiles of {tile_rows} rows") +
-                        ("" if dense_max is None else f", sparse on dense inputs up to {dense_max} channels") +
-                        ("" if cpt is None else f", at most {cpt} output channel(s) per thread") +
-                        ("" if rows is None else f", row-blocked direct kernel {'on' if rows else 'off'}") +
-                        ("" if dense_min is None else f", sparse on dense inputs from {dense_min} source channels") +
-                        ("" if tensor is None else f", tensor-core kernel {'on' if tensor else 'off'}") +
-                        ("" if wide is None else f", 128-channel tensor-core tiles {'on' if wide else 'off'}") +
-                        ("" if eager is None else f", switch offsets loaded {'eagerly' if eager else 'in the branch'}") +
-                        ("" if halo is None else f", tensor-core halo kernel {'on' if halo else 'off'}"))
-    # the routing, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
-    setup.knobs = knobs
-    setup.fast = fast
+                        ", keep_responses=False, GPU arrays in and out" + (", " + notes if notes else ""))
+    # the configuration, for bench/device_warm.py (which compiles the kernels a method will use beforehand)
+    # and bench/device_bench.py's per-layer timeline
+    setup.config = lambda: configuration(fast, lab, **settings)
     return setup
 
 
@@ -233,51 +209,52 @@ register(Method("cuda-gemm", "cuda", _clearmaps_setup(False, sparse=False),
 # the sparse kernel with 8x8 tiles instead of 4x8 (fewer windows per FMA), and with one output channel per
 # thread where the default takes two (64 instead of ~117 registers: more warps per SM to hide the shared-load
 # latency); which wins is for a GPU run to tell
-register(Method("cuda-cpt1", "cuda", _clearmaps_setup(False, cpt=1),
+register(Method("cuda-cpt1", "cuda", _clearmaps_setup(False, max_channels_per_thread=1),
                 "clearmaps backend='cuda', exact fp32, sparse kernel with one output channel per thread",
                 available=_clearmaps_cuda_available))
-register(Method("cuda-8x8", "cuda", _clearmaps_setup(False, tile_rows=8),
+register(Method("cuda-8x8", "cuda", _clearmaps_setup(False, tile=(8, 8)),
                 "clearmaps backend='cuda', exact fp32, sparse kernel on 8x8 tiles",
                 available=_clearmaps_cuda_available))
 # every stride-1 conv of more than one tap on the sparse kernel, however wide and whatever its source (the
 # default, sparse_kernels.dense_pays, sends dense-input convs of more than 64 output channels or fewer than 16
 # source channels to columns + GEMM); as run 5's cuda-sparse, the 1x1 convs aside
-register(Method("cuda-sparse", "cuda", _clearmaps_setup(False, dense_max=1 << 30, dense_min=1),
+register(Method("cuda-sparse", "cuda",
+                _clearmaps_setup(False, dense_max_channels=1 << 30, dense_min_source_channels=1),
                 "clearmaps backend='cuda', exact fp32, sparse kernel for every stride-1 conv larger than 1x1",
                 available=_clearmaps_cuda_available))
 # run 2's experiment: transposed convs of <= 64 output channels on the direct kernel (lost by 1.5x)
-register(Method("cuda-direct", "cuda", _clearmaps_setup(False, direct_limit=64, sparse=False),
+register(Method("cuda-direct", "cuda", _clearmaps_setup(False, direct_max_channels=64, sparse=False),
                 "clearmaps backend='cuda', exact fp32, direct kernel for <= 64 output channels",
                 available=_clearmaps_cuda_available))
-# the row-blocked direct kernel for the last transposed conv (backend.ROWS_DIRECT, off until timed)
-register(Method("cuda-rows", "cuda", _clearmaps_setup(False, rows=True),
+# LAB (lab/README.md, not in the product until a GPU run promotes it): the row-blocked direct kernel for the last
+# transposed conv (lab/direct_rows.py)
+register(Method("cuda-rows", "cuda", _clearmaps_setup(False, lab="rows"),
                 "clearmaps backend='cuda', exact fp32, row-blocked direct kernel for the last transposed conv",
                 available=_clearmaps_cuda_available))
-# the sparse kernel behind a pool with each window's offset loaded beside its value, ahead of the zero test
-# (sparse_kernels.EAGER_OFFSETS, off until timed); same bits as cuda
-register(Method("cuda-eager", "cuda", _clearmaps_setup(False, eager=True),
+# LAB: the sparse kernel behind a pool with each window's offset loaded beside its value, ahead of the zero test
+# (lab/eager_offsets.py); same bits as cuda
+register(Method("cuda-eager", "cuda", _clearmaps_setup(False, lab="eager"),
                 "clearmaps backend='cuda', exact fp32, sparse kernel loading switch offsets ahead of the tests",
                 available=_clearmaps_cuda_available))
-# both exact-mode candidates together (the row-blocked last conv and the eager offsets), in the main table so
-# that one run gives their ratios to Captum and torch in the same process, should they become the default
-register(Method("cuda-rows-eager", "cuda", _clearmaps_setup(False, rows=True, eager=True),
+# LAB: both exact-mode candidates together (the row-blocked last conv and the eager offsets), in the main table
+# so that one run gives their ratios to Captum and torch in the same process, should they become the default
+register(Method("cuda-rows-eager", "cuda", _clearmaps_setup(False, lab="rows-eager"),
                 "clearmaps backend='cuda', exact fp32, row-blocked last conv and switch offsets loaded eagerly",
                 available=_clearmaps_cuda_available))
 register(Method("cuda-fast", "cuda", _clearmaps_setup(True), "clearmaps backend='cuda', TF32 GEMMs (fast mode)",
                 available=_clearmaps_cuda_available, exact=False))
-# the fast mode with its stride-1 transposed convs on the tensor-core implicit GEMM (backend.TENSOR_CORES, off
-# until a GPU run has checked and timed it)
-register(Method("cuda-fast-tc", "cuda", _clearmaps_setup(True, tensor=True),
+# LAB: the fast mode with its stride-1 convs on the tensor-core implicit GEMM (lab/tensor_cores.py)
+register(Method("cuda-fast-tc", "cuda", _clearmaps_setup(True, lab="tc"),
                 "clearmaps backend='cuda', TF32, transposed convs on the tensor-core kernel (fast mode)",
                 available=_clearmaps_cuda_available, exact=False))
-register(Method("cuda-fast-tc-wide", "cuda", _clearmaps_setup(True, tensor=True, wide=True),
+register(Method("cuda-fast-tc-wide", "cuda", _clearmaps_setup(True, lab="tc-wide"),
                 "clearmaps backend='cuda', TF32, tensor-core kernel with 128-channel tiles on wide layers",
                 available=_clearmaps_cuda_available, exact=False))
-# the tensor-core halo kernel (tensor_cores.HALO: the source staged once per output patch and chunk, every tap
-# read from shared memory), with 64- and with 128-channel tiles on wide layers
-register(Method("cuda-fast-tc-halo", "cuda", _clearmaps_setup(True, tensor=True, halo=True),
+# LAB: the tensor-core halo kernel (the source staged once per output patch and chunk, every tap read from shared
+# memory), with 64- and with 128-channel tiles on wide layers
+register(Method("cuda-fast-tc-halo", "cuda", _clearmaps_setup(True, lab="tc-halo"),
                 "clearmaps backend='cuda', TF32, tensor-core halo kernel (fast mode)",
                 available=_clearmaps_cuda_available, exact=False))
-register(Method("cuda-fast-tc-halo-wide", "cuda", _clearmaps_setup(True, tensor=True, wide=True, halo=True),
+register(Method("cuda-fast-tc-halo-wide", "cuda", _clearmaps_setup(True, lab="tc-halo-wide"),
                 "clearmaps backend='cuda', TF32, tensor-core halo kernel with 128-channel tiles on wide layers",
                 available=_clearmaps_cuda_available, exact=False))
