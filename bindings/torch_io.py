@@ -290,7 +290,7 @@ def verify(module, net: Network, softmax=None, size=None, rtol: float = 1e-4) ->
                              f"({type(exc).__name__}: {str(exc)[:200]}).") from None
     finally:
         module.train(was_training)
-    want = torch_forward.logits(net, x)
+    want = torch_forward.logits(net, x.float()).double()  # float32: fast on every kind of conv
     if got.ndim == 4:  # a module that stops at its class map
         got = got.mean(dim=(2, 3))
     if softmax == "softmax":
