@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import interop
-from .reference import REDUCTIONS, ClearmapsError, Network, check_palette
+from .reference import REDUCTIONS, ClearmapsError, Network, check_method, check_palette
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,6 +81,12 @@ def resolve_classes(classes, net: Network, logits: np.ndarray) -> np.ndarray:
                                  f"array holds integer class ids, one row per image: shape ({B}, K).")
         rows = [resolve_classes(list(row), net, logits[b:b + 1])[0] for b, row in enumerate(classes)]
         return np.stack(rows)
+    if isinstance(classes, (set, frozenset, dict)):
+        raise ClearmapsError(f"classes is a {type(classes).__name__}; give a list or tuple: the order of the classes "
+                             "decides their hues, and a set has none.")
+    if isinstance(classes, (float, np.floating)):
+        raise ClearmapsError(f"classes={classes!r}; expected class ids (ints), names, a list of them, None or "
+                             "'top5'.")
     if isinstance(classes, np.ndarray) and classes.ndim > 2:
         raise ClearmapsError(f"classes has shape {classes.shape}; expected (K,) or (B, K).")
     items = [classes] if isinstance(classes, (str, int, np.integer)) else \
@@ -107,8 +113,9 @@ def resolve_classes(classes, net: Network, logits: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.asarray(ids, dtype=np.int64), (B, len(ids)))
 
 
-def explain(net: Network, x, classes=None, backend: str = "reference", rectify: bool = True,
-            reduce: str = "sum", palette=None, vmax=None, keep_responses: bool = True) -> Explanation:
+def explain(net: Network, x, classes=None, backend: str = "auto", rectify: bool = True,
+            reduce: str = "sum", palette=None, vmax=None, keep_responses: bool = True,
+            method: str = "deconvnet") -> Explanation:
     """CLEAR maps of a batch of images, returned in the images' framework and on their device.
 
     Parameters
@@ -122,10 +129,12 @@ def explain(net: Network, x, classes=None, backend: str = "reference", rectify: 
         and tensors that require grad are refused (see :mod:`clearmaps.interop`).
     classes : None, "topK", int, str, or a list (or 1-D array) of ids and names
         Which classes get maps (None: all).
-    backend : "reference", "cpu", "cuda" or "auto"
-        "reference" and "cpu" compute on the host, "cuda" on the GPU holding ``x``; "auto" follows ``x``.
+    backend : "auto" (default), "reference", "cpu" or "cuda"
+        "auto" follows ``x``: the CUDA kernels for GPU arrays, the Numba CPU kernels for host arrays.
+        "reference" is the float64 NumPy oracle (slow on purpose), "cpu" the Numba kernels, "cuda" the GPU.
     rectify : bool
-        Rectify at every ReLU on the way back (the deconvnet; default). False gives Eq. 2 literally.
+        Rectify at every ReLU on the way back (the deconvnet; default). False gives Eq. 2 literally
+        (method "deconvnet" only).
     reduce : "sum", "max" or "norm"
         How R(x|c) is reduced over the input channels to one map per class.
     palette : (K,) hues in [0, 1], optional
@@ -134,6 +143,11 @@ def explain(net: Network, x, classes=None, backend: str = "reference", rectify: 
         How the dominant response is normalised to brightness (default: each image's maximum).
     keep_responses : bool
         False skips storing the (B, K, H, W) maps (fast backends then never materialise them).
+    method : "deconvnet" (default), "guided", "gradient" or "input_x_gradient" ("input×gradient")
+        The class-specific response in input space that feeds Eqs. 4–6 (docs/design.md, "Response
+        methods"): the paper's deconvnet (rectify at every ReLU on the way back), guided backpropagation
+        (rectify and keep only where the forward ReLU was open), the plain gradient of E_c (signed), or the
+        gradient times the image (signed). All start from the same seed, E_c = ½·Σ z_L[c]².
 
     Returns
     -------
@@ -144,46 +158,54 @@ def explain(net: Network, x, classes=None, backend: str = "reference", rectify: 
     if not isinstance(net, Network):
         raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network: convert a torch "
                              "module with clearmaps.from_torch(module) or load one with clearmaps.load_checkpoint.")
-    check_options(reduce, rectify)
+    method = check_options(reduce, rectify, method, keep_responses)
     caller = interop.caller_of(x, "x", classes=classes, palette=palette)
     impl = interop.backend_for(backend, caller)
-    check_graph_support(net, impl)
+    check_support(net, impl, method)
     x = caller.conform(x)
     with caller.computing():
         images = interop.check_images(net, caller.to_backend(x))  # a view of x: NumPy on the host, CuPy on a GPU
-        trace = impl.forward(net, images)
+        trace = impl.forward(net, images) if method == "deconvnet" else impl.forward(net, images, method=method)
         return explain_from_trace(net, trace, impl, caller, classes=classes, rectify=rectify, reduce=reduce,
-                                  palette=palette, vmax=vmax, keep_responses=keep_responses)
+                                  palette=palette, vmax=vmax, keep_responses=keep_responses, method=method)
 
 
-def check_options(reduce, rectify):
-    """Refuse a ``reduce`` or ``rectify`` that :func:`explain` does not know."""
+def check_options(reduce, rectify, method="deconvnet", keep_responses=True) -> str:
+    """Refuse a ``reduce``, ``rectify``, ``method`` or ``keep_responses`` that :func:`explain` does not know;
+    returns the method's canonical name."""
     if reduce not in REDUCTIONS:
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
-    if not isinstance(rectify, (bool, np.bool_)):
-        raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
+    if not isinstance(keep_responses, (bool, np.bool_)):
+        raise ClearmapsError(f"keep_responses={keep_responses!r}; expected True or False.")
+    return check_method(method, rectify)[0]
 
 
-def check_graph_support(net: Network, impl) -> None:
-    """Refuse a graph network on a backend that runs only the paper's chain (the CUDA backend, until its
-    graph path lands), rather than let it misread the graph."""
-    if not net.is_chain and impl.__name__ == "clearmaps.kernels.cuda" and \
-            not getattr(impl, "SUPPORTS_GRAPHS", False):
+def check_support(net: Network, impl, method: str = "deconvnet") -> None:
+    """Refuse what a backend does not compute rather than let it misread it: the CUDA backend runs the
+    paper's chain and its deconvnet only, until its graph path lands."""
+    if getattr(impl, "__name__", "") != "clearmaps.kernels.cuda" or getattr(impl, "SUPPORTS_GRAPHS", False):
+        return
+    if not net.is_chain:
         raise ClearmapsError("the CUDA backend runs only chain networks (Conv / ReLU / MaxPool, the paper's form) "
                              "so far; this network is a graph: use backend='cpu' (or 'reference').")
+    if method != "deconvnet":
+        raise ClearmapsError(f"the CUDA backend computes method='deconvnet' only so far; use backend='cpu' for "
+                             f"method={method!r}.")
 
 
 def explain_from_trace(net: Network, trace, impl, caller, classes=None, rectify=True, reduce="sum",
-                       palette=None, vmax=None, keep_responses=True) -> Explanation:
+                       palette=None, vmax=None, keep_responses=True, method="deconvnet") -> Explanation:
     """Everything of :func:`explain` after the forward pass (shared with :func:`clearmaps.torch.explain`,
     whose forward pass torch runs): resolve the classes, run the backend's ``clear_from_trace``, and hand
     the results back in ``caller``'s framework."""
-    check_graph_support(net, impl)
+    method = check_options(reduce, rectify, method, keep_responses)
+    check_support(net, impl, method)
     # class names, top-k and the palette are decided on the host: a few values
     ids = resolve_classes(interop.small_to_host(classes, "classes"), net, interop.to_numpy(trace.logits))
     hues = check_palette(interop.small_to_host(palette, "palette"), ids.shape[1])
+    options = {} if method == "deconvnet" else {"method": method}
     out = impl.clear_from_trace(net, trace, ids, rectify=rectify, reduce=reduce, palette=hues, vmax=vmax,
-                                keep_responses=keep_responses)
+                                keep_responses=keep_responses, **options)
     index = out.dominant_index
     xp = interop.array_module(index)
     class_ids = xp.asarray(np.ascontiguousarray(ids))

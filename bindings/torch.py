@@ -117,13 +117,14 @@ def _backend_trace(net, x, caller) -> Trace:
     sizes, switches, z, logits, probabilities, shapes, saved = trace(net, x)
     view = caller.to_backend
     kept = {i: tuple(view(t) for t in v) if isinstance(v, tuple) else view(v) for i, v in saved.items()}
+    kept[-1] = view(x)  # the image, for input×gradient
     return Trace(sizes, {i: view(s) for i, s in switches.items()}, view(z), view(logits), view(probabilities),
                  shapes, kept)
 
 
 def explain(module, x: torch.Tensor, classes=None, backend: str = "auto", rectify: bool = True,
             reduce: str = "sum", palette=None, vmax=None, keep_responses: bool = True,
-            class_names=None) -> Explanation:
+            class_names=None, method: str = "deconvnet") -> Explanation:
     """CLEAR maps of ``module`` on ``x``, the forward pass run by torch; results are torch tensors on
     ``x.device``.
 
@@ -140,7 +141,7 @@ def explain(module, x: torch.Tensor, classes=None, backend: str = "auto", rectif
         CUDA kernels for a CUDA tensor, the Numba CPU kernels (else the reference) for a CPU tensor.
     class_names : sequence of str, optional
         Names for the conversion (default "0", "1", ...).
-    classes, rectify, reduce, palette, vmax, keep_responses
+    classes, rectify, reduce, palette, vmax, keep_responses, method
         As in :func:`clearmaps.explain`.
 
     Returns
@@ -149,12 +150,13 @@ def explain(module, x: torch.Tensor, classes=None, backend: str = "auto", rectif
         torch tensors on ``x.device``; ``logits`` and ``probabilities`` are torch's own, float arrays have
         the backend's dtype (the reference keeps ``x.dtype``).
     """
-    check_options(reduce, rectify)
+    method = check_options(reduce, rectify, method, keep_responses)
     net, caller, impl, x = _prepare(module, x, backend, class_names, classes=classes, palette=palette)
     with caller.computing():
         backend_trace = _backend_trace(net, x, caller)
         return explain_from_trace(net, backend_trace, impl, caller, classes=classes, rectify=rectify,
-                                  reduce=reduce, palette=palette, vmax=vmax, keep_responses=keep_responses)
+                                  reduce=reduce, palette=palette, vmax=vmax, keep_responses=keep_responses,
+                                  method=method)
 
 
 # --- the custom op -------------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def _vmax_of(vmax, vmax_rule):
 @torch.library.custom_op("clearmaps::clear_map", mutates_args=())
 def clear_map(x: torch.Tensor, network: int, classes: Optional[List[int]] = None, top_k: int = 0,
               rectify: bool = True, reduce: str = "sum", vmax: Optional[float] = None, vmax_rule: str = "max",
-              backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              backend: str = "auto", method: str = "deconvnet") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CLEAR map of ``x`` as a torch operator (``torch.ops.clearmaps.clear_map``), traceable by
     ``torch.compile``.
 
@@ -224,7 +226,7 @@ def clear_map(x: torch.Tensor, network: int, classes: Optional[List[int]] = None
         The classes that compete for each pixel (default all). Exclusive with ``top_k``.
     top_k : int
         When > 0, each image's top-k classes by logit.
-    rectify, reduce, backend
+    rectify, reduce, backend, method
         As in :func:`clearmaps.explain` (``backend`` defaults to "auto": the device of ``x``).
     vmax : float, optional
         A fixed brightness scale; ``vmax_rule`` is then "max".
@@ -243,14 +245,14 @@ def clear_map(x: torch.Tensor, network: int, classes: Optional[List[int]] = None
         raise ClearmapsError(f"classes={classes} and top_k={top_k} both given; choose one.")
     chosen = f"top{top_k}" if top_k else (list(classes) if classes else None)
     explanation = explain(module, x, classes=chosen, backend=backend, rectify=rectify, reduce=reduce,
-                          vmax=_vmax_of(vmax, vmax_rule), keep_responses=False)
+                          vmax=_vmax_of(vmax, vmax_rule), keep_responses=False, method=method)
     return (explanation.rgb, explanation.dominant_class.to(torch.int64),
             explanation.dominant_response.to(x.dtype))
 
 
 @clear_map.register_fake
 def _clear_map_fake(x, network, classes=None, top_k=0, rectify=True, reduce="sum", vmax=None, vmax_rule="max",
-                    backend="auto"):
+                    backend="auto", method="deconvnet"):
     batch, _, height, width = x.shape
     return (x.new_empty((batch, height, width, 3), dtype=torch.uint8),
             x.new_empty((batch, height, width), dtype=torch.int64),

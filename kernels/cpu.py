@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from clearmaps.reference import REDUCTIONS, Clear, ClearmapsError, Conv, MaxPool, Network, ReLU, Trace
-from clearmaps.reference import check_classes, check_input, check_palette, resolve_vmax, softmax
+from clearmaps.reference import check_classes, check_input, check_method, check_palette, resolve_vmax, softmax
 from clearmaps.reference.colour import check_compose
 from clearmaps.reference.errors import check_array, check_pair
 from clearmaps.reference.ops import check_conv_transpose, check_unpool, transposed_size
@@ -154,7 +154,7 @@ def _pool_nhwc(a, layer: MaxPool):
     return out, switches
 
 
-def forward(net: Network, x) -> Trace:
+def forward(net: Network, x, method: str = "deconvnet") -> Trace:
     """Run ``net`` on ``x`` (B, C, H, W) in float32, recording switches and layer sizes.
 
     Returns a :class:`clearmaps.reference.Trace` like the reference's: ``z`` (B, N, h, w), ``logits`` and
@@ -162,7 +162,8 @@ def forward(net: Network, x) -> Trace:
     """
     if not isinstance(net, Network):
         raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
-    if not net.is_chain:
+    method, _ = check_method(method)
+    if not net.is_chain or method != "deconvnet":  # the fused chain keeps switches only: the deconvnet's needs
         return cpu_graph.forward(net, x)
     x = check_input(net, x)
     prep = _prepared(net)
@@ -334,16 +335,16 @@ class _Job:
                              self.H, self.W, self.C, reduce_code, self.scratch, self.wsf, self.wsi, out)
 
 
-def _rule(rectify) -> str:
-    if not isinstance(rectify, (bool, np.bool_)):
-        raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
-    return "rectify" if rectify else "identity"
+def _fused(net, method) -> bool:
+    """Whether the fused chain kernels compute this: the paper's chain and its deconvnet."""
+    return isinstance(net, Network) and net.is_chain and method == "deconvnet"
 
 
-def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) -> np.ndarray:
+def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True, method: str = "deconvnet") -> np.ndarray:
     """R(x|c) for each chosen class (Eq. 3): float32 (B, K, C, H, W); the reference's signature."""
-    if isinstance(net, Network) and not net.is_chain:
-        return cpu_graph.backproject_rule(net, trace, classes, _rule(rectify))
+    method, rule = check_method(method, rectify)
+    if not _fused(net, method):
+        return cpu_graph.backproject_method(net, trace, classes, method, rule)
     job = _Job(net, trace, classes, rectify)
     out = np.empty((job.B * job.K, job.C * job.H * job.W), dtype=np.float32)
     job.run(0, len(job.pairs), K.REDUCE_NONE, out)
@@ -351,7 +352,7 @@ def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) 
 
 
 def attentive_dominant(net: Network, trace: Trace, classes=None, rectify: bool = True, reduce: str = "sum",
-                       keep_responses: bool = True):
+                       keep_responses: bool = True, method: str = "deconvnet"):
     """Fused channel reduction + Eqs. 4–5: (responses (B, K, H, W) or None, dominant index (B, H, W) int64
     into the K classes, dominant response (B, H, W) float32).
 
@@ -360,8 +361,9 @@ def attentive_dominant(net: Network, trace: Trace, classes=None, rectify: bool =
     """
     if reduce not in REDUCTIONS:
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
-    if isinstance(net, Network) and not net.is_chain:
-        out = cpu_graph.clear_from_trace(net, trace, classes, _rule(rectify), reduce, None, None, keep_responses,
+    method, rule = check_method(method, rectify)
+    if not _fused(net, method):
+        out = cpu_graph.clear_from_trace(net, trace, classes, method, rule, reduce, None, None, keep_responses,
                                          lambda *a: None)
         return out.responses, out.dominant_index, out.dominant_response
     job = _Job(net, trace, classes, rectify)
@@ -390,15 +392,16 @@ def attentive_dominant(net: Network, trace: Trace, classes=None, rectify: bool =
 
 
 def clear_from_trace(net: Network, trace: Trace, classes, rectify=True, reduce="sum", palette=None, vmax=None,
-                     keep_responses=True) -> Clear:
+                     keep_responses=True, method="deconvnet") -> Clear:
     """Everything after the forward pass, fused: responses (if kept), dominant class and response, RGB.
 
     Same signature and results as :func:`clearmaps.reference.clear_from_trace` (float32 responses).
     """
     if reduce not in REDUCTIONS:
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
-    if isinstance(net, Network) and not net.is_chain:
-        return cpu_graph.clear_from_trace(net, trace, classes, _rule(rectify), reduce, palette, vmax, keep_responses,
+    method, rule = check_method(method, rectify)
+    if not _fused(net, method):
+        return cpu_graph.clear_from_trace(net, trace, classes, method, rule, reduce, palette, vmax, keep_responses,
                                           _compose)
     _check_trace(net, trace)
     B = np.asarray(trace.z).shape[0]

@@ -20,7 +20,7 @@ from clearmaps.reference import ops as ref_ops
 from clearmaps.reference import (REDUCTIONS, Clear, ClearmapsError, MaxPool, Network, Trace, check_classes,
                                  check_input, check_palette, resolve_vmax, softmax)
 from clearmaps.reference import graph
-from clearmaps.reference.clear import check_trace, needs_saved
+from clearmaps.reference.clear import check_trace, image_of, needs_saved
 
 from . import _cpu_graph_kernels as G
 from . import _cpu_kernels as K
@@ -155,10 +155,11 @@ OPS = types.SimpleNamespace(
 # ---- the backend's entry points for graphs --------------------------------------------------------------------
 
 def forward(net: Network, x) -> Trace:
-    """:func:`clearmaps.reference.forward` in float32."""
+    """:func:`clearmaps.reference.forward` in float32 (keeping what every method needs)."""
     x = np.ascontiguousarray(check_input(net, x), dtype=np.float32)
     z, saved, shapes, _ = graph.run_forward(net, x, OPS)
     switches = {i: saved.pop(i) for i, layer in enumerate(net.layers) if isinstance(layer, MaxPool)}
+    saved[-1] = x
     logits = z.mean(axis=(2, 3), dtype=np.float64)
     return Trace(tuple(net.layer_sizes(x.shape[2:])), switches, z, logits.astype(np.float32),
                  softmax(logits).astype(np.float32), tuple(shapes), saved)
@@ -167,23 +168,28 @@ def forward(net: Network, x) -> Trace:
 def _prepare(net, trace, rule):
     check_trace(net, trace)
     shapes = trace.shapes if trace.shapes is not None else tuple(net.shapes(trace.sizes[0]))
-    saved = dict(trace.saved or {})
+    saved = {i: v for i, v in (trace.saved or {}).items() if i >= 0}
     saved.update(trace.switches)
     for i, layer in enumerate(net.layers):
         if i not in saved and needs_saved(layer, rule):
             raise ClearmapsError(f"trace lacks what node {i} ({layer!r}) needs on the way back; compute it with "
-                                 "forward(net, x).")
+                                 "forward(net, x, method=...) for the method you ask.")
     saved = {i: (tuple(np.asarray(a) for a in v) if isinstance(v, tuple) else np.asarray(v))
              for i, v in saved.items()}
     return np.ascontiguousarray(np.asarray(trace.z), dtype=np.float32), saved, shapes
 
 
-def backproject_rule(net: Network, trace: Trace, classes, rule: str) -> np.ndarray:
+def _image(trace):
+    return np.ascontiguousarray(np.asarray(image_of(trace)), dtype=np.float32)
+
+
+def backproject_method(net: Network, trace: Trace, classes, method: str, rule: str) -> np.ndarray:
     z, saved, shapes = _prepare(net, trace, rule)
     classes = check_classes(classes, z.shape[0], net.num_classes)
     B, Kc = classes.shape
     R = graph.backward(net, z, saved, shapes, classes, rule, OPS, (net.in_channels, *trace.sizes[0]))
-    return np.ascontiguousarray(R, dtype=np.float32).reshape(B, Kc, *R.shape[1:])
+    R = np.ascontiguousarray(R, dtype=np.float32).reshape(B, Kc, *R.shape[1:])
+    return R * _image(trace)[:, None] if method == "input_x_gradient" else R
 
 
 def _reduce(R, reduce):
@@ -194,8 +200,8 @@ def _reduce(R, reduce):
     return np.sqrt((R * R).sum(axis=-3))
 
 
-def clear_from_trace(net: Network, trace: Trace, classes, rule: str, reduce="sum", palette=None, vmax=None,
-                     keep_responses=True, compose=None) -> Clear:
+def clear_from_trace(net: Network, trace: Trace, classes, method: str, rule: str, reduce="sum", palette=None,
+                     vmax=None, keep_responses=True, compose=None) -> Clear:
     """Responses (if kept), dominant class and response and the composite, for a graph network; the classes
     run in chunks whose signals fit _CHUNK_BYTES, each chunk's maps merged into a running argmax."""
     if reduce not in REDUCTIONS:
@@ -204,6 +210,7 @@ def clear_from_trace(net: Network, trace: Trace, classes, rule: str, reduce="sum
     B = z.shape[0]
     classes = check_classes(classes, B, net.num_classes)
     Kc = classes.shape[1]
+    image = _image(trace) if method == "input_x_gradient" else None
     hues = check_palette(palette, Kc)
     resolve_vmax(np.zeros((1, 1, 1)), vmax)
     H, W = trace.sizes[0]
@@ -216,6 +223,8 @@ def clear_from_trace(net: Network, trace: Trace, classes, rule: str, reduce="sum
         k1 = min(Kc, k0 + chunk)
         part = classes[:, k0:k1]
         R = graph.backward(net, z, saved, shapes, part, rule, OPS, (net.in_channels, H, W))
+        if image is not None:  # input×gradient: the gradient times the image, before the channel reduction
+            R = (R.reshape(B, k1 - k0, *R.shape[1:]) * image[:, None]).reshape(R.shape)
         maps = np.ascontiguousarray(_reduce(R, reduce), dtype=np.float32).reshape(B * (k1 - k0), H * W)
         # position 0 (the first class) starts the running max; later ones replace it only when larger
         K._merge_dominant(maps, np.repeat(np.arange(B, dtype=np.int64), k1 - k0),

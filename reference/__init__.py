@@ -4,8 +4,9 @@ Slow on purpose: this is the oracle every fast backend is tested against. It imp
 clearmaps. Computes in float64 by default.
 """
 
-from .clear import (REDUCTIONS, Clear, Trace, attentive_responses, backproject, backproject_rule, check_classes,
-                    check_trace, clear_from_trace, dominant, forward, reduce_channels, softmax)
+from .clear import (METHODS, REDUCTIONS, Clear, Trace, attentive_responses, backproject, backproject_rule, check_classes,
+                    check_method, check_trace, clear_from_trace, dominant, forward, image_of, reduce_channels,
+                    softmax)
 from .colour import (check_palette, compose, default_palette, hsv_to_rgb, normalise, palette_rgb,
                      resolve_vmax, to_bytes)
 from .errors import ClearmapsError
@@ -18,10 +19,10 @@ from .ops import (adaptive_avg_pool2d, adaptive_avg_pool2d_transpose, avg_pool2d
 from .rules import RULES
 
 __all__ = [
-    "LAYER_TYPES", "REDUCTIONS", "RULES", "AdaptiveAvgPool", "Activation", "Add", "Affine", "AvgPool", "Cat", "Clear",
+    "LAYER_TYPES", "METHODS", "REDUCTIONS", "RULES", "AdaptiveAvgPool", "Activation", "Add", "Affine", "AvgPool", "Cat", "Clear",
     "ClearmapsError", "Conv", "Div", "Expand", "LayerNorm", "Linear", "MaxPool", "Mul", "Network", "Pad", "Permute",
     "ReLU", "Reduce", "Reshape", "Slice", "Trace", "adaptive_avg_pool2d", "adaptive_avg_pool2d_transpose",
-    "avg_pool2d", "avg_pool2d_transpose", "backproject_rule", "check_trace",
+    "avg_pool2d", "avg_pool2d_transpose", "backproject_rule", "check_method", "check_trace", "image_of",
     "attentive_responses", "backproject", "binary_map", "check_classes", "check_input", "check_palette",
     "check_unpool",
     "clear_from_trace", "compose", "conv2d", "conv_transpose2d", "default_palette", "dominant", "forward",

@@ -20,6 +20,30 @@ from .layers import Activation, Div, LayerNorm, Mul, ReLU
 from .network import MaxPool, Network, check_input
 
 REDUCTIONS = ("sum", "max", "norm")
+# the response methods (docs/design.md, "Response methods"): each is the same walk from the same seed with
+# its own ReLU rule, and input×gradient multiplies the gradient by the image before the channel reduction
+METHODS = ("deconvnet", "guided", "gradient", "input_x_gradient")
+_ALIASES = {"input×gradient": "input_x_gradient", "input*gradient": "input_x_gradient",
+            "inputxgradient": "input_x_gradient", "input-x-gradient": "input_x_gradient",
+            "guided_backprop": "guided", "guided-backprop": "guided", "saliency": "gradient"}
+
+
+def check_method(method, rectify=True) -> tuple[str, str]:
+    """(the method's canonical name, its ReLU rule) for ``method`` and ``rectify``; refuses what is not one.
+
+    ``rectify=False`` (Eq. 2 literally, the map linear in z_L) belongs to the deconvnet: the other methods
+    define their own ReLU rule."""
+    if not isinstance(rectify, (bool, np.bool_)):
+        raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
+    name = _ALIASES.get(method, method) if isinstance(method, str) else method
+    if name not in METHODS:
+        raise ClearmapsError(f"method={method!r}; expected one of {METHODS} (or 'input×gradient').")
+    if name != "deconvnet" and not rectify:
+        raise ClearmapsError(f"rectify=False applies to method='deconvnet' (Eq. 2 literally); method={name!r} has "
+                             "its own ReLU rule.")
+    rule = {"deconvnet": "rectify" if rectify else "identity", "guided": "guided", "gradient": "gradient",
+            "input_x_gradient": "gradient"}[name]
+    return name, rule
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,17 +74,20 @@ def softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def forward(net: Network, x, dtype=np.float64) -> Trace:
+def forward(net: Network, x, dtype=np.float64, method: str = "deconvnet") -> Trace:
     """Run ``net`` on ``x`` (B, C, H, W), recording switches, shapes and what the way back needs
     (docs/design.md, "Forward with switches").
 
-    Computes in ``dtype`` (float64 by default: this is the oracle).
+    Computes in ``dtype`` (float64 by default: this is the oracle). The reference keeps what every
+    ``method`` needs (ReLU signs, the image); fast backends keep only what the named one needs.
     """
+    check_method(method)
     if not isinstance(net, Network):
         raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
     x = check_input(net, x).astype(dtype, copy=False)
     z, saved, shapes, _ = graph.run_forward(net, x)
     switches = {i: saved.pop(i) for i, layer in enumerate(net.layers) if isinstance(layer, MaxPool)}
+    saved[-1] = x  # the image: input×gradient's final factor
     logits = z.mean(axis=(2, 3))
     return Trace(tuple(net.layer_sizes(x.shape[2:])), switches, z, logits, softmax(logits), tuple(shapes), saved)
 
@@ -81,19 +108,31 @@ def check_classes(classes, batch: int, num_classes: int) -> np.ndarray:
     return c.astype(np.int64, copy=False)
 
 
-def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True) -> np.ndarray:
+def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True, method: str = "deconvnet") -> np.ndarray:
     """R(x|c) for each chosen class (Eq. 3): (B, K, C, H, W).
 
     The seed dE_c/dz_L = z_L[c] goes back through the class map's producer (for the paper's chain, the head
-    conv: G_L^c z_L, its kernel c transposing z_L[:, c]); then, node by node in reverse: ReLU → rectify
-    (max(s, 0), the deconvnet rule; skipped when ``rectify`` is False, which gives Eq. 2 literally),
+    conv: G_L^c z_L, its kernel c transposing z_L[:, c]); then, node by node in reverse: ReLU → the method's
+    rule (the deconvnet rectifies, max(s, 0); ``rectify=False`` skips it, which gives Eq. 2 literally),
     MaxPool → switch unpooling (U_l), Conv → transposed conv (G_l, bias unused), and every other operation
     by its derivative at the forward point (:mod:`clearmaps.reference.rules`). ``classes`` is None (all),
-    (K,) or (B, K) class ids.
+    (K,) or (B, K) class ids. ``method``: "deconvnet" (the paper), "guided" (guided backpropagation),
+    "gradient" (plain backpropagation) or "input_x_gradient" (the gradient times the image).
     """
-    if not isinstance(rectify, (bool, np.bool_)):
-        raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
-    return backproject_rule(net, trace, classes, "rectify" if rectify else "identity")
+    method, rule = check_method(method, rectify)
+    R = backproject_rule(net, trace, classes, rule)
+    if method == "input_x_gradient":
+        R = R * image_of(trace)[:, None]
+    return R
+
+
+def image_of(trace: Trace):
+    """The image a trace was made from (what input×gradient multiplies by)."""
+    image = (trace.saved or {}).get(-1)
+    if image is None:
+        raise ClearmapsError("this trace does not hold its input image, which method='input_x_gradient' needs; "
+                             "compute it with forward(net, x) of this backend.")
+    return image
 
 
 def backproject_rule(net: Network, trace: Trace, classes=None, rule: str = "rectify") -> np.ndarray:
@@ -103,7 +142,7 @@ def backproject_rule(net: Network, trace: Trace, classes=None, rule: str = "rect
     B = z.shape[0]
     classes = check_classes(classes, B, net.num_classes)
     shapes = trace.shapes if trace.shapes is not None else tuple(net.shapes(trace.sizes[0]))
-    saved = dict(trace.saved or {})
+    saved = {i: v for i, v in (trace.saved or {}).items() if i >= 0}
     saved.update(trace.switches)
     for i, layer in enumerate(net.layers):
         if i not in saved and needs_saved(layer, rule):
@@ -148,11 +187,12 @@ def reduce_channels(R, reduce: str = "sum") -> np.ndarray:
 
 
 def attentive_responses(net: Network, x, classes=None, rectify: bool = True, reduce: str = "sum",
-                        dtype=np.float64) -> np.ndarray:
+                        dtype=np.float64, method: str = "deconvnet") -> np.ndarray:
     """The attentive response maps r(x|c), (B, K, H, W), for ``classes`` (None = all)."""
     if reduce not in REDUCTIONS:
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
-    return reduce_channels(backproject(net, forward(net, x, dtype), classes, rectify), reduce)
+    check_method(method, rectify)
+    return reduce_channels(backproject(net, forward(net, x, dtype), classes, rectify, method), reduce)
 
 
 def dominant(responses):
@@ -175,12 +215,16 @@ class Clear(NamedTuple):
 
 
 def clear_from_trace(net: Network, trace: Trace, classes, rectify=True, reduce="sum", palette=None,
-                     vmax=None, keep_responses=True) -> Clear:
+                     vmax=None, keep_responses=True, method="deconvnet") -> Clear:
     """Everything after the forward pass: responses, dominant class and response, and the RGB composite.
 
-    Fast backends fuse these steps; this is the unfused definition they are tested against.
+    Fast backends fuse these steps; this is the unfused definition they are tested against. A signed
+    method's maps compose as Eqs. 4–6 say: the dominant class is the largest response, and a pixel whose
+    largest response is ≤ 0 is black.
     """
-    responses = reduce_channels(backproject(net, trace, classes, rectify), reduce)
+    if reduce not in REDUCTIONS:
+        raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
+    responses = reduce_channels(backproject(net, trace, classes, rectify, method), reduce)
     index, response = dominant(responses)
     rgb = compose(index, response, palette, vmax, num_classes=responses.shape[1])
     return Clear(responses if keep_responses else None, index, response, rgb)

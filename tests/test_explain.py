@@ -19,13 +19,31 @@ def net():
                    class_names=["cat", "dog", "fox", "owl", "yak"], input_shape=(2, None, None))
 
 
+def explain_ref(*args, **kwargs):
+    """explain on the float64 reference, which these tests compare with the reference's own pieces."""
+    return clearmaps.explain(*args, **{"backend": "reference", **kwargs})
+
+
+def test_the_default_backend_is_auto(net, x, monkeypatch):
+    """The Python API is fast by default (issue 15): a NumPy batch goes to the Numba CPU backend, and the
+    float64 oracle is one argument away."""
+    import clearmaps.kernels.cpu as cpu
+
+    calls = []
+    real = cpu.clear_from_trace
+    monkeypatch.setattr(cpu, "clear_from_trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = clearmaps.explain(net, x)
+    assert calls and fast.responses.dtype == np.float32
+    assert explain_ref(net, x).responses.dtype == np.float64
+
+
 @pytest.fixture(scope="module")
 def x():
     return np.random.default_rng(1).normal(size=(3, 2, 9, 8))
 
 
 def test_explain_assembles_the_reference_pieces(net, x):
-    out = clearmaps.explain(net, x)
+    out = explain_ref(net, x)
     responses = ref.attentive_responses(net, x)
     index, response = ref.dominant(responses)
     np.testing.assert_array_equal(out.responses, responses)
@@ -39,48 +57,48 @@ def test_explain_assembles_the_reference_pieces(net, x):
 
 
 def test_classes_by_name_id_and_order(net, x):
-    out = clearmaps.explain(net, x, classes=["owl", 0, "dog"])
+    out = explain_ref(net, x, classes=["owl", 0, "dog"])
     assert out.classes[0].tolist() == [3, 0, 1]
-    all_maps = clearmaps.explain(net, x).responses
+    all_maps = explain_ref(net, x).responses
     np.testing.assert_array_equal(out.responses, all_maps[:, [3, 0, 1]])
     # dominant_class holds class ids, not positions
     assert set(np.unique(out.dominant_class)) <= {3, 0, 1}
-    assert clearmaps.explain(net, x, classes="fox").classes.tolist() == [[2]] * 3
+    assert explain_ref(net, x, classes="fox").classes.tolist() == [[2]] * 3
 
 
 def test_per_image_classes_as_a_2d_array(net, x):
     rows = np.array([[4, 0], [1, 2], [3, 3 - 3]])
-    out = clearmaps.explain(net, x, classes=rows)
+    out = explain_ref(net, x, classes=rows)
     np.testing.assert_array_equal(out.classes, rows)
-    full = clearmaps.explain(net, x).responses
+    full = explain_ref(net, x).responses
     for b in range(3):
         np.testing.assert_array_equal(out.responses[b], full[b, rows[b]])
-    again = clearmaps.explain(net, x, classes=out.classes)  # what an Explanation gives back goes back in
+    again = explain_ref(net, x, classes=out.classes)  # what an Explanation gives back goes back in
     np.testing.assert_array_equal(again.rgb, out.rgb)
     with pytest.raises(ClearmapsError, match=r"one row per image: shape \(3, K\)"):
-        clearmaps.explain(net, x, classes=rows[:2])
+        explain_ref(net, x, classes=rows[:2])
 
 
 def test_top_k_follows_each_images_logits(net, x):
-    out = clearmaps.explain(net, x, classes="top2")
+    out = explain_ref(net, x, classes="top2")
     order = np.argsort(-out.logits, axis=1, kind="stable")[:, :2]
     np.testing.assert_array_equal(out.classes, order)
-    full = clearmaps.explain(net, x).responses
+    full = explain_ref(net, x).responses
     for b in range(3):
         np.testing.assert_array_equal(out.responses[b], full[b, order[b]])
-    assert clearmaps.explain(net, x, classes="top-5").classes.shape == (3, 5)
+    assert explain_ref(net, x, classes="top-5").classes.shape == (3, 5)
 
 
 def test_palette_and_vmax_reach_the_composite(net, x):
     hues = [0.1, 0.3, 0.5, 0.7, 0.9]
-    out = clearmaps.explain(net, x, palette=hues, vmax="batch")
+    out = explain_ref(net, x, palette=hues, vmax="batch")
     idx = np.argmax(out.responses, axis=1)
     np.testing.assert_array_equal(out.rgb, ref.compose(idx, out.dominant_response, hues, "batch"))
 
 
 def test_keep_responses_false_drops_only_the_maps(net, x):
-    a = clearmaps.explain(net, x, keep_responses=False)
-    b = clearmaps.explain(net, x)
+    a = explain_ref(net, x, keep_responses=False)
+    b = explain_ref(net, x)
     assert a.responses is None
     np.testing.assert_array_equal(a.rgb, b.rgb)
     np.testing.assert_array_equal(a.dominant_class, b.dominant_class)
@@ -89,7 +107,7 @@ def test_keep_responses_false_drops_only_the_maps(net, x):
 @pytest.mark.parametrize("reduce", ["sum", "max", "norm"])
 @pytest.mark.parametrize("rectify", [True, False])
 def test_options_pass_through(net, x, reduce, rectify):
-    out = clearmaps.explain(net, x, reduce=reduce, rectify=rectify)
+    out = explain_ref(net, x, reduce=reduce, rectify=rectify)
     want = ref.reduce_channels(ref.backproject(net, ref.forward(net, x), None, rectify), reduce)
     np.testing.assert_array_equal(out.responses, want)
 
@@ -108,7 +126,7 @@ def test_options_pass_through(net, x, reduce, rectify):
 ])
 def test_bad_images_get_one_clear_error(net, bad, message):
     with pytest.raises(ClearmapsError, match=message):
-        clearmaps.explain(net, bad)
+        explain_ref(net, bad)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -130,17 +148,17 @@ def test_bad_images_get_one_clear_error(net, bad, message):
 ])
 def test_bad_options_get_one_clear_error(net, x, kwargs, message):
     with pytest.raises(ClearmapsError, match=message):
-        clearmaps.explain(net, x, **kwargs)
+        explain_ref(net, x, **kwargs)
 
 
 def test_fixed_size_networks_say_how_to_resize():
     rng = np.random.default_rng(0)
     net = Network([Conv(rng.normal(size=(3, 1, 3, 3)), np.zeros(3))], input_shape=(1, 28, 28))
     with pytest.raises(ClearmapsError, match="resize the images to 28x28"):
-        clearmaps.explain(net, np.zeros((1, 1, 32, 32)))
+        explain_ref(net, np.zeros((1, 1, 32, 32)))
     small = Network([Conv(rng.normal(size=(3, 1, 5, 5)), np.zeros(3))])
     with pytest.raises(ClearmapsError, match="too small for this network"):
-        clearmaps.explain(small, np.zeros((1, 1, 4, 9)))
+        explain_ref(small, np.zeros((1, 1, 4, 9)))
     with pytest.raises(ClearmapsError, match="expected a clearmaps Network"):
         clearmaps.explain("model.pt", np.zeros((1, 1, 28, 28)))
 

@@ -92,7 +92,7 @@ def tied_windows(net, x) -> int:
 def test_torch_explain_equals_the_numpy_path_exactly(head_relu, classes):
     module = integer_module(head_relu=head_relu)
     x = integer_images(dtype=torch.float64)
-    want = clearmaps.explain(clearmaps.from_torch(module), x.numpy(), classes=classes)
+    want = clearmaps.explain(clearmaps.from_torch(module), x.numpy(), classes=classes, backend="reference")
     got = ct.explain(module, x, classes=classes, backend="reference")
     for field in FIELDS:
         t = getattr(got, field)
@@ -107,7 +107,7 @@ def test_torch_explain_equals_the_numpy_path_exactly(head_relu, classes):
 def test_torch_explain_in_float32_keeps_float32_and_equals_the_numpy_path():
     module = integer_module()
     x = integer_images()
-    want = clearmaps.explain(clearmaps.from_torch(module), x.numpy())
+    want = clearmaps.explain(clearmaps.from_torch(module), x.numpy(), backend="reference")
     got = ct.explain(module, x, backend="reference")
     assert got.responses.dtype == torch.float32 and got.logits.dtype == torch.float32
     for field in FIELDS:  # integer sums are exact in float32 too; only the logits' mean and softmax round
@@ -130,7 +130,7 @@ def test_torch_explain_on_a_trained_looking_network_meets_the_float32_tolerance(
         module[1].running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 3, 12, 12)
     net = clearmaps.from_torch(module)
-    want = clearmaps.explain(net, x.numpy().astype(np.float64))
+    want = clearmaps.explain(net, x.numpy().astype(np.float64), backend="reference")
     got = ct.explain(module, x, backend="reference")
     torch.testing.assert_close(got.logits, module(x).detach(), rtol=1e-5, atol=1e-5)
     r, ref = got.responses.double().numpy(), want.responses
