@@ -3,6 +3,9 @@
     clearmaps demo [--out DIR]                      the paper's Fig. 3 on the built-in MNIST model
     clearmaps explain [IMAGES ...] [--out DIR]      CLEAR maps, overlays, heatmaps, binary maps, panels
     clearmaps evaluate [--tau T ...] [--out DIR]    the paper's Table 1 (strong features) on a labelled set
+    clearmaps explain DATASET --out DIR             a whole dataset (ImageFolder tree, glob, CSV, .npz) into a
+                                                    resumable results store [--workers N | --scheduler ADDR]
+    clearmaps report DIR                            a static index.html to browse a results store
 
 Without ``--checkpoint`` the built-in model (ALL-CNN-style, trained on real MNIST digits) is used. Every
 mistake in the input ends in one line ``clearmaps: error: ...`` and a non-zero exit status, never a
@@ -71,6 +74,7 @@ def check_arguments(args) -> None:
         raise ClearmapsError("--arch and --class-names describe a --checkpoint; give the checkpoint too "
                              "(without one the built-in MNIST model is used).")
     if args.command == "explain":
+        _check_dataset_options(args)
         if args.classes is not None and args.top_k is not None:
             raise ClearmapsError("give --classes or --top-k, not both.")
         _classes(args.classes)
@@ -86,13 +90,50 @@ def check_arguments(args) -> None:
                                  "0.5 = grey), before normalisation.")
     if args.command in ("explain", "evaluate"):
         _preprocess(args)
+    if args.command == "explain":
+        transform_of(args)
+
+
+def _check_dataset_options(args) -> None:
+    """The options of a dataset run (a results store), checked before anything is read."""
+    if args.workers is not None and args.scheduler is not None:
+        raise ClearmapsError("give --workers N (a local Dask cluster) or --scheduler ADDRESS (a running one), "
+                             "not both.")
+    if args.workers is not None and args.workers < 1:
+        raise ClearmapsError(f"--workers {args.workers}; expected at least 1 worker process.")
+    if args.scheduler is not None and not re.match(r"^[a-z][a-z0-9+]*://[^/\s]+$", args.scheduler):
+        raise ClearmapsError(f"--scheduler {args.scheduler!r}; expected a Dask scheduler address such as "
+                             "tcp://10.0.0.5:8786.")
+    if args.outputs == "png" and (args.workers is not None or args.scheduler is not None):
+        raise ClearmapsError("--workers and --scheduler write a results store; drop --outputs png.")
+    if args.outputs == "png" and (args.responses or not args.thumbnails):
+        raise ClearmapsError("--responses and --no-thumbnails describe a results store; drop --outputs png "
+                             "(per-image maps.npz files always hold the responses).")
+    if args.short_side is not None:
+        if args.short_side < 1:
+            raise ClearmapsError(f"--short-side {args.short_side}; expected a positive number of pixels.")
+        if args.resize:
+            raise ClearmapsError("give --resize (an exact size) or --short-side (the shorter side, aspect kept), "
+                                 "not both.")
+
+
+def transform_of(args):
+    """--short-side and --crop with the other preprocessing options, as clearmaps.datasets.Transform."""
+    from .datasets import Transform
+
+    try:
+        crop = parse_size(args.crop) if args.crop else None
+    except ClearmapsError:
+        raise ClearmapsError(f"--crop {args.crop!r}; expected a size like 224 or 224x192 (H x W).") from None
+    return Transform(_preprocess(args), short_side=args.short_side, crop=crop)
 
 
 # ---- errors in the command line's words ---------------------------------------------------------------
 
 # Python argument names that lower layers put in their messages -> the option that sets them here
 _OPTIONS = {"arch": "--arch", "backend": "--backend", "background": "--background", "batch_size": "--batch-size",
-            "class_names": "--class-names", "classes": "--classes", "mean": "--mean", "reduce": "--reduce",
+            "class_names": "--class-names", "classes": "--classes", "crop": "--crop", "mean": "--mean",
+            "reduce": "--reduce", "scheduler": "--scheduler", "short_side": "--short-side", "workers": "--workers",
             "resize": "--resize", "std": "--std", "tau": "--tau", "threshold": "--binary-threshold",
             "top_k": "--top-k", "vmax": "--vmax"}
 _VALUE = r"'[^']*'|\"[^\"]*\"|\([^()]*\)|\[[^\[\]]*\]|[-+\w.]+"
@@ -146,7 +187,7 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def _model_options(p):
+def _model_options(p, batch_default=16):
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", metavar="PATH", help="a .safetensors/.pt state dict (default: the built-in "
                                                         "MNIST model)")
@@ -158,11 +199,19 @@ def _model_options(p):
                         "(captured with torch.export: residual blocks, concatenations, MLP heads all work)")
     g.add_argument("--class-names", metavar="FILE", help="one class name per line (or a JSON list)")
     g.add_argument("--backend", default="auto", choices=BACKENDS, help="where CLEAR is computed (default: auto)")
-    g.add_argument("--batch-size", type=int, default=16, help="images per explain() call (default 16)")
+    g.add_argument("--batch-size", type=int, default=batch_default,
+                   help="images per explain() call (default 16" + ("" if batch_default else
+                                                                   "; for a results store, sized to the backend and "
+                                                                   "the model, at most 256: one chunk") + ")")
 
 
-def _preprocess_options(p):
+def _preprocess_options(p, crop=False):
     g = p.add_argument_group("preprocessing (printed at the start of every run)")
+    if crop:
+        g.add_argument("--short-side", type=int, metavar="N", help="resize so that the shorter side is N, the "
+                                                                   "aspect kept (torchvision's Resize(N))")
+        g.add_argument("--crop", metavar="N|HxW", help="centre crop to N x N or H x W after resizing "
+                                                       "(torchvision's CenterCrop)")
     m = g.add_mutually_exclusive_group()
     m.add_argument("--grayscale", dest="mode", action="store_const", const="grayscale",
                    help="convert images to 1 channel")
@@ -185,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="CLEAR maps (Class-Enhanced Attentive Response; Kumar, Wong & Taylor "
                                             "2017) for convolutional classifiers.")
     p.add_argument("--version", action="version", version=f"clearmaps {__import__('clearmaps').__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{demo,explain,evaluate}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,explain,evaluate,report}")
     sub.required = True
 
     d = sub.add_parser("demo", formatter_class=_HelpFormatter,
@@ -204,10 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     _clear_options(d)
 
     e = sub.add_parser("explain", formatter_class=_HelpFormatter, help="CLEAR maps and figures for images",
-                       description="For every image: DIR/<name>/clear.png, overlay.png, heatmap.png, binary.png, "
-                                   "legend.png, panel.png and maps.npz (responses, dominant class and response, "
-                                   "logits). Without images: the built-in sample digits.")
-    e.add_argument("inputs", nargs="*", help="image files, folders, .npy/.npz batches")
+                       description="A dataset (a folder of class folders, a glob, a CSV of path,label, or more "
+                                   "than 100 images) goes into a results store in DIR: maps.zarr (CLEAR maps, "
+                                   "dominant class and response, chunked by batch), images.parquet (one row per "
+                                   "image) and store.json (the settings); a rerun does only what is missing; "
+                                   "browse it with clearmaps report DIR. A few images get one folder each: "
+                                   "DIR/<name>/clear.png, overlay.png, heatmap.png, binary.png, legend.png, "
+                                   "panel.png and maps.npz. Without images: the built-in sample digits.")
+    e.add_argument("inputs", nargs="*", help="a dataset (class-folder tree, 'glob/**/*.png', list.csv, set.npz), or "
+                                             "image files, folders, .npy/.npz batches")
     e.add_argument("--out", default="clearmaps-out", help="output folder (default clearmaps-out)")
     e.add_argument("--classes", metavar="LIST", help="class ids or names, comma separated (default: all)")
     e.add_argument("--top-k", type=int, metavar="K", help="the K most likely classes of each image")
@@ -222,8 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scale", type=int, help="nearest-neighbour upscaling of the PNGs (default: longer side >= 224)")
     e.add_argument("--force", action="store_true", help="redo images already done")
     e.add_argument("--quiet", action="store_true", help="no progress bar or per-image lines")
-    _model_options(e)
-    _preprocess_options(e)
+    r = e.add_argument_group("datasets and the results store")
+    r.add_argument("--outputs", choices=("auto", "store", "png"), default="auto",
+                   help="store: a results store; png: per-image folders (small sets); auto (default): a store for "
+                        "a dataset or more than 100 images, else per-image folders")
+    r.add_argument("--workers", type=int, metavar="N", help="run the chunks on a local Dask cluster of N worker "
+                                                              "processes (needs dask[distributed])")
+    r.add_argument("--scheduler", metavar="ADDRESS", help="run the chunks on a running Dask cluster, e.g. "
+                                                          "tcp://10.0.0.5:8786 (workers must reach --out)")
+    r.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, empty class folders and "
+                                                           "unknown labels, and list them (default: stop at the "
+                                                           "first, with its name)")
+    r.add_argument("--responses", action="store_true", help="also store the K response maps of every image "
+                                                            "(N x K x H x W float32)")
+    r.add_argument("--no-thumbnails", dest="thumbnails", action="store_false",
+                   help="do not store the inputs' thumbnails (the report then shows no inputs or overlays)")
+    _model_options(e, batch_default=None)
+    _preprocess_options(e, crop=True)
     _clear_options(e)
 
     v = sub.add_parser("evaluate", formatter_class=_HelpFormatter,
@@ -242,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     _model_options(v)
     _preprocess_options(v)
+
+    rp = sub.add_parser("report", formatter_class=_HelpFormatter, help="a static HTML report of a results store",
+                        description="Writes DIR/index.html (opens from disk, no server): accuracy, the confusion "
+                                    "matrix, the CLEAR matrix (for each true class, which classes dominate its maps "
+                                    "and how strongly) and a gallery of CLEAR maps, overlays and inputs, filterable "
+                                    "and sortable, a page at a time.")
+    rp.add_argument("results", metavar="RESULTS", help="the --out folder of a clearmaps explain run on a dataset")
+    rp.add_argument("--out", help="where the report goes (default RESULTS/report)")
+    rp.add_argument("--page-size", type=int, default=48, help="images per gallery page (default 48)")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -252,7 +331,10 @@ def _run(args) -> int:
     if args.command == "demo":
         return cli_commands.demo_command(args)
     if args.command == "explain":
-        return cli_commands.explain_command(args, _preprocess(args), _vmax(args.vmax), _classes(args.classes))
+        return cli_commands.explain_command(args, _preprocess(args), _vmax(args.vmax), _classes(args.classes),
+                                            transform_of(args))
+    if args.command == "report":
+        return cli_commands.report_command(args)
     return cli_commands.evaluate_command(args, _preprocess(args))
 
 
@@ -260,7 +342,7 @@ def main(argv=None) -> int:
     """Run the ``clearmaps`` command; returns the exit status (0 ok, 1 bad input, 2 bad usage, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "scale", "limit", "top_k"):
+    for flag in ("batch_size", "scale", "limit", "top_k", "page_size"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1.")
     try:

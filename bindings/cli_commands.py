@@ -199,18 +199,71 @@ def _evenly_spaced(n: int, limit: int | None) -> np.ndarray:
 
 # ---- explain ------------------------------------------------------------------------------------------
 
-def explain_command(args, pre: Preprocess, vmax, classes: list | None) -> int:
+AUTO_STORE_ABOVE = 100  # --outputs auto: more images than this go into a results store
+
+
+def _count_images(inputs) -> int:
+    """How many images plain inputs (files, flat folders, .npy/.npz) hold, without reading pixels; 0 when
+    something cannot be counted (then the per-image path reports it in its own words)."""
+    from .datasets import ArrayFile, _open_array_file
+    from .images import ARRAY_SUFFIXES, IMAGE_SUFFIXES
+
+    n = 0
+    for text in inputs:
+        p = Path(text)
+        try:
+            if p.is_dir():
+                n += sum(1 for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+                n += sum(_count_images([q]) for q in p.iterdir() if q.is_file() and q.suffix.lower() in ARRAY_SUFFIXES)
+            elif p.suffix.lower() in ARRAY_SUFFIXES:
+                array = _open_array_file(p)[0] if p.suffix.lower() == ".npz" else ArrayFile(p, None)
+                n += array.count
+                array.close()
+            else:
+                n += 1
+        except (ClearmapsError, OSError):
+            return 0
+    return n
+
+
+def output_kind(args) -> tuple[str, str]:
+    """("store" or "png", why) for --outputs and the inputs."""
+    from .datasets import is_dataset
+
+    if args.outputs != "auto":
+        return args.outputs, f"--outputs {args.outputs}"
+    if args.workers is not None or args.scheduler is not None:
+        return "store", "a Dask run writes a results store"
+    if args.inputs and is_dataset(args.inputs):
+        return "store", "a dataset (class folders, a glob or a CSV) goes into a results store"
+    n = _count_images(args.inputs) if args.inputs else 0
+    if n > AUTO_STORE_ABOVE:
+        return "store", f"{n:,} images (more than {AUTO_STORE_ABOVE}) go into a results store"
+    return "png", "a few images get a folder of PNGs each (--outputs store for a results store)"
+
+
+def explain_command(args, pre: Preprocess, vmax, classes: list | None, transform=None) -> int:
     t0 = time.perf_counter()
     backend = backend_name(args.backend)
+    kind, why = output_kind(args)
     model = load_model(args.checkpoint, args.arch, args.class_names, args.model,
-                       parse_size(args.resize) if args.resize else None)
+                       parse_size(args.resize) if args.resize else
+                       (transform.crop if transform is not None and transform.crop else None))
     net = model.net
     chosen = resolve_cli_classes(classes, args.top_k, net)
     true_all = class_id(net, args.true_label, "--true-label") if args.true_label is not None else None
+    if kind == "store":
+        return _explain_dataset(args, model, transform, vmax, chosen, true_all, backend, why, t0)
+    if args.batch_size is None:
+        args.batch_size = 16
     out = prepare_out(args.out)
     c, h, w = net.input_shape
     say(f"model: {model.description}")
-    if args.inputs:
+    if args.inputs and (transform is not None and (transform.short_side or transform.crop)
+                        or _new_kind(args.inputs)):
+        items = _dataset_items(args.inputs, net, transform, args.skip_bad)
+        say(f"input: {len(items)} image(s) from {', '.join(args.inputs)}")
+    elif args.inputs:
         items, notes = load_images(args.inputs, pre, c, (h, w))
         for note in notes:
             say(f"input: {note}")
@@ -223,7 +276,7 @@ def explain_command(args, pre: Preprocess, vmax, classes: list | None) -> int:
                       images[i][None].astype(np.float64) / 255.0, int(lab))
                  for i, (lab, j) in enumerate(zip(labels, index))]
         say(f"input: no images given, so the {len(items)} built-in sample digits (held-out, never trained on)")
-    say(pre.describe(c, (h, w)))
+    say(transform.describe(c, (h, w)) if transform is not None else pre.describe(c, (h, w)))
     for item in items:
         if item.label is not None and not 0 <= item.label < net.num_classes:
             raise ClearmapsError(f"{item.source} has label {item.label}; the network has classes "
@@ -244,6 +297,105 @@ def explain_command(args, pre: Preprocess, vmax, classes: list | None) -> int:
     say(f"explained {done} image(s)" + (f", skipped {skipped} already done (--force redoes them)" if skipped else "")
         + (f"; {correct}/{len(labelled)} correctly classified" if labelled else "")
         + f"; {time.perf_counter() - t0:.1f} s; outputs in {out}/<image>/ ({', '.join(FILES)})")
+    return 0
+
+
+def _new_kind(inputs) -> bool:
+    from .datasets import is_dataset
+
+    return is_dataset(inputs)
+
+
+def _dataset_items(inputs, net: Network, transform, skip_bad: bool) -> list:
+    """A small dataset (class folders, glob, CSV) as per-image Items, for --outputs png."""
+    from .datasets import open_dataset
+
+    ds = open_dataset(inputs, net.class_names, skip_bad)
+    c, h, w = net.input_shape
+    size = (h, w) if h is not None else ds.first_size(transform, c)
+    pixels, errors = ds.read(0, len(ds), transform, c, size, skip_bad)
+    seen: set = set()
+    items = []
+    for i, (name, err) in enumerate(zip(ds.names, errors)):
+        if err is not None:
+            say(f"skipped: {err}")
+            continue
+        base = str(Path(name).with_suffix("")).replace("/", "--").replace("\\", "--")
+        unique, n = base, 1
+        while unique in seen:
+            n += 1
+            unique = f"{base}-{n}"
+        seen.add(unique)
+        label = int(ds.labels[i])
+        items.append(Item(unique, str(ds.path_of(name)) if ds.array is None else name, pixels[i],
+                          label if label >= 0 else None))
+    return items
+
+
+def _explain_dataset(args, model: Model, transform, vmax, chosen, true_all, backend: str, why: str, t0) -> int:
+    """clearmaps explain DATASET: every image into a results store (see clearmaps.store), resumable."""
+    from .dataset_run import RunOptions, prepare_run, run_dataset
+    from .datasets import open_dataset
+
+    net = model.net
+    if true_all is not None:
+        raise ClearmapsError("--true-label is for a few images; a dataset's labels come from its class folders, "
+                             "its CSV or its .npz.")
+    if args.scale is not None:
+        raise ClearmapsError("--scale sizes per-image PNGs; a results store keeps the maps at the model's size "
+                             "(the report scales them). Drop --scale, or use --outputs png.")
+    if not args.inputs:
+        raise ClearmapsError("no dataset given; pass a folder of class folders, a glob, a CSV (path,label) or an "
+                             ".npz to write a results store.")
+    say(f"model: {model.description}")
+    ds = open_dataset(args.inputs, net.class_names, args.skip_bad)
+    labelled = int((ds.labels >= 0).sum())
+    say(f"input: {ds.kind} {ds.source}: {len(ds):,} images" + (f", {labelled:,} labelled" if labelled else
+                                                                ", no labels") + f" ({why})")
+    for note in ds.notes:
+        say(f"input: {note}")
+    for left in ds.skipped:
+        say(f"left out: {left}")
+    c, h, w = net.input_shape
+    options = RunOptions(backend=args.backend, classes=chosen, rectify=args.rectify, reduce=args.reduce,
+                         vmax=vmax, method=getattr(args, "method", None), transform=transform,
+                         responses=args.responses, thumbnails=args.thumbnails, skip_bad=args.skip_bad)
+    store, size, todo = prepare_run(net, ds, args.out, options, args.batch_size, model.fingerprint, args.force)
+    say(transform.describe(c, size))
+    where = (f"a local Dask cluster of {args.workers} worker processes" if args.workers else
+             f"the Dask cluster at {args.scheduler}" if args.scheduler else "this process")
+    say(f"backend: {backend}; classes: {'all ' + str(net.num_classes) if chosen is None else chosen}; "
+        f"rectify={args.rectify}, reduce={args.reduce}, vmax={vmax or 'per image max'}; on {where}")
+    say(f"store: {store.url} ({store.chunks} chunk(s) of {store.chunk_size} images; "
+        + (f"{store.chunks - len(todo)} already done, resuming)" if len(todo) < store.chunks else "new)"))
+    summary = run_dataset(net, ds, args.out, options, store.chunk_size, model.fingerprint, False,
+                          args.workers, args.scheduler, quiet=args.quiet)
+    table = summary.store.table()
+    correct = [v for v in table.column("correct").to_pylist() if v is not None]
+    for file, error in summary.bad[:20]:
+        say(f"skipped: {error}")
+    if len(summary.bad) > 20:
+        say(f"skipped: ... and {len(summary.bad) - 20} more (the table's 'error' column lists every one)")
+    say(f"explained {summary.explained:,} image(s)"
+        + (f", {summary.already:,} already done" if summary.already else "")
+        + (f", {len(summary.bad)} bad image(s) skipped" if summary.bad else "")
+        + (f"; {sum(correct)}/{len(correct)} correctly classified ({100 * sum(correct) / len(correct):.1f}%)"
+           if correct else "")
+        + (f"; {summary.images_per_second:.1f} images/s" if summary.explained else "")
+        + f"; {time.perf_counter() - t0:.1f} s in all")
+    say(f"results: {store.url}/images.parquet (one row per image), {store.url}/maps.zarr (the maps); browse them "
+        f"with: clearmaps report {args.out}")
+    return 0
+
+
+def report_command(args) -> int:
+    from .report import write_report
+
+    t0 = time.perf_counter()
+    out = args.out or str(Path(args.results) / "report")
+    index, stats = write_report(args.results, out, page_size=args.page_size, quiet=args.quiet)
+    say(f"report: {stats['images']:,} images, accuracy {stats['accuracy']}; wrote {index} "
+        f"({time.perf_counter() - t0:.1f} s); open it in a browser, no server needed")
     return 0
 
 
