@@ -165,9 +165,71 @@ def explain(net: Network, x, classes=None, backend: str = "auto", rectify: bool 
     x = caller.conform(x)
     with caller.computing():
         images = interop.check_images(net, caller.to_backend(x))  # a view of x: NumPy on the host, CuPy on a GPU
-        trace = impl.forward(net, images) if method == "deconvnet" else impl.forward(net, images, method=method)
-        return explain_from_trace(net, trace, impl, caller, classes=classes, rectify=rectify, reduce=reduce,
-                                  palette=palette, vmax=vmax, keep_responses=keep_responses, method=method)
+        chunk = _images_per_chunk(net, images, classes, impl)
+        if chunk >= images.shape[0]:
+            trace = _forward(impl, net, images, method)
+            return explain_from_trace(net, trace, impl, caller, classes=classes, rectify=rectify, reduce=reduce,
+                                      palette=palette, vmax=vmax, keep_responses=keep_responses, method=method)
+        return _explain_in_chunks(net, images, impl, caller, chunk, classes, rectify, reduce, palette, vmax,
+                                  keep_responses, method)
+
+
+def _forward(impl, net, images, method):
+    return impl.forward(net, images) if method == "deconvnet" else impl.forward(net, images, method=method)
+
+
+# host backends hold a batch's activations and signals in memory at once: explain splits the images into
+# chunks whose working set stays under this, so peak memory is flat in the batch size (the results, a few
+# bytes per pixel, grow with it of course); the CUDA backend plans its own memory (set_memory_limit)
+CHUNK_BYTES = 256 << 20
+
+
+def _images_per_chunk(net, images, classes, impl) -> int:
+    B = images.shape[0]
+    if getattr(impl, "__name__", "") not in ("clearmaps.reference", "clearmaps.kernels.cpu") or B == 1:
+        return B
+    shapes = net.shapes(tuple(images.shape[2:]))
+    sizes = [int(np.prod(s)) for s in shapes]
+    K = net.num_classes if classes is None or isinstance(classes, str) else max(1, np.size(classes))
+    itemsize = 8 if impl.__name__ == "clearmaps.reference" else 4
+    # forward values and what they keep, plus three signals of the largest node per class on the way back
+    per_image = itemsize * (2 * sum(sizes) + 3 * K * max(sizes))
+    return max(1, min(B, CHUNK_BYTES // max(per_image, 1)))
+
+
+def _explain_in_chunks(net, images, impl, caller, chunk, classes, rectify, reduce, palette, vmax, keep_responses,
+                       method) -> Explanation:
+    """explain over chunks of ``chunk`` images, joined. vmax="batch" needs the whole batch's maximum, so the
+    colours are then composed once at the end from the joined dominant classes and responses."""
+    parts = []
+    whole_batch = isinstance(vmax, str) and vmax == "batch"
+    for s in range(0, images.shape[0], chunk):
+        trace = _forward(impl, net, images[s:s + chunk], method)
+        parts.append(explain_from_trace(net, trace, impl, interop.Caller("numpy", False), classes=_rows(classes, s, chunk),
+                                        rectify=rectify, reduce=reduce, palette=palette,
+                                        vmax=None if whole_batch else vmax, keep_responses=keep_responses,
+                                        method=method))
+    join = lambda name: None if getattr(parts[0], name) is None else np.concatenate(  # noqa: E731
+        [np.asarray(getattr(p, name)) for p in parts])
+    positions = np.concatenate([np.asarray(p.dominant_class) for p in parts])
+    rgb = join("rgb")
+    if whole_batch:
+        ids = join("classes")
+        index = np.argmax(positions[:, None] == ids[:, :, None, None], axis=1)  # class id -> its position
+        rgb = impl.compose(index, join("dominant_response"), parts[0].palette, vmax, num_classes=ids.shape[1])
+    to_caller = caller.to_caller
+    return Explanation(responses=to_caller(join("responses")), classes=to_caller(join("classes")),
+                       dominant_class=to_caller(positions), dominant_response=to_caller(join("dominant_response")),
+                       rgb=to_caller(rgb), logits=to_caller(join("logits")),
+                       probabilities=to_caller(join("probabilities")), palette=to_caller(np.asarray(parts[0].palette)),
+                       class_names=net.class_names)
+
+
+def _rows(classes, start, chunk):
+    """The part of a per-image (B, K) classes array that belongs to one chunk; anything else applies to all."""
+    if isinstance(classes, np.ndarray) and classes.ndim == 2:
+        return classes[start:start + chunk]
+    return classes
 
 
 def check_options(reduce, rectify, method="deconvnet", keep_responses=True) -> str:

@@ -268,7 +268,7 @@ def figure3_layout(rows, palette, class_names, scale: int = 4, source: str = "he
 
 def figure3(net: Network, pixels, labels, seed: int = 0, backend: str = "auto", preprocess=None,
             rectify: bool = True, reduce: str = "sum", batch_size: int = 16, scale: int = 4,
-            source: str = "held-out set", noun: str = "digit"):
+            source: str = "held-out set", noun: str = "digit", method: str = "deconvnet"):
     """The paper's Fig. 3 in one call: classify a labelled set, pick a correctly classified and a
     misclassified example of every class, explain them and lay them out.
 
@@ -279,7 +279,7 @@ def figure3(net: Network, pixels, labels, seed: int = 0, backend: str = "auto", 
         The labelled set: images before ``preprocess`` (shown as they are) and their true class ids.
     seed : int
         Which examples are picked (see :func:`figure3_picks`).
-    backend, rectify, reduce, batch_size :
+    backend, rectify, reduce, batch_size, method :
         As in :func:`clearmaps.explain`, ``batch_size`` images per call (every class is explained, so the
         palette is the default one).
     preprocess : Preprocess, optional
@@ -305,7 +305,7 @@ def figure3(net: Network, pixels, labels, seed: int = 0, backend: str = "auto", 
     examples, palette = {}, None
     for s in range(0, len(chosen), batch_size):
         idx = chosen[s:s + batch_size]
-        e = explain(net, x[idx], backend=backend, rectify=rectify, reduce=reduce)
+        e = explain(net, x[idx], backend=backend, rectify=rectify, reduce=reduce, method=method)
         palette = e.palette
         for b, i in enumerate(idx):
             examples[i] = figure3_example(i, y[i], shown[i], e.probabilities[b], e.classes[b], e.responses[b],
@@ -317,7 +317,7 @@ def figure3(net: Network, pixels, labels, seed: int = 0, backend: str = "auto", 
 # ---- Table 1 ------------------------------------------------------------------------------------------
 
 def table1(net: Network, pixels, labels, taus=(DEFAULT_TAU,), background: float = 0.0, preprocess=None,
-           backend: str = "auto", batch_size: int = 16, progress=None) -> list:
+           backend: str = "auto", batch_size: int = 16, progress=None, method: str = "deconvnet") -> list:
     """Table 1 (Section 4.3): accuracy on full images, on only their strong features, and without them.
 
     Strong features of an image are M = r(x|true) > tau * max r(x|true), r from :func:`clearmaps.explain`
@@ -340,6 +340,8 @@ def table1(net: Network, pixels, labels, taus=(DEFAULT_TAU,), background: float 
         Where the attentive responses are computed, and how many images per :func:`clearmaps.explain` call.
     progress : callable, optional
         Called with the number of images just explained, after each batch.
+    method : str
+        The response method of r(x|true) (:func:`clearmaps.explain`); the paper's is the deconvnet.
 
     Returns
     -------
@@ -368,7 +370,7 @@ def table1(net: Network, pixels, labels, taus=(DEFAULT_TAU,), background: float 
         idx = np.flatnonzero(y == c)
         for s in range(0, len(idx), batch_size):
             b = idx[s:s + batch_size]
-            e = explain(net, x[b], classes=[int(c)], backend=backend, vmax=None)
+            e = explain(net, x[b], classes=[int(c)], backend=backend, vmax=None, method=method)
             r_true[b] = np.asarray(e.responses)[:, 0]
             full_pred[b] = np.asarray(e.predicted)
             if progress is not None:

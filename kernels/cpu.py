@@ -164,7 +164,7 @@ def forward(net: Network, x, method: str = "deconvnet") -> Trace:
         raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
     method, _ = check_method(method)
     if not net.is_chain or method != "deconvnet":  # the fused chain keeps switches only: the deconvnet's needs
-        return cpu_graph.forward(net, x)
+        return cpu_graph.forward(net, x, method)
     x = check_input(net, x)
     prep = _prepared(net)
     a = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)

@@ -18,7 +18,7 @@ import numpy as np
 
 from clearmaps.reference import ops as ref_ops
 from clearmaps.reference import (REDUCTIONS, Clear, ClearmapsError, MaxPool, Network, Trace, check_classes,
-                                 check_input, check_palette, resolve_vmax, softmax)
+                                 check_input, check_method, check_palette, resolve_vmax, softmax)
 from clearmaps.reference import graph
 from clearmaps.reference.clear import check_trace, image_of, needs_saved
 
@@ -50,31 +50,87 @@ def _pair(v):
     return (int(v), int(v)) if np.isscalar(v) else tuple(int(a) for a in v)
 
 
-def conv2d(x, w, b, stride, padding, dilation=1, groups=1):
-    from . import cpu
+class _Layouts:
+    """A conv weight in the layouts the kernels read, made once per weight array: the forward gather's
+    (kh·kw·I, O) matrix, the transposed gather's (kh, kw, O, I) block, and float32 for the direct kernels."""
 
-    if groups == 1 and _pair(dilation) == (1, 1):
-        return cpu.conv2d(x, _const(w, x), _const(b, x), stride, padding)
+    def __init__(self, w):
+        w = np.asarray(w, dtype=np.float32)
+        O = w.shape[0]
+        self.f32 = np.ascontiguousarray(w)
+        self.fwd = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, O))
+        self.back = np.ascontiguousarray(w.transpose(2, 3, 0, 1)).ravel()
+
+
+_LAYOUTS: dict = {}
+
+
+def _layouts(w) -> _Layouts:
+    key = id(w)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    made = _Layouts(w)
+    _LAYOUTS[key] = (weakref.ref(w, lambda _, k=key: _LAYOUTS.pop(k, None)), made)
+    return made
+
+
+def _nhwc(x):
+    """The channel-last memory of a (B, C, H, W) array: free when x is itself a channel-first view of
+    channel-last memory (what this backend's convs return), one copy otherwise."""
+    a = x.transpose(0, 2, 3, 1)
+    return a if a.flags.c_contiguous and a.dtype == np.float32 else np.ascontiguousarray(a, dtype=np.float32)
+
+
+def conv2d(x, w, b, stride, padding, dilation=1, groups=1):
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    bias = np.zeros(w.shape[0], np.float32) if b is None else _const(b, x)
+    if groups == 1 and (dh, dw) == (1, 1):
+        # channel-last in and out, as the chain's sparse gather reads and writes it; returned as a
+        # channel-first view, so the next conv reads it without a copy
+        return _plain_conv(x, w, bias, sh, sw, ph, pw)
     B, _, H, W = x.shape
     O, _, kh, kw = w.shape
     oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     out = np.empty((B, O, oh, ow), dtype=np.float32)
-    bias = np.zeros(O, np.float32) if b is None else _const(b, x)
-    G._conv_direct(np.ascontiguousarray(x, dtype=np.float32), _const(w, x), bias, sh, sw, ph, pw, dh, dw, groups, out)
+    G._conv_direct(np.ascontiguousarray(x, dtype=np.float32), _layouts(w).f32, bias, sh, sw, ph, pw, dh, dw,
+                   groups, out)
     return out
 
 
-def conv_transpose2d(y, w, stride, padding, output_size, dilation=1, groups=1):
+def _plain_conv(x, w, bias, sh, sw, ph, pw):
     from . import cpu
 
-    if groups == 1 and _pair(dilation) == (1, 1):
-        return cpu.conv_transpose2d(y, _const(w, y), stride, padding, output_size)
+    a = _nhwc(x)
+    B, H, W, C = a.shape
+    O, _, kh, kw = w.shape
+    oh, ow = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    out4 = np.empty((B, oh, ow, O), dtype=np.float32)
+    wmat = _layouts(w).fwd.reshape(-1)
+    if C < cpu._DENSE_BELOW:
+        K._conv_dense_nhwc(a, wmat, bias, kh, kw, sh, sw, ph, pw, out4)
+    else:
+        n = a.size
+        T = max(1, min(cpu.numba.get_num_threads(), B * max(H, oh)))
+        K._conv_sparse_nhwc(a, wmat, kh, kw, sh, sw, ph, pw, out4, np.empty(n, np.float32), np.empty(n, np.int64),
+                            np.empty(B * H * W, np.int64), np.empty(B * H * W, np.int64), T)
+        out4 += bias
+    return out4.transpose(0, 3, 1, 2)
+
+
+def conv_transpose2d(y, w, stride, padding, output_size, dilation=1, groups=1):
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     N, O = y.shape[:2]
-    Ig = w.shape[1]
-    out = np.empty((N, Ig * groups, *output_size), dtype=np.float32)
-    G._conv_t_direct(np.ascontiguousarray(y, dtype=np.float32), _const(w, y), sh, sw, ph, pw, dh, dw, groups, out)
+    Ig, kh, kw = w.shape[1:]
+    H, W = output_size
+    if groups == 1 and (dh, dw) == (1, 1):
+        out = np.empty((N, H, W, Ig), dtype=np.float32)
+        work = y.shape[2] * y.shape[3] * O + 1
+        K._conv_t_batch(_nhwc(y), _layouts(w).back, kh, kw, sh, sw, ph, pw, Ig, out,
+                        np.empty((N, 1, work), np.float32), np.empty((N, 3, work), np.int32))
+        return out.transpose(0, 3, 1, 2)
+    out = np.empty((N, Ig * groups, H, W), dtype=np.float32)
+    G._conv_t_direct(np.ascontiguousarray(y, dtype=np.float32), _layouts(w).f32, sh, sw, ph, pw, dh, dw, groups, out)
     return out
 
 
@@ -154,10 +210,12 @@ OPS = types.SimpleNamespace(
 
 # ---- the backend's entry points for graphs --------------------------------------------------------------------
 
-def forward(net: Network, x) -> Trace:
-    """:func:`clearmaps.reference.forward` in float32 (keeping what every method needs)."""
+def forward(net: Network, x, method: str = "deconvnet") -> Trace:
+    """:func:`clearmaps.reference.forward` in float32, keeping only what ``method`` needs on the way back
+    (the deconvnet needs no ReLU signs)."""
+    method, rule = check_method(method)
     x = np.ascontiguousarray(check_input(net, x), dtype=np.float32)
-    z, saved, shapes, _ = graph.run_forward(net, x, OPS)
+    z, saved, shapes, _ = graph.run_forward(net, x, OPS, needed=lambda layer: needs_saved(layer, rule))
     switches = {i: saved.pop(i) for i, layer in enumerate(net.layers) if isinstance(layer, MaxPool)}
     saved[-1] = x
     logits = z.mean(axis=(2, 3), dtype=np.float64)

@@ -41,9 +41,10 @@ REFERENCE_OPS = types.SimpleNamespace(
         "adaptive_avg_pool2d_transpose")})
 
 
-def run_forward(net: Network, x, ops=REFERENCE_OPS, keep=False):
+def run_forward(net: Network, x, ops=REFERENCE_OPS, keep=False, needed=None):
     """Run every node on ``x`` (B, C, H, W). Returns (z_L, saved {node: what its way back needs}, per-image
-    output shapes of every node, and all outputs when ``keep``)."""
+    output shapes of every node, and all outputs when ``keep``). ``needed``, a predicate on a layer, limits
+    what is saved (default: everything any response method needs)."""
     consumers = {}
     for i, ins in enumerate(net.inputs):
         for j in ins:
@@ -51,7 +52,7 @@ def run_forward(net: Network, x, ops=REFERENCE_OPS, keep=False):
     values, saved, shapes, kept = {IMAGE: x}, {}, [], []
     for i, (layer, ins) in enumerate(zip(net.layers, net.inputs)):
         y, keep_back = rules.FORWARD[type(layer)](layer, ops, *(values[j] for j in ins))
-        if keep_back is not None:
+        if keep_back is not None and (needed is None or needed(layer)):
             saved[i] = keep_back
         shapes.append(tuple(int(n) for n in y.shape[1:]))
         values[i] = y

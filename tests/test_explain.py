@@ -211,3 +211,22 @@ def test_figures():
         clearmaps.strong_feature_mask(r[:, 0], 1.5)
     with pytest.raises(ClearmapsError, match="one value per channel"):
         clearmaps.keep_strong(img, mask, [1.0, 2.0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("vmax", [None, "batch", "p90", 2.0])
+def test_chunked_batches_equal_one_batch(net, x, monkeypatch, backend, vmax):
+    """explain splits big host batches into chunks (memory flat in the batch size); the results are those of
+    one batch, byte for byte, whatever vmax (the batch's maximum is taken over all chunks) and classes."""
+    from clearmaps import explanation
+
+    rows = np.array([[0, 4], [3, 1], [2, 0]])
+    whole = [clearmaps.explain(net, x, backend=backend, vmax=vmax, classes=c, keep_responses=k)
+             for c, k in ((None, False), ("top2", True), (rows, True))]
+    monkeypatch.setattr(explanation, "CHUNK_BYTES", 1)  # one image per chunk
+    assert explanation._images_per_chunk(net, x, None, clearmaps.get_backend(backend)) == 1
+    chunked = [clearmaps.explain(net, x, backend=backend, vmax=vmax, classes=c, keep_responses=k)
+               for c, k in ((None, False), ("top2", True), (rows, True))]
+    for a, b in zip(whole, chunked):
+        for name in ("rgb", "dominant_class", "dominant_response", "classes", "logits", "probabilities", "responses"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
