@@ -132,7 +132,7 @@ register(Method("torch", "cpu", torch_setup("cpu"), "plain-torch deconvnet (benc
 
 def energy_model(net, dtype, device):
     """The network as an nn.Sequential ending in E = ½ Σ_hw z_L², one value per class: Captum's gradient of
-    E_c with its Deconvolution ReLU rule is exactly R(x|c) (DESIGN.md's autograd oracle)."""
+    E_c with its Deconvolution ReLU rule is exactly R(x|c) (docs/design.md's autograd oracle)."""
     import torch
     from torch import nn
 

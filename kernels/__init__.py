@@ -10,7 +10,7 @@ A backend is a module with the same names and signatures as :mod:`clearmaps.refe
 
 ``classes`` reaching ``clear_from_trace`` is always an int64 (B, K) array of valid class ids (the bindings
 resolve names, lists and top-k first). Backends compute in float32; results meet the tolerances of
-DESIGN.md against the float64 reference.
+docs/design.md against the float64 reference.
 
     cpu.py      Numba on the CPU
     cuda/       Numba CUDA kernels and CuPy GEMMs on the GPU

@@ -1,6 +1,6 @@
 """clearmaps.kernels.cpu: the reference's functions, fast, on the CPU (Numba, float32).
 
-What it computes: the same CLEAR maps as :mod:`clearmaps.reference` (Eqs. 1–6; DESIGN.md), in float32,
+What it computes: the same CLEAR maps as :mod:`clearmaps.reference` (Eqs. 1–6; docs/design.md), in float32,
 with the same switches (first maximum in row-major window order) and the same colour bytes.
 
 How it runs

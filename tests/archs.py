@@ -1263,7 +1263,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "regnet_x_400mf": regnet_x_400mf, "convnext_tiny": convnext_tiny,
 }
 
-# Where each architecture's class map z_L is (DESIGN.md, "Networks as graphs"), declared by hand so that the
+# Where each architecture's class map z_L is (docs/design.md, "Networks as graphs"), declared by hand so that the
 # oracle does not share the graph capture's answer:
 #   ("logits",)                                      z_L = the model's output as (B, N, 1, 1): MLP heads
 #   ("feature_map", module)                          z_L = that module's output (B, N, h, w)

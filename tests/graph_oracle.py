@@ -1,4 +1,4 @@
-"""The independent oracle for networks as graphs (DESIGN.md, "Networks as graphs"; issue 16).
+"""The independent oracle for networks as graphs (docs/design.md, "Networks as graphs"; issue 16).
 
 R(x|c) = ∂E_c/∂x with E_c = ½·Σ z_L[c]², where every ReLU's backward is replaced by ReLU of the incoming
 gradient and every other op's backward is ordinary autograd, all in float64 with torch autograd. It shares
@@ -28,7 +28,7 @@ Every other op back-propagates by torch autograd, with one exception: ``F.hardsi
 squeeze-excitation gate), whose float64 backward in torch multiplies by 1/6 rounded to float32; the oracle
 multiplies by the float64 1/6 (zero slope at ±3, as torch).
 
-Response methods (DESIGN.md, "Response methods"), as the ReLU's backward given the incoming signal g and
+Response methods (docs/design.md, "Response methods"), as the ReLU's backward given the incoming signal g and
 the ReLU's forward input x:
 
 ========================  ==========================  ==============================

@@ -1,4 +1,4 @@
-"""The oracle for the oracle (DESIGN.md): R(x|c) as the input gradient of E_c = ½ Σ z_L[c]², computed by
+"""The oracle for the oracle (docs/design.md): R(x|c) as the input gradient of E_c = ½ Σ z_L[c]², computed by
 torch autograd with every ReLU's backward replaced by ReLU of the incoming gradient.
 
 Autograd's max-pool backward is switch unpooling (with torch's own switches), and a conv's input gradient

@@ -1,5 +1,5 @@
 """The graph oracle (tests/graph_oracle.py) and the torchvision-style architectures (tests/archs.py) tested
-on their own, before anything is compared with them (issue 16; DESIGN.md, "Networks as graphs").
+on their own, before anything is compared with them (issue 16; docs/design.md, "Networks as graphs").
 
 What is shown here: the architectures have torchvision's parameter counts, seeded non-trivial norms, and
 head declarations whose class maps average to the model's own logits; the ReLU swap finds every way of

@@ -1,4 +1,4 @@
-"""The reference against the torch autograd oracle, and the mathematical properties of DESIGN.md."""
+"""The reference against the torch autograd oracle, and the mathematical properties of docs/design.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What "equal" means, in one place (DESIGN.md, "Tests").
+"""What "equal" means, in one place (docs/design.md, "Tests").
 
 float64 reference vs the torch float64 oracle: relative error ≤ RTOL_F64.
 float32 backends vs the float64 reference: ‖out − ref‖ / ‖ref‖ ≤ RTOL_F32; switches exactly equal; dominant
