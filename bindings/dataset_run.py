@@ -145,12 +145,12 @@ def store_settings(net: Network, dataset: Dataset, options: RunOptions, batch_si
         "arrays": array_specs(net, options, size, c),
         "model": {"identity": model_identity, "class_names": list(net.class_names),
                   "input_shape": list(net.input_shape)},
-        "dataset": {"kind": dataset.kind, "identity": dataset.identity(), "labelled": dataset.labelled,
-                    "left_out": list(dataset.skipped)},
+        "dataset": {"kind": dataset.kind, "identity": dataset.identity(), "labelled": dataset.labelled},
         "explain": explain,
         "preprocess": options.transform.settings(),
         "table": {"tau": options.tau, "top_k": options.top_k},
-        "skip_bad": options.skip_bad,
+        # not skip_bad: a chunk with a bad image is never written without it, so --skip-bad may be added to
+        # finish a run that stopped at one
     }
 
 

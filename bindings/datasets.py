@@ -406,7 +406,7 @@ def _is_image(path: Path) -> bool:
 
 def _bad(skip_bad: bool, skipped: list, message: str) -> None:
     if not skip_bad:
-        raise ClearmapsError(message + " (--skip-bad leaves such images out and lists them)")
+        raise ClearmapsError(message + " (--skip-bad leaves these out and lists them)")
     skipped.append(message)
 
 

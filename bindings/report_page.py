@@ -18,6 +18,7 @@ PAGE = r"""<!doctype html>
   h2 { font-size: 16px; margin: 0 0 8px; }
   main { padding: 16px 22px; }
   .muted { color: var(--muted); }
+  .panel > .muted { max-width: 44em; }
   .cards { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
   .panel { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 12px 14px; }
   .stat { font-size: 26px; font-weight: 600; }
