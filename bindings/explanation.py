@@ -190,7 +190,10 @@ def _images_per_chunk(net, images, classes, impl) -> int:
         return B
     shapes = net.shapes(tuple(images.shape[2:]))
     sizes = [int(np.prod(s)) for s in shapes]
-    K = net.num_classes if classes is None or isinstance(classes, str) else max(1, np.size(classes))
+    if classes is None or isinstance(classes, str):
+        K = net.num_classes
+    else:
+        K = max(1, np.size(interop.small_to_host(classes, "classes")))
     itemsize = 8 if impl.__name__ == "clearmaps.reference" else 4
     # forward values and what they keep, plus three signals of the largest node per class on the way back
     per_image = itemsize * (2 * sum(sizes) + 3 * K * max(sizes))
