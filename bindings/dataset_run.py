@@ -405,6 +405,12 @@ def run_dataset(net: Network, dataset: Dataset, out, options: RunOptions = RunOp
         raise ClearmapsError("give workers (a local cluster) or scheduler (a running one), not both.")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ClearmapsError(f"workers={workers!r}; expected a positive int.")
+    if workers is not None or scheduler is not None:
+        try:
+            from .distributed import run_chunks
+        except ImportError as exc:
+            raise ClearmapsError(f"a Dask run needs dask.distributed ({exc}): pip install 'dask[distributed]', "
+                                 "or run in this process instead.") from None
     store, size, todo = prepare_run(net, dataset, out, options, batch_size, model_identity, force)
     already = store.count - sum(store.bounds(i)[1] - store.bounds(i)[0] for i in todo)
     t0 = time.perf_counter()
@@ -419,7 +425,6 @@ def run_dataset(net: Network, dataset: Dataset, out, options: RunOptions = RunOp
                 bad += _bad_rows(table)
                 bar.update(stop - start)
         else:
-            from .distributed import run_chunks
 
             bad = run_chunks(net, dataset, store, todo, options, size, workers=workers, scheduler=scheduler,
                              progress=bar.update)

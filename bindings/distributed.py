@@ -85,10 +85,11 @@ def connect(workers: int | None = None, scheduler: str | None = None):
 
 
 def run_chunks(net, dataset, store, todo, options, size, workers=None, scheduler=None, progress=None,
-               client=None) -> list:
+               client=None, timings=None) -> list:
     """Run the chunks ``todo`` of ``store`` on a cluster (see the module docstring); returns the bad rows.
 
-    ``client``: an existing :class:`distributed.Client` to use (then neither workers nor scheduler)."""
+    ``client``: an existing :class:`distributed.Client` to use (then neither workers nor scheduler).
+    ``timings``: a dict that gets chunk -> (seconds explaining, seconds writing) on its worker."""
     import hashlib
 
     own = client is None
@@ -109,7 +110,7 @@ def run_chunks(net, dataset, store, todo, options, size, workers=None, scheduler
         try:
             for future in as_completed(futures):
                 try:
-                    chunk, n, rows, _, _ = future.result()
+                    chunk, n, rows, explain_s, write_s = future.result()
                 except ClearmapsError:
                     raise
                 except Exception as exc:  # the worker's own exception, or KilledWorker after too many deaths
@@ -117,6 +118,8 @@ def run_chunks(net, dataset, store, todo, options, size, workers=None, scheduler
                                          f"{str(exc).splitlines()[0] if str(exc) else ''}); chunks already "
                                          "written are kept: rerun to finish.") from None
                 bad_by_chunk[chunk] = rows
+                if timings is not None:
+                    timings[chunk] = (explain_s, write_s)
                 if progress is not None:
                     progress(n)
         except BaseException:

@@ -188,3 +188,54 @@ def test_png_outputs_for_a_small_dataset_and_progress_lines(tmp_path, capsys, di
     bar.close()
     line = text.getvalue()
     assert line.startswith("explaining: 50/100 images, ") and " img/s, about " in line and line.endswith(" left\n")
+
+
+# ---- what each path imports ------------------------------------------------------------------------------
+
+BLOCKED = r"""
+import importlib.abc, runpy, sys
+
+BLOCK = set(sys.argv[1].split(","))
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ImportError(f"{name} is blocked for this test")
+        return None
+
+sys.meta_path.insert(0, Blocked())
+sys.argv = ["clearmaps", *sys.argv[2:]]
+runpy.run_module("clearmaps.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "--top-k", "0"], "--top-k must be at least 1."),
+    (["explain", "ds", "--workers", "2", "--scheduler", "tcp://h:8786"], "give --workers N"),
+    (["explain", "ds", "--scheduler", "h:8786"], "--scheduler 'h:8786'; expected a Dask scheduler address"),
+    (["explain", "ds", "--workers", "2", "--outputs", "png"], "--workers and --scheduler write a results store"),
+    (["explain", "ds", "--short-side", "256", "--resize", "224"], "give --resize (an exact size) or --short-side"),
+    (["explain", "ds", "--crop", "big"], "--crop 'big'; expected a size like 224"),
+    (["report", "res", "--page-size", "0"], "--page-size must be at least 1."),
+])
+def test_dataset_options_fail_before_anything_heavy_is_imported(tmp_path, argv, message):
+    heavy = "torch,numba,dask,distributed,zarr,pyarrow"
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, heavy, *argv], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("clearmaps: error: " + message), proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_in_process_run_never_imports_dask(tmp_path, digits):
+    images, labels = digits
+    np.savez(tmp_path / "set.npz", images=images[:20], labels=labels[:20])
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, "dask,distributed", "explain", str(tmp_path / "set.npz"),
+                           "--outputs", "store", "--out", str(tmp_path / "res"), *CPU], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "explained 20 image(s)" in proc.stdout, proc.stderr
+    # the control: asked for a cluster, the same run needs Dask and says so
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, "dask,distributed", "explain", str(tmp_path / "set.npz"),
+                           "--workers", "1", "--out", str(tmp_path / "res2"), *CPU], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "pip install 'dask[distributed]'" in proc.stderr, proc.stderr
