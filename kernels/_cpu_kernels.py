@@ -44,8 +44,13 @@ from ._vec import vfma, vload, vstore, vsum, vzero
 # the steps of the back-projection plan (one row of int64 fields each; see cpu._Plan)
 HEAD, CONV_T, CONV_T_POOLED, UNPOOL, RECTIFY, CONV_T_FEW, HEAD_FOLDED = range(7)
 (F_KIND, F_RECT, F_WOFF, F_O, F_I, F_KH, F_KW, F_SH, F_SW, F_PH, F_PW, F_IN_H, F_IN_W, F_OUT_H, F_OUT_W,
- F_SWOFF, F_SWCOUNT, F_UH, F_UW, F_SIZE, F_WOFF_FEW) = range(21)
-NFIELDS = 21
+ F_SWOFF, F_SWCOUNT, F_UH, F_UW, F_SIZE, F_WOFF_FEW, F_MOFF, F_MCOUNT) = range(23)
+NFIELDS = 23
+# F_RECT holds the ReLU rule a step applies to its values (docs/design.md, "Response methods"): none,
+# rectify (the deconvnet), guided (rectify, and keep only where the forward ReLU's input was > 0) or
+# gradient (that mask alone). The masks of every ReLU, per image channel-last uint8, sit one layer after
+# another in one flat array; F_MOFF / F_MCOUNT are a step's layer offset and per-image count (as the switches)
+RULE_NONE, RULE_RECTIFY, RULE_GUIDED, RULE_GRADIENT = 0, 1, 2, 3
 REDUCE_NONE, REDUCE_SUM, REDUCE_MAX, REDUCE_NORM = 0, 1, 2, 3
 
 # 'contract' lets LLVM fuse multiply-adds (FMA): one rounding instead of two, never less accurate
@@ -233,16 +238,27 @@ def _unpool_nchw(y, switches, out):
 
 
 
+@njit(cache=True, inline="always")
+def _dropped(v, rule, masks, m):
+    """Whether value v (at mask index m) is zero after the ReLU rule: zero already, rectified away, or where
+    the forward ReLU was closed."""
+    if v == 0.0:
+        return True
+    if (rule == RULE_RECTIFY or rule == RULE_GUIDED) and v < 0.0:
+        return True
+    return (rule == RULE_GUIDED or rule == RULE_GRADIENT) and masks[m] == 0
+
+
 @njit(cache=True, fastmath=_FM)
-def _few_channels_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
+def _few_channels_conv_t(src, h, w, O, rule, masks, moff, wt, woff, kh, kw, sh, sw, ph, pw, I, dst, H, W):
     """The transposed conv for few output channels (the first layer: 1–3 image channels), where a length-I
     output row is too short to vectorise: each output value is a dot product over the O input channels,
     contiguous in the dense src (h, w, O) and in wt[woff:] laid out (I, kh, kw, O), summed eight channels
-    at a time in a vector (_vec) and the last O mod 8 one by one. ``rect`` rectifies src in place first
+    at a time in a vector (_vec) and the last O mod 8 one by one. ``rule`` is applied to src in place first
     (the plane is this step's input only). Taps step as in _gather_rows (no division per tap)."""
-    if rect:
+    if rule != RULE_NONE:
         for j in range(h * w * O):
-            if src[j] < 0.0:
+            if _dropped(src[j], rule, masks, moff + j):
                 src[j] = 0.0
     O8 = O - O % 8
     for oy in range(H):
@@ -274,29 +290,31 @@ def _few_channels_conv_t(src, h, w, O, rect, wt, woff, kh, kw, sh, sw, ph, pw, I
 
 
 @njit(cache=True)
-def _unpool_plane(src, h, w, C, rect, sws, swoff, Hu, Wu, dst):
-    """dst[(Hu, Wu, C)] = unpool of src[(h, w, C)] (values rectified first when ``rect``)."""
+def _unpool_plane(src, h, w, C, rule, masks, moff, sws, swoff, Hu, Wu, dst):
+    """dst[(Hu, Wu, C)] = unpool of src[(h, w, C)], the ReLU rule of the unpooled plane applied to each value
+    first (windows that share a switch are unpooled with no rule, then a step of their own applies it)."""
     for j in range(Hu * Wu * C):
         dst[j] = 0.0
     for t in range(h * w):
         for c in range(C):
             v = src[t * C + c]
-            if rect and v < 0.0:
+            d = sws[swoff + t * C + c] * C + c
+            if rule != RULE_NONE and _dropped(v, rule, masks, moff + d):
                 v = 0.0
-            dst[sws[swoff + t * C + c] * C + c] += v
+            dst[d] += v
 
 
 @njit(cache=True)
-def _csr_dense(src, h, w, O, rect, vals, chans, start):
-    """The non-zero (rectified when ``rect``) entries of a dense (h, w, O) plane, pixel by pixel: pixel p's
-    values are vals[start[p]:start[p+1]], their channels chans[...] (compressed sparse rows)."""
+def _csr_dense(src, h, w, O, rule, masks, moff, vals, chans, start):
+    """The entries of a dense (h, w, O) plane that are non-zero after the ReLU ``rule``, pixel by pixel:
+    pixel p's values are vals[start[p]:start[p+1]], their channels chans[...] (compressed sparse rows)."""
     n = 0
     for p in range(h * w):
         start[p] = n
         base = p * O
         for o in range(O):
             v = src[base + o]
-            if v == 0.0 or (rect and v < 0.0):
+            if _dropped(v, rule, masks, moff + base + o):
                 continue
             vals[n] = v
             chans[n] = o
@@ -319,15 +337,16 @@ def _csr_signs(z, n, vals, chans, start):
 
 
 @njit(cache=True)
-def _csr_pooled(src, h, w, O, rect, sws, swoff, Hu, Wu, vals, chans, start, cursor):
-    """The unpooled plane (Hu, Wu, O) in compressed sparse rows, built through the switches: each non-zero
-    pooled value goes to its switch's row. The dense unpooled plane (mostly zeros) is never built."""
+def _csr_pooled(src, h, w, O, rule, masks, moff, sws, swoff, Hu, Wu, vals, chans, start, cursor):
+    """The unpooled plane (Hu, Wu, O) in compressed sparse rows, built through the switches: each pooled value
+    that the unpooled plane's ReLU ``rule`` keeps goes to its switch's row. The dense unpooled plane (mostly
+    zeros) is never built."""
     npix = Hu * Wu
     for p in range(npix + 1):
         start[p] = 0
     for t in range(h * w * O):
         v = src[t]
-        if v == 0.0 or (rect and v < 0.0):
+        if _dropped(v, rule, masks, moff + sws[swoff + t] * O + t % O):
             continue
         start[sws[swoff + t] + 1] += 1
     for p in range(npix):
@@ -335,7 +354,7 @@ def _csr_pooled(src, h, w, O, rect, sws, swoff, Hu, Wu, vals, chans, start, curs
         cursor[p] = start[p]
     for t in range(h * w * O):
         v = src[t]
-        if v == 0.0 or (rect and v < 0.0):
+        if _dropped(v, rule, masks, moff + sws[swoff + t] * O + t % O):
             continue
         p = sws[swoff + t]
         k = cursor[p]
@@ -462,7 +481,7 @@ def _add_terms(vals, chans, k0, k1, wt, base, I, lanes, dst, d):
 
 
 @njit(cache=True)
-def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
+def _run_pair(steps, wt, sws, masks, z, b, cls, buf0, buf1, wsf, wsi):
     """The back-projection of one (image b, class cls) signal; returns which buffer holds the result.
     wsf (1, L) float32 and wsi (3, L) int32 are the worker's sparse-row buffers (values; channels, row
     starts, fill cursors)."""
@@ -477,7 +496,7 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
         if kind == HEAD:
             # G_L^c z_L: z_L[b, c] as a one-channel plane through kernel c of the head
             kk = st[F_KH] * st[F_KW] * st[F_I]
-            _csr_dense(z[b * st[F_O] + cls], st[F_IN_H], st[F_IN_W], 1, False, vals, chans, start)
+            _csr_dense(z[b * st[F_O] + cls], st[F_IN_H], st[F_IN_W], 1, RULE_NONE, masks, 0, vals, chans, start)
             _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], 1, wt, st[F_WOFF] + cls * kk, st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], buf0, st[F_OUT_H],
                                st[F_OUT_W], 1)
@@ -492,38 +511,44 @@ def _run_pair(steps, wt, sws, z, b, cls, buf0, buf1, wsf, wsi):
                                st[F_OUT_W], 2)
             cur = 0
             continue
+        rule = st[F_RECT]
+        moff = st[F_MOFF] + b * st[F_MCOUNT]
         if kind == RECTIFY:
             for j in range(st[F_SIZE]):
-                if src[j] < 0.0:
+                if _dropped(src[j], rule, masks, moff + j):
                     src[j] = 0.0
             continue
         if kind == CONV_T:
-            _csr_dense(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, vals, chans, start)
+            _csr_dense(src, st[F_IN_H], st[F_IN_W], st[F_O], rule, masks, moff, vals, chans, start)
             _gather_csr_conv_t(vals, chans, start, st[F_IN_H], st[F_IN_W], st[F_O], wt, st[F_WOFF], st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
                                st[F_OUT_W], min(st[F_O], SPAN))
         elif kind == CONV_T_FEW:
-            _few_channels_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, wt, st[F_WOFF_FEW],
+            _few_channels_conv_t(src, st[F_IN_H], st[F_IN_W], st[F_O], rule, masks, moff, wt, st[F_WOFF_FEW],
                            st[F_KH], st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I],
                            dst, st[F_OUT_H], st[F_OUT_W])
         elif kind == CONV_T_POOLED:
-            _csr_pooled(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws, st[F_SWOFF] + b * st[F_SWCOUNT],
+            _csr_pooled(src, st[F_IN_H], st[F_IN_W], st[F_O], rule, masks, moff, sws, st[F_SWOFF] + b * st[F_SWCOUNT],
                         st[F_UH], st[F_UW], vals, chans, start, cursor)
             # one pass: rows built through overlapping windows need not be sorted by channel
             _gather_csr_conv_t(vals, chans, start, st[F_UH], st[F_UW], st[F_O], wt, st[F_WOFF], st[F_KH],
                                st[F_KW], st[F_SH], st[F_SW], st[F_PH], st[F_PW], st[F_I], dst, st[F_OUT_H],
                                st[F_OUT_W], st[F_O])
         else:  # UNPOOL
-            _unpool_plane(src, st[F_IN_H], st[F_IN_W], st[F_O], st[F_RECT] != 0, sws,
+            _unpool_plane(src, st[F_IN_H], st[F_IN_W], st[F_O], rule, masks, moff, sws,
                           st[F_SWOFF] + b * st[F_SWCOUNT], st[F_UH], st[F_UW], dst)
         cur = 1 - cur
     return cur
 
 
 @njit(cache=True)
-def _write_result(res, H, W, C, reduce, out, p):
-    """R (H, W, C) channel-last → out[p] as (C, H, W) (reduce NONE) or reduced over C to (H, W)."""
+def _write_result(res, H, W, C, reduce, out, p, images, b):
+    """R (H, W, C) channel-last → out[p] as (C, H, W) (reduce NONE) or reduced over C to (H, W); times image
+    b (H, W, C) of ``images`` first unless ``images`` is empty (input × gradient)."""
     n = H * W
+    if images.shape[0]:
+        for j in range(n * C):
+            res[j] *= images[b, j]
     if reduce == REDUCE_NONE:
         for j in range(n):
             for c in range(C):
@@ -548,21 +573,23 @@ def _write_result(res, H, W, C, reduce, out, p):
 
 
 @njit(cache=True, parallel=True)
-def _backproject_pairs(steps, wt, sws, z, pairs, H, W, C, reduce, scratch, wsf, wsi, out):
+def _backproject_pairs(steps, wt, sws, masks, z, pairs, H, W, C, reduce, scratch, wsf, wsi, out, images):
     """out[p] = R(x_b | c) (reduced over channels unless reduce == REDUCE_NONE) for each pair p = (b, c).
 
     z is z_L as (B*N, h*w); the HEAD step's F_O field holds N. A plan without a HEAD step starts from
     whatever the caller put in scratch[w, 0] (then worker w must handle exactly pair w). scratch
     (nworkers, 2, plane) holds each worker's ping-pong planes; wsf (nworkers, 1, L) float32 and
-    wsi (nworkers, 3, L) int32 its sparse-row buffers."""
+    wsi (nworkers, 3, L) int32 its sparse-row buffers. masks: the ReLU masks (uint8, see F_MOFF; may be
+    empty when no step's rule reads them); images (B, H*W*C) channel-last multiply each result (input ×
+    gradient) unless empty."""
     nworkers = scratch.shape[0]
     P = pairs.shape[0]
     for wk in prange(nworkers):
         buf0 = scratch[wk, 0]
         buf1 = scratch[wk, 1]
         for p in range(wk, P, nworkers):
-            cur = _run_pair(steps, wt, sws, z, pairs[p, 0], pairs[p, 1], buf0, buf1, wsf[wk], wsi[wk])
-            _write_result(buf0 if cur == 0 else buf1, H, W, C, reduce, out, p)
+            cur = _run_pair(steps, wt, sws, masks, z, pairs[p, 0], pairs[p, 1], buf0, buf1, wsf[wk], wsi[wk])
+            _write_result(buf0 if cur == 0 else buf1, H, W, C, reduce, out, p, images, pairs[p, 0])
 
 
 @njit(cache=True)
@@ -626,6 +653,6 @@ def _conv_t_batch(y, wt, kh, kw, sh, sw, ph, pw, I, out, wsf, wsi):
     y2 = y.reshape(N, h * w * O)
     out2 = out.reshape(N, H * W * I)
     for n in prange(N):
-        _csr_dense(y2[n], h, w, O, False, wsf[n, 0], wsi[n, 0], wsi[n, 1])
+        _csr_dense(y2[n], h, w, O, RULE_NONE, np.zeros(0, np.uint8), 0, wsf[n, 0], wsi[n, 0], wsi[n, 1])
         _gather_csr_conv_t(wsf[n, 0], wsi[n, 0], wsi[n, 1], h, w, O, wt, 0, kh, kw, sh, sw, ph, pw, I, out2[n], H, W,
                            min(O, SPAN))

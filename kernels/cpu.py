@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from clearmaps.reference import REDUCTIONS, Clear, ClearmapsError, Conv, MaxPool, Network, ReLU, Trace
-from clearmaps.reference import check_classes, check_input, check_method, check_palette, resolve_vmax, softmax
+from clearmaps.reference import check_classes, check_input, check_method, check_palette, image_of, resolve_vmax, softmax
 from clearmaps.reference.colour import check_compose
 from clearmaps.reference.errors import check_array, check_pair
 from clearmaps.reference.ops import check_conv_transpose, check_unpool, transposed_size
@@ -162,34 +162,45 @@ def forward(net: Network, x, method: str = "deconvnet") -> Trace:
     """
     if not isinstance(net, Network):
         raise ClearmapsError(f"net is a {type(net).__name__}; expected a clearmaps Network.")
-    method, _ = check_method(method)
-    if not net.is_chain or method != "deconvnet":  # the fused chain keeps switches only: the deconvnet's needs
+    method, rule = check_method(method)
+    if not net.is_chain:
         return cpu_graph.forward(net, x, method)
     x = check_input(net, x)
     prep = _prepared(net)
     a = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
-    sizes, switches = [], {}
+    sizes, switches, saved = [], {}, {}
     for i, layer in enumerate(net.layers):
         sizes.append(tuple(int(s) for s in a.shape[1:3]))
         if isinstance(layer, Conv):
             a = _conv_nhwc(a, layer, *prep.fwd[i])
         elif isinstance(layer, ReLU):
+            if rule in ("guided", "gradient"):
+                # the ReLU's signs [x > 0], channel-last as the kernels read them, seen channel-first as the
+                # reference keeps them (a view: no copy either way)
+                saved[i] = (a > 0).transpose(0, 3, 1, 2)
             np.maximum(a, 0, out=a)
         else:
             a, sw = _pool_nhwc(a, layer)
             switches[i] = np.ascontiguousarray(sw.transpose(0, 3, 1, 2))
     sizes.append(tuple(int(s) for s in a.shape[1:3]))
+    if method == "input_x_gradient":
+        saved[-1] = np.asarray(x, dtype=np.float32)
     z = np.ascontiguousarray(a.transpose(0, 3, 1, 2))
     logits = z.mean(axis=(2, 3), dtype=np.float64)
-    return Trace(tuple(sizes), switches, z, logits.astype(np.float32), softmax(logits).astype(np.float32))
+    return Trace(tuple(sizes), switches, z, logits.astype(np.float32), softmax(logits).astype(np.float32),
+                 None, saved)
 
 
 # ------------------------------------------------------------------------------------------ back-projection
 class _Plan:
     """The back-projection of one network for one input size, as rows of int64 fields (see _cpu_kernels)."""
 
-    def __init__(self, net: Network, sizes, rectify: bool):
+    def __init__(self, net: Network, sizes, rule: str):
         prep = _prepared(net)
+        code = {"identity": K.RULE_NONE, "rectify": K.RULE_RECTIFY, "guided": K.RULE_GUIDED,
+                "gradient": K.RULE_GRADIENT}[rule]
+        masked = code in (K.RULE_GUIDED, K.RULE_GRADIENT)
+        self.masks = {}  # ReLU layer → (offset in the mask array, per-image count), for guided / gradient
         channels = [net.in_channels]  # channels[i] = channels of layer i's input
         for layer in net.layers:
             channels.append(layer.out_channels if isinstance(layer, Conv) else channels[-1])
@@ -213,6 +224,16 @@ class _Plan:
             return dict(woff=prep.offset[i], woff_few=prep.few.get(i, -1), i=layer.in_channels, kh=kh, kw=kw,
                         sh=sh, sw=sw, ph=ph, pw=pw, out_h=sizes[i][0], out_w=sizes[i][1])
 
+        def rule_fields(relu):
+            """F_RECT and the mask fields of a pending ReLU (layer ``relu``, or None: no rule)."""
+            if relu is None:
+                return dict(rect=K.RULE_NONE)
+            if not masked:
+                return dict(rect=code)
+            if relu not in self.masks:
+                self.masks[relu] = (sum(n for _, n in self.masks.values()), int(np.prod(sizes[relu])) * channels[relu])
+            return dict(rect=code, moff=self.masks[relu][0], mcount=self.masks[relu][1])
+
         def pool_fields(j):
             c = channels[j]
             count = int(np.prod(sizes[j + 1])) * c
@@ -222,50 +243,53 @@ class _Plan:
                         uh=sizes[j][0], uw=sizes[j][1])
 
         hi = net.head_index
-        if prep.fold is not None:  # head, ReLUs and the conv below as one step (see _Prepared._fold_head)
+        if prep.fold is not None and not masked:  # head, ReLUs and the conv below as one step (_fold_head)
             top = prep.fold[0]
             f = conv_fields(top)
-            f["woff"] = prep.fold[1] if rectify else prep.fold[2]
+            f["woff"] = prep.fold[1] if code == K.RULE_RECTIFY else prep.fold[2]
             row(K.HEAD_FOLDED, o=net.num_classes, in_h=sizes[hi + 1][0], in_w=sizes[hi + 1][1], **f)
         else:
             top = hi
             row(K.HEAD, o=net.num_classes, in_h=sizes[hi + 1][0], in_w=sizes[hi + 1][1], **conv_fields(hi))
-        pool, rect = None, False  # pool: the MaxPool whose unpooling is pending; rect: a pending rectify
+        # pool: the MaxPool whose unpooling is pending; relu: the ReLU whose rule is pending (None: none)
+        pool, relu = None, None
         for i in range(top - 1, -1, -1):
             layer = net.layers[i]
             if isinstance(layer, ReLU):
-                if not rectify:
+                if code == K.RULE_NONE:
                     continue
                 if pool is not None and _overlapping(net.layers[pool]):
                     # windows that share a switch add before the ReLU: build the unpooled plane first
-                    row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
-                    pool, rect = None, False
-                rect = True
+                    row(K.UNPOOL, o=channels[pool], **rule_fields(relu), **pool_fields(pool))
+                    pool, relu = None, None
+                if relu is None:  # two ReLUs in a row have one sign pattern: the first rule stands for both
+                    relu = i
             elif isinstance(layer, MaxPool):
                 if pool is not None:
-                    row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
-                    pool, rect = None, False
-                if rect:
-                    row(K.RECTIFY, size=int(np.prod(sizes[i + 1])) * channels[i + 1])
-                    rect = False
+                    row(K.UNPOOL, o=channels[pool], **rule_fields(relu), **pool_fields(pool))
+                    pool, relu = None, None
+                if relu is not None:
+                    row(K.RECTIFY, size=int(np.prod(sizes[i + 1])) * channels[i + 1], **rule_fields(relu))
+                    relu = None
                 pool = i
             else:
                 f = conv_fields(i)
                 if i in prep.few:  # few output channels: dot products, from a built unpooled plane
                     if pool is not None:
-                        row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
-                        pool, rect = None, False
-                    row(K.CONV_T_FEW, o=layer.out_channels, rect=rect, in_h=sizes[i + 1][0],
-                        in_w=sizes[i + 1][1], **f)
+                        row(K.UNPOOL, o=channels[pool], **rule_fields(relu), **pool_fields(pool))
+                        pool, relu = None, None
+                    row(K.CONV_T_FEW, o=layer.out_channels, in_h=sizes[i + 1][0], in_w=sizes[i + 1][1],
+                        **rule_fields(relu), **f)
                 elif pool is not None:
-                    row(K.CONV_T_POOLED, o=layer.out_channels, rect=rect, **{**pool_fields(pool), **f})
+                    row(K.CONV_T_POOLED, o=layer.out_channels, **rule_fields(relu), **{**pool_fields(pool), **f})
                 else:
-                    row(K.CONV_T, o=layer.out_channels, rect=rect, in_h=sizes[i + 1][0], in_w=sizes[i + 1][1], **f)
-                pool, rect = None, False
+                    row(K.CONV_T, o=layer.out_channels, in_h=sizes[i + 1][0], in_w=sizes[i + 1][1],
+                        **rule_fields(relu), **f)
+                pool, relu = None, None
         if pool is not None:
-            row(K.UNPOOL, o=channels[pool], rect=rect, **pool_fields(pool))
-        elif rect:
-            row(K.RECTIFY, size=int(np.prod(sizes[0])) * channels[0])
+            row(K.UNPOOL, o=channels[pool], **rule_fields(relu), **pool_fields(pool))
+        elif relu is not None:
+            row(K.RECTIFY, size=int(np.prod(sizes[0])) * channels[0], **rule_fields(relu))
         self.steps = np.stack(rows)
         self.weights = prep.flat
 
@@ -300,25 +324,46 @@ def _switch_array(plan: _Plan, trace: Trace, batch: int) -> np.ndarray:
     return out
 
 
+def _mask_array(plan: _Plan, trace: Trace, batch: int) -> np.ndarray:
+    """Every masked ReLU's signs [x > 0], channel-last uint8 per image, one layer after another (see
+    _Plan.masks); empty when the plan's rule reads no mask."""
+    total = sum(count for _, count in plan.masks.values())
+    out = np.empty(batch * total, dtype=np.uint8)
+    saved = trace.saved or {}
+    for j, (offset, count) in plan.masks.items():
+        if j not in saved:
+            raise ClearmapsError(f"trace lacks the signs of ReLU layer {j}, which this method needs on the way back; "
+                                 "compute it with forward(net, x, method=...) for the method you ask.")
+        signs = np.asarray(saved[j]).transpose(0, 2, 3, 1)
+        out[batch * offset:batch * (offset + count)] = signs.reshape(-1)
+    return out
+
+
 class _Job:
     """One back-projection job: plan, switches, z and the (image, class) pairs, ready for the kernel."""
 
-    def __init__(self, net: Network, trace: Trace, classes, rectify: bool):
+    def __init__(self, net: Network, trace: Trace, classes, rectify: bool = True, method: str = "deconvnet"):
         _check_trace(net, trace)
-        if not isinstance(rectify, (bool, np.bool_)):
-            raise ClearmapsError(f"rectify={rectify!r}; expected True or False.")
+        method, rule = check_method(method, rectify)
         z = np.asarray(trace.z)
         B = z.shape[0]
         self.classes = check_classes(classes, B, net.num_classes)
         self.B, self.K = self.classes.shape
-        self.plan = _Plan(net, trace.sizes, bool(rectify))
-        # the plan's switch offsets are per-image counts; scale them to the batch layout
+        self.plan = _Plan(net, trace.sizes, rule)
+        # the plan's switch and mask offsets are per-image counts; scale them to the batch layout
         steps = self.plan.steps.copy()
         for r in steps:
             if r[K.F_KIND] in (K.CONV_T_POOLED, K.UNPOOL):
                 r[K.F_SWOFF] *= B
+            r[K.F_MOFF] *= B
         self.steps = steps
         self.switches = _switch_array(self.plan, trace, B)
+        self.masks = _mask_array(self.plan, trace, B)
+        if method == "input_x_gradient":
+            image = np.asarray(image_of(trace), dtype=np.float32)
+            self.images = np.ascontiguousarray(image.transpose(0, 2, 3, 1)).reshape(B, -1)
+        else:
+            self.images = np.zeros((0, 1), dtype=np.float32)
         self.z = np.ascontiguousarray(z, dtype=np.float32).reshape(B * z.shape[1], -1)
         self.H, self.W = trace.sizes[0]
         self.C = net.in_channels
@@ -331,13 +376,13 @@ class _Job:
 
     def run(self, lo, hi, reduce_code, out):
         """out[:hi-lo] ← the maps of pairs lo..hi-1."""
-        K._backproject_pairs(self.steps, self.plan.weights, self.switches, self.z, self.pairs[lo:hi],
-                             self.H, self.W, self.C, reduce_code, self.scratch, self.wsf, self.wsi, out)
+        K._backproject_pairs(self.steps, self.plan.weights, self.switches, self.masks, self.z, self.pairs[lo:hi],
+                             self.H, self.W, self.C, reduce_code, self.scratch, self.wsf, self.wsi, out, self.images)
 
 
 def _fused(net, method) -> bool:
-    """Whether the fused chain kernels compute this: the paper's chain and its deconvnet."""
-    return isinstance(net, Network) and net.is_chain and method == "deconvnet"
+    """Whether the fused chain kernels compute this: the paper's chain, with any method."""
+    return isinstance(net, Network) and net.is_chain
 
 
 def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True, method: str = "deconvnet") -> np.ndarray:
@@ -345,7 +390,7 @@ def backproject(net: Network, trace: Trace, classes=None, rectify: bool = True, 
     method, rule = check_method(method, rectify)
     if not _fused(net, method):
         return cpu_graph.backproject_method(net, trace, classes, method, rule)
-    job = _Job(net, trace, classes, rectify)
+    job = _Job(net, trace, classes, rectify, method)
     out = np.empty((job.B * job.K, job.C * job.H * job.W), dtype=np.float32)
     job.run(0, len(job.pairs), K.REDUCE_NONE, out)
     return out.reshape(job.B, job.K, job.C, job.H, job.W)
@@ -366,7 +411,7 @@ def attentive_dominant(net: Network, trace: Trace, classes=None, rectify: bool =
         out = cpu_graph.clear_from_trace(net, trace, classes, method, rule, reduce, None, None, keep_responses,
                                          lambda *a: None)
         return out.responses, out.dominant_index, out.dominant_response
-    job = _Job(net, trace, classes, rectify)
+    job = _Job(net, trace, classes, rectify, method)
     P, n = len(job.pairs), job.H * job.W
     image, position = job.pairs[:, 0].copy(), np.tile(np.arange(job.K, dtype=np.int64), job.B)
     best = np.empty((job.B, n), dtype=np.float32)
@@ -408,7 +453,7 @@ def clear_from_trace(net: Network, trace: Trace, classes, rectify=True, reduce="
     k = check_classes(classes, B, net.num_classes).shape[1]
     hues = check_palette(palette, k)
     resolve_vmax(np.zeros((1, 1, 1)), vmax)  # refuse a bad vmax before the work, not after
-    responses, index, response = attentive_dominant(net, trace, classes, rectify, reduce, keep_responses)
+    responses, index, response = attentive_dominant(net, trace, classes, rectify, reduce, keep_responses, method)
     return Clear(responses, index, response, _compose(index, response, hues, vmax))
 
 
@@ -564,6 +609,7 @@ def unpool_conv_transpose2d(y, switches, input_size, weight, stride=1, padding=0
     pairs = np.stack([np.arange(B, dtype=np.int64), np.zeros(B, dtype=np.int64)], axis=1)
     K._backproject_pairs(steps, np.ascontiguousarray(np.asarray(weight, np.float32).transpose(2, 3, 0, 1)).ravel(),
                          np.ascontiguousarray(np.asarray(switches).transpose(0, 2, 3, 1), dtype=np.int32).ravel(),
-                         np.zeros((1, 1), np.float32), pairs, H, W, I, K.REDUCE_NONE, scratch,
-                         np.empty((B, 1, work), np.float32), np.empty((B, 3, work), np.int32), out)
+                         np.zeros(0, np.uint8), np.zeros((1, 1), np.float32), pairs, H, W, I, K.REDUCE_NONE, scratch,
+                         np.empty((B, 1, work), np.float32), np.empty((B, 3, work), np.int32), out,
+                         np.zeros((0, 1), np.float32))
     return out.reshape(B, I, H, W)

@@ -18,7 +18,7 @@ from clearmaps.kernels import _cpu_kernels as K
 from clearmaps.kernels import cpu
 from clearmaps.reference import Conv, MaxPool, Network, ReLU
 
-from .tolerances import RTOL_F32, assert_close, assert_equal, rel_err
+from .tolerances import RTOL_F32, assert_close, assert_equal, decisive, rel_err
 
 
 @st.composite
@@ -215,7 +215,7 @@ def test_negative_controls_are_caught(monkeypatch):
         self.steps[np.isin(self.steps[:, K.F_KIND], [K.CONV_T_POOLED]), K.F_RECT] = 0
 
     monkeypatch.setattr(cpu._Plan, "__init__", fused_without_rectify)
-    assert np.isin(cpu._Plan(net, trace.sizes, True).steps[:, K.F_KIND], [K.CONV_T_POOLED]).any()
+    assert np.isin(cpu._Plan(net, trace.sizes, "rectify").steps[:, K.F_KIND], [K.CONV_T_POOLED]).any()
     with pytest.raises(AssertionError):
         assert_close(cpu.backproject(net, trace, None), want, RTOL_F32, "fused step without rectify")
     monkeypatch.undo()
@@ -270,7 +270,32 @@ def test_folded_head_equals_reference(rectify, head_relu):
               Conv(rng.normal(size=(4, 12, 1, 1)), rng.normal(size=4))] + ([ReLU()] if head_relu else [])
     net = Network(layers)
     trace = ref.forward(net, rng.normal(size=(2, 2, 13, 11)))
-    plan = cpu._Plan(net, trace.sizes, rectify)
+    plan = cpu._Plan(net, trace.sizes, "rectify" if rectify else "identity")
     assert plan.steps[0, K.F_KIND] == K.HEAD_FOLDED
     assert_close(cpu.backproject(net, trace, None, rectify), ref.backproject(net, trace, None, rectify), RTOL_F32,
                  "R(x|c) through the folded head")
+
+
+
+@pytest.mark.parametrize("method", ["guided", "gradient", "input_x_gradient"])
+def test_fused_chain_runs_every_method(method):
+    """The fused chain kernels take the guided and gradient ReLU rules (masks of the forward's signs, per
+    ReLU layer, through plain, pooled, unpooled and few-channel steps) and input × gradient's final factor;
+    they never fold the head then (the fold's z⁺ / z⁻ split is the deconvnet's)."""
+    rng = np.random.default_rng(6)
+    layers = [Conv(rng.normal(size=(9, 2, 3, 3)), rng.normal(size=9), 1, 1), ReLU(), MaxPool(2),
+              Conv(rng.normal(size=(12, 9, 3, 3)) / 5, rng.normal(size=12), 1, 1), ReLU(), MaxPool(3, 2, 1), ReLU(),
+              Conv(rng.normal(size=(10, 12, 3, 3)) / 5, rng.normal(size=10), 2, 1), ReLU(),
+              Conv(rng.normal(size=(4, 10, 1, 1)), rng.normal(size=4))]
+    net = Network(layers)
+    x = rng.normal(size=(2, 2, 17, 15))
+    trace = ref.forward(net, x)
+    plan = cpu._Plan(net, trace.sizes, "guided" if method == "guided" else "gradient")
+    assert plan.steps[0, K.F_KIND] == K.HEAD and plan.masks
+    fast = cpu.forward(net, x, method=method)
+    got = cpu.backproject(net, fast, None, method=method)
+    assert_close(got, ref.backproject(net, trace, None, method=method), RTOL_F32, f"{method}: R(x|c)")
+    lean = cpu.clear_from_trace(net, fast, np.broadcast_to(np.arange(4), (2, 4)), method=method, keep_responses=False)
+    full = ref.clear_from_trace(net, trace, None, method=method)
+    mask = decisive(full.responses)
+    assert_equal(np.asarray(lean.dominant_index)[mask], full.dominant_index[mask], "dominant class (decisive)")
