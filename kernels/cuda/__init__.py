@@ -3,7 +3,9 @@
 Same names and signatures as :mod:`clearmaps.reference` (the backend contract, kernels/__init__.py), in
 float32 on the GPU:
 
-    forward, clear_from_trace, backproject          the pipeline (pipeline.py)
+    forward, clear_from_trace, backproject          the pipeline (pipeline.py): the paper's chain with the
+                                                    deconvnet on fused kernels, every other network and
+                                                    response method (``method=``) on the graph path (graph.py)
     conv2d, conv_transpose2d, max_pool_with_switches, unpool, reduce_channels, dominant, compose
                                                     single operators (ops.py)
     CudaConfig, get_config, set_config              the settings, one frozen object (config.py): every
@@ -12,9 +14,11 @@ float32 on the GPU:
     set_memory_limit                                cap on the GPU memory a call plans to use
     warm(net, x)                                    compile a network's kernels beforehand, in parallel
 
-Modules: config.py (CudaConfig, Profiler), pipeline.py, routing.py (which kernel runs each conv), convs.py
-(the conv executors), memory.py (budgets and splitting), plans.py (weights in the kernels' layouts),
-validation.py (arguments and traces), ops.py, warmup.py. Kernel files: sparse_kernels.py (stride-1 convs,
+Modules: config.py (CudaConfig, Profiler), pipeline.py, graph.py (any graph, any method: the reference's walk
+with device primitives), routing.py (which kernel runs each conv), convs.py (the conv executors), memory.py
+(budgets and splitting), plans.py (weights in the kernels' layouts), validation.py (arguments and traces),
+ops.py, warmup.py. Kernel files: graph_kernels.py (the graph path's convs with groups and dilation, pools with
+switches, average pools and their transposes, erf), sparse_kernels.py (stride-1 convs,
 forward and transposed, as a tiled kernel that skips zeros and reads an unpooled plane through the
 switches), forward_kernels.py (columns, max pool with switches), backproject_kernels.py (G_L^c z_L, the fused
 unpool + rectify + transposed-conv gather, the direct transposed conv), epilogue.py (channel reduction +

@@ -23,6 +23,9 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda
 
+from ...reference import resolve_vmax
+from . import device as dv
+
 SUM, MAX, NORM = 0, 1, 2
 REDUCE_CODES = {"sum": SUM, "max": MAX, "norm": NORM}
 
@@ -144,3 +147,15 @@ def compose_rgb(best_i, best_r, level, palette, rgb):
     y = r % H
     b = r // H
     _hsv_pixel(rgb, b, y, x, palette[best_i[b, y, x]], best_r[b, y, x], level[b])
+
+
+def levels(vmax, best_r, level_max):
+    """V's normaliser per image, float64 (B,), on the device (see reference.resolve_vmax): ``level_max`` (the
+    epilogue's running maximum of D, from 0) for the default, its maximum for "batch", NumPy's percentile of
+    ``best_r`` on the host for "pNN" (the reference's own code)."""
+    B = best_r.shape[0]
+    if vmax is None:
+        return level_max.astype(np.float64)
+    if isinstance(vmax, str) and vmax == "batch":
+        return dv.xp.full(B, float(level_max.max()), dtype=np.float64)
+    return dv.asdevice(resolve_vmax(dv.tohost(best_r), vmax), np.float64)

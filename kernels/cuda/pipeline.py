@@ -14,6 +14,9 @@ Data flow (all float32, channel-major (C, n, H, W) inside; routes in routing.py,
     epilogue        one pass per chunk: channel reduction, argmax over classes, max, and HSV when the
                     normaliser is known (see epilogue.py).
 
+That is the paper's chain with the deconvnet. Every other network, and every other response method, takes the
+graph path (graph.py): the reference's own walk with device primitives, through the same epilogue.
+
 Work that does not fit in GPU memory is split (memory.py). Every function takes ``config`` (a
 :class:`~clearmaps.kernels.cuda.CudaConfig`; None: the default) and ``fast`` (None: the configuration's
 precision).
@@ -24,8 +27,9 @@ from __future__ import annotations
 import numpy as np
 
 from ...reference import (REDUCTIONS, Clear, ClearmapsError, Conv, MaxPool, Network, ReLU, check_classes,
-                          check_input, check_palette, resolve_vmax)
+                          check_input, check_method, check_palette, resolve_vmax)
 from . import backproject_kernels as bk
+from . import graph
 from . import device as dv
 from . import epilogue as ek
 from . import forward_kernels as fk
@@ -38,14 +42,25 @@ from .routing import Source
 from .validation import CudaTrace, Switches, check_flag, check_net, checked, trace_on_device
 
 
-def forward(net: Network, x, *, fast=None, config: CudaConfig | None = None) -> CudaTrace:
-    """Run ``net`` on ``x`` (B, C, H, W) on the GPU, recording the max pools' switches.
+def _fused(net: Network, method: str) -> bool:
+    """Whether the fused chain kernels compute this: the paper's chain and its deconvnet (everything else takes
+    the graph path, graph.py)."""
+    return net.is_chain and method == "deconvnet"
+
+
+def forward(net: Network, x, method: str = "deconvnet", *, fast=None, config: CudaConfig | None = None) -> CudaTrace:
+    """Run ``net`` on ``x`` (B, C, H, W) on the GPU, recording the max pools' switches and what ``method``
+    needs on the way back.
 
     Same contract as :func:`clearmaps.reference.forward`, in float32. ``x`` may be a NumPy array (the
     Trace then holds NumPy arrays) or a GPU array (CuPy, or anything with DLPack /
-    ``__cuda_array_interface__``; the Trace then holds CuPy arrays)."""
+    ``__cuda_array_interface__``; the Trace then holds CuPy arrays). The paper's chain with the deconvnet
+    runs on the fused kernels below; any other network or method on the graph path (graph.py)."""
     check_net(net)
+    method, _ = check_method(method)
     config, fast = resolve(config, fast)
+    if not _fused(net, method):
+        return graph.forward(net, x, method, config=config, fast=fast)
     host_out = not dv.on_device(x)
     x = checked(x, lambda a: check_input(net, a)).astype(np.float32, copy=False)
     B = x.shape[0]
@@ -141,12 +156,16 @@ def _prepare(net, trace, classes):
     return z, switches, sizes, classes
 
 
-def backproject(net: Network, trace, classes=None, rectify: bool = True, *, fast=None,
+def backproject(net: Network, trace, classes=None, rectify: bool = True, method: str = "deconvnet", *, fast=None,
                 config: CudaConfig | None = None):
     """R(x|c) for each chosen class, (B, K, C, H, W) float32: :func:`clearmaps.reference.backproject`
-    on the GPU (host arrays out when the trace holds host arrays)."""
+    on the GPU (host arrays out when the trace holds host arrays), for any ``method``."""
     rectify = check_flag(rectify, "rectify")
+    method, rule = check_method(method, rectify)
     config, fast = resolve(config, fast)
+    check_net(net)
+    if not _fused(net, method):
+        return graph.backproject(net, trace, classes, method, rule, config=config, fast=fast)
     z, switches, sizes, classes = _prepare(net, trace, classes)
     B, K = classes.shape
     C, (H, W) = net.in_channels, sizes[0]
@@ -164,19 +183,9 @@ def backproject(net: Network, trace, classes=None, rectify: bool = True, *, fast
     return dv.tohost(out) if not dv.on_device(trace.z) else out
 
 
-def _levels(vmax, best_r, level_max):
-    """V's normaliser per image, float64 (B,), on the device (see reference.resolve_vmax)."""
-    B = best_r.shape[0]
-    if vmax is None:
-        return level_max.astype(np.float64)
-    if isinstance(vmax, str) and vmax == "batch":
-        return xp.full(B, float(level_max.max()), dtype=np.float64)
-    # percentiles: NumPy's interpolation on the host, the same code as the reference
-    return dv.asdevice(resolve_vmax(dv.tohost(best_r), vmax), np.float64)
-
-
 def clear_from_trace(net: Network, trace, classes, rectify=True, reduce="sum", palette=None, vmax=None,
-                     keep_responses=True, *, fast=None, config: CudaConfig | None = None) -> Clear:
+                     keep_responses=True, method: str = "deconvnet", *, fast=None,
+                     config: CudaConfig | None = None) -> Clear:
     """Responses, dominant class and response, and the RGB composite, from a forward trace.
 
     Same contract as :func:`clearmaps.reference.clear_from_trace`. All (image, class) pairs go through
@@ -187,7 +196,12 @@ def clear_from_trace(net: Network, trace, classes, rectify=True, reduce="sum", p
     if reduce not in REDUCTIONS:
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
     keep_responses = check_flag(keep_responses, "keep_responses")
+    method, rule = check_method(method, rectify)
     config, fast = resolve(config, fast)
+    check_net(net)
+    if not _fused(net, method):
+        return graph.clear_from_trace(net, trace, classes, method, rule, reduce, palette, vmax, keep_responses,
+                                      config=config, fast=fast)
     config.mark("clear entry")
     z, switches, sizes, classes = _prepare(net, trace, classes)
     B, K = classes.shape
@@ -217,7 +231,7 @@ def clear_from_trace(net: Network, trace, classes, rectify=True, reduce="sum", p
         config.mark("epilogue")
         del R
     if not fixed:
-        level = _levels(vmax, best_r, level_max)
+        level = ek.levels(vmax, best_r, level_max)
         launch(ek.compose_rgb, ceil_div(best_i.size, THREADS), THREADS, best_i, best_r, level, palette_dev, rgb)
         config.mark("compose")
     out = Clear(responses if keep_responses else None, best_i, best_r, rgb)

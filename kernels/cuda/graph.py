@@ -1,0 +1,579 @@
+"""The CUDA backend on any graph and for every response method: the reference's walk on the device.
+
+Networks that are not the paper's chain, and every method other than the deconvnet (docs/design.md,
+"Attentive responses and the response methods"), run :func:`clearmaps.reference.graph.run_forward` and
+:func:`~clearmaps.reference.graph.backward` — the same definition, step for step — with a device ``ops``
+namespace (:func:`device_ops`):
+
+    xp                         the device array module (CuPy on a GPU, NumPy under the simulator): every
+                               elementwise step, sum, concatenation, slice, reshape, pad, Linear matmul and
+                               layer norm of reference/rules.py is an array-module operation
+    conv2d, conv_transpose2d   groups 1: the columns (graph_kernels.conv_columns / columns_to_image) and one
+                               float32 GEMM (device.gemm_into: cuBLAS, CUBLAS_COMPUTE_32F unless the
+                               configuration asks for TF32), in blocks of CudaConfig.column_bytes; groups > 1
+                               (depthwise included): graph_kernels.conv_direct / conv_transpose_direct
+    max_pool_with_switches, unpool, avg_pool2d(_transpose), adaptive_avg_pool2d(_transpose), erf
+                               numba.cuda kernels of graph_kernels.py
+    const                      a layer's constant as a float32 device array, uploaded once per array
+
+Images and signals are channel-first (N, C, H, W) float32 as in the reference. The forward pass keeps only
+what the method needs on the way back (clearmaps.reference.clear.needs_saved), in chunks of images when the
+batch does not fit; the back-projection runs (image, class) pairs in chunks that fit the memory budget
+(memory.py), whatever ``keep_responses`` says, and each chunk's maps go through the chain path's fused
+epilogue (channel reduction, running argmax with the first class winning ties, HSV). No step uses atomics:
+a call's results do not depend on how its threads were scheduled.
+
+Of a :class:`~clearmaps.kernels.cuda.CudaConfig` the graph path reads ``precision``, ``memory_limit``,
+``column_bytes`` and ``profiler`` (coarse marks: per chunk of images or classes); the routing settings
+(``sparse``, ``tile``, ``direct_max_channels``, ``variants``...) are the fused chain path's. Nothing here is
+tuned yet: bench/GPU_NOTES.md says what a GPU run must check and time.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from functools import cached_property, lru_cache, partial
+
+import numpy as np
+
+from ...reference import (REDUCTIONS, Clear, ClearmapsError, Div, Mul, MaxPool, Network, check_classes, check_input,
+                          check_method, check_palette, resolve_vmax)
+from ...reference import graph as walk
+from ...reference import ops as ref_ops
+from ...reference.clear import check_trace, needs_saved
+from ...reference.network import IMAGE
+from . import device as dv
+from . import epilogue as ek
+from . import graph_kernels as gk
+from . import memory
+from .config import CudaConfig
+from .device import THREADS, ceil_div, launch, xp
+from .validation import CudaTrace, check_flag, check_net, checked
+
+
+def _pair(v, default=None):
+    if v is None:
+        v = default
+    return (int(v), int(v)) if np.isscalar(v) else tuple(int(a) for a in v)
+
+
+def _f32(a):
+    """``a`` as a C-contiguous float32 device array a kernel may take (writeable under the simulator)."""
+    return dv.asdevice(a, np.float32)
+
+
+def _grid(pixels: int, channels: int):
+    return (ceil_div(pixels, THREADS), ceil_div(max(channels, 1), gk.CHANNELS))
+
+
+# ---- constants and weights on the device, made once per host array ---------------------------------------------
+
+class _Cache:
+    """{id(host array): device object}, each entry dropped when its host array is (layers own frozen arrays)."""
+
+    def __init__(self):
+        self._entries = {}
+
+    def get(self, a, make):
+        key = id(a)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is a:
+            return hit[1]
+        made = make(a)
+        try:
+            self._entries[key] = (weakref.ref(a, lambda _, k=key: self._entries.pop(k, None)), made)
+        except TypeError:  # not weak-referenceable (a NumPy scalar): made each time, it is one number
+            pass
+        return made
+
+
+_CONSTS = _Cache()
+_WEIGHTS = _Cache()
+
+
+def const(a, like=None):
+    """A layer's constant (an Affine scale, a Linear weight, a bias...) as a float32 device array."""
+    if a is None:
+        return None
+    if dv.on_device(a):
+        return _f32(a)
+    return _CONSTS.get(a, lambda h: dv.asdevice(np.ascontiguousarray(h, dtype=np.float32)))
+
+
+class _Weight:
+    """A conv weight (O, Ig, kh, kw) on the device, in the layouts the routes read, each made on first use."""
+
+    def __init__(self, w):
+        self._host = np.asarray(dv.tohost(w) if dv.on_device(w) else w, dtype=np.float32)
+        self.shape = self._host.shape
+
+    @cached_property
+    def direct(self):  # (O, Ig, kh, kw): conv_direct, conv_transpose_direct
+        return dv.asdevice(np.ascontiguousarray(self._host))
+
+    @cached_property
+    def matrix(self):  # (O, Ig*kh*kw): the forward GEMM
+        return dv.asdevice(np.ascontiguousarray(self._host.reshape(self.shape[0], -1)))
+
+    @cached_property
+    def transposed(self):  # (Ig*kh*kw, O): the transposed conv's GEMM
+        return dv.asdevice(np.ascontiguousarray(self._host.reshape(self.shape[0], -1).T))
+
+
+def _weight(w) -> _Weight:
+    if dv.on_device(w):
+        return _Weight(w)
+    return _WEIGHTS.get(w, _Weight)
+
+
+# ---- the primitives ------------------------------------------------------------------------------------------
+
+def conv2d(x, w, b, stride=1, padding=0, dilation=1, groups=1, *, config: CudaConfig, fast: bool = False):
+    """reference.ops.conv2d in float32 on the device: x (B, I, H, W), w (O, I / groups, kh, kw), b (O,) or
+    None → (B, O, oh, ow)."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    weight = _weight(w)
+    O, Ig, kh, kw = weight.shape
+    x = _f32(x)
+    B, C, H, W = x.shape
+    if C != Ig * groups or O % groups:
+        raise ClearmapsError(f"conv2d: weight {weight.shape} with groups={groups} does not fit an input of "
+                             f"{C} channels.")
+    oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ClearmapsError(f"conv2d: input of size {H}x{W} is smaller than the {kh}x{kw} kernel.")
+    bias = xp.zeros(O, dtype=np.float32) if b is None else const(b)
+    if groups > 1:
+        out = xp.empty((B, O, oh, ow), dtype=np.float32)
+        launch(gk.conv_direct, _grid(B * oh * ow, O), THREADS, x, weight.direct, bias, out, int(groups),
+               sh, sw, ph, pw, dh, dw)
+        return out
+    rows, ncols = C * kh * kw, B * oh * ow
+    out = xp.empty((O, ncols), dtype=np.float32)
+    block = memory.column_block(config, rows, ncols)
+    work = xp.empty(rows * min(block, ncols), dtype=np.float32)
+    for j0 in range(0, ncols, block):
+        nb = min(block, ncols - j0)
+        cols = work[:rows * nb].reshape(rows, nb)
+        launch(gk.conv_columns, _grid(nb, C), THREADS, x, cols, j0, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
+        dv.gemm_into(weight.matrix, cols, out, j0, fast)
+    out = xp.ascontiguousarray(out.reshape(O, B, oh, ow).transpose(1, 0, 2, 3))
+    out += bias[None, :, None, None]
+    return out
+
+
+def conv_transpose2d(y, w, stride=1, padding=0, output_size=None, dilation=1, groups=1, *, config: CudaConfig,
+                     fast: bool = False):
+    """reference.ops.conv_transpose2d in float32 on the device: y (N, O, oh, ow) → (N, Ig*groups, H, W),
+    (H, W) = ``output_size`` (checked as the reference checks it; default the smallest)."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    weight = _weight(w)
+    O, Ig, kh, kw = weight.shape
+    y = _f32(y)
+    N, Oy, oh, ow = y.shape
+    if Oy != O or O % groups:
+        raise ClearmapsError(f"conv_transpose2d: y has {Oy} channels; weight {weight.shape} with groups={groups} "
+                             f"has {O} kernels.")
+    H, W = ref_ops.transposed_size(output_size, (oh, ow), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    I = Ig * groups
+    out = xp.empty((N, I, H, W), dtype=np.float32)
+    if groups > 1:
+        launch(gk.conv_transpose_direct, _grid(N * H * W, I), THREADS, y, weight.direct, out, int(groups),
+               sh, sw, ph, pw, dh, dw)
+        return out
+    # signals in blocks whose columns fit the workspace: G (Ig*kh*kw, m*oh*ow) = W^T @ y(m signals), then
+    # each pixel gathers its taps' columns
+    rows = Ig * kh * kw
+    block = max(1, min(N, memory.column_bytes(config) // max(4 * rows * oh * ow, 1)))
+    for n0 in range(0, N, block):
+        m = min(block, N - n0)
+        signal = xp.ascontiguousarray(y[n0:n0 + m].transpose(1, 0, 2, 3)).reshape(O, m * oh * ow)
+        cols = xp.empty((rows, m * oh * ow), dtype=np.float32)
+        dv.gemm_into(weight.transposed, signal, cols, 0, fast)
+        launch(gk.columns_to_image, _grid(m * H * W, I), THREADS, cols, out, n0, oh, ow, kh, kw, sh, sw, ph, pw,
+               dh, dw)
+    return out
+
+
+def max_pool_with_switches(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """reference.ops.max_pool_with_switches in float32 on the device: (pooled, int64 switches), (B, C, oh, ow)."""
+    (kh, kw), (ph, pw), (dh, dw) = _pair(kernel), _pair(padding), _pair(dilation)
+    sh, sw = _pair(stride, (kh, kw))
+    x = _f32(x)
+    B, C, H, W = x.shape
+    oh = ref_ops._pool_size(H, kh, sh, ph, dh, ceil_mode, "pool")
+    ow = ref_ops._pool_size(W, kw, sw, pw, dw, ceil_mode, "pool")
+    out = xp.empty((B, C, oh, ow), dtype=np.float32)
+    switches = xp.empty((B, C, oh, ow), dtype=np.int64)
+    launch(gk.max_pool_switches, _grid(B * oh * ow, C), THREADS, x, out, switches, kh, kw, sh, sw, ph, pw, dh, dw)
+    return out, switches
+
+
+def unpool(y, switches, input_size):
+    """reference.ops.unpool in float32 on the device. The switches must index the (H, W) plane (the graph path
+    checks a trace's switches once, when it reads the trace)."""
+    y = _f32(y)
+    switches = dv.asdevice(switches, np.int64)
+    if tuple(switches.shape) != tuple(y.shape):
+        raise ClearmapsError(f"unpool: switches have shape {tuple(switches.shape)} but y has {tuple(y.shape)}.")
+    H, W = _pair(input_size)
+    N, C = y.shape[:2]
+    out = xp.zeros((N, C, H * W), dtype=np.float32)
+    launch(gk.unpool_planes, ceil_div(N * C, THREADS), THREADS, y, switches, out)
+    return out.reshape(N, C, H, W)
+
+
+class _Windows:
+    """An average pool's windows along both axes, on the device: rows rs..re-1 and columns cs..ce-1 of each
+    output cell, its divisor div (oh, ow), and for each input row (column) the first and last window that
+    may hold it."""
+
+    def __init__(self, size, rows, cols, div):
+        (rs, re), (cs, ce) = rows, cols
+        H, W = size
+        self.shape = (len(rs), len(cs))
+        self.rs, self.re, self.cs, self.ce = (dv.asdevice(np.asarray(a, dtype=np.int64)) for a in (rs, re, cs, ce))
+        self.div = dv.asdevice(np.ascontiguousarray(div, dtype=np.float32))
+        self.first_row, self.last_row = (dv.asdevice(a) for a in _holders(rs, re, H))
+        self.first_col, self.last_col = (dv.asdevice(a) for a in _holders(cs, ce, W))
+
+
+def _holders(start, end, n):
+    """For each index 0 .. n-1: the first and last window (start[u] <= index < end[u]) that holds it; an index
+    that no window holds gets (0, -1), an empty range."""
+    index = np.arange(n)[:, None]
+    holds = (np.asarray(start)[None, :] <= index) & (index < np.asarray(end)[None, :])
+    any_ = holds.any(axis=1)
+    first = np.where(any_, holds.argmax(axis=1), 0)
+    last = np.where(any_, holds.shape[1] - 1 - holds[:, ::-1].argmax(axis=1), -1)
+    return first.astype(np.int64), last.astype(np.int64)
+
+
+@lru_cache(maxsize=256)
+def _avg_windows(size, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> _Windows:
+    (kh, kw), (ph, pw) = kernel, padding
+    sh, sw = stride
+    rs, re, rn = ref_ops._avg_windows(size[0], kh, sh, ph, ceil_mode, count_include_pad)
+    cs, ce, cn = ref_ops._avg_windows(size[1], kw, sw, pw, ceil_mode, count_include_pad)
+    div = np.full((len(rs), len(cs)), divisor_override) if divisor_override else np.outer(rn, cn)
+    return _Windows(size, (rs, re), (cs, ce), div)
+
+
+@lru_cache(maxsize=256)
+def _adaptive_windows(size, out) -> _Windows:
+    (rs, re), (cs, ce) = ref_ops._adaptive_windows(size[0], out[0]), ref_ops._adaptive_windows(size[1], out[1])
+    return _Windows(size, (rs, re), (cs, ce), np.outer(re - rs, ce - cs))
+
+
+def _window_mean(x, win: _Windows):
+    x = _f32(x)
+    N, C = x.shape[:2]
+    oh, ow = win.shape
+    out = xp.empty((N, C, oh, ow), dtype=np.float32)
+    launch(gk.window_mean, _grid(N * oh * ow, C), THREADS, x, out, win.rs, win.re, win.cs, win.ce, win.div)
+    return out
+
+
+def _window_mean_transpose(y, size, win: _Windows):
+    y = _f32(y)
+    N, C = y.shape[:2]
+    if tuple(y.shape[2:]) != win.shape:
+        raise ClearmapsError(f"an average pool of a {size[0]}x{size[1]} input gives {win.shape}; y has size "
+                             f"{tuple(y.shape[2:])}.")
+    H, W = size
+    out = xp.empty((N, C, H, W), dtype=np.float32)
+    launch(gk.window_mean_transpose, _grid(N * H * W, C), THREADS, y, out, win.rs, win.re, win.cs, win.ce, win.div,
+           win.first_row, win.last_row, win.first_col, win.last_col)
+    return out
+
+
+def _avg_key(kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    kernel = _pair(kernel)
+    return (kernel, _pair(stride, kernel), _pair(padding), bool(ceil_mode), bool(count_include_pad),
+            divisor_override or None)
+
+
+def avg_pool2d(x, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """reference.ops.avg_pool2d in float32 on the device."""
+    size = tuple(int(n) for n in x.shape[2:])
+    return _window_mean(x, _avg_windows(size, *_avg_key(kernel, stride, padding, ceil_mode, count_include_pad,
+                                                        divisor_override)))
+
+
+def avg_pool2d_transpose(y, input_size, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                         divisor_override=None):
+    """reference.ops.avg_pool2d_transpose in float32 on the device."""
+    size = _pair(input_size)
+    return _window_mean_transpose(y, size, _avg_windows(size, *_avg_key(kernel, stride, padding, ceil_mode,
+                                                                       count_include_pad, divisor_override)))
+
+
+def adaptive_avg_pool2d(x, output_size):
+    """reference.ops.adaptive_avg_pool2d in float32 on the device."""
+    return _window_mean(x, _adaptive_windows(tuple(int(n) for n in x.shape[2:]), _pair(output_size)))
+
+
+def adaptive_avg_pool2d_transpose(y, input_size):
+    """reference.ops.adaptive_avg_pool2d_transpose in float32 on the device."""
+    size = _pair(input_size)
+    return _window_mean_transpose(y, size, _adaptive_windows(size, tuple(int(n) for n in y.shape[2:])))
+
+
+def erf(x):
+    """math.erf of each element, float32 on the device (the exact GELU)."""
+    a = _f32(x)
+    out = xp.empty_like(a)
+    launch(gk.erf_flat, ceil_div(a.size, THREADS), THREADS, a.reshape(-1), out.reshape(-1))
+    return out
+
+
+def device_ops(config: CudaConfig | None = None, fast: bool = False) -> types.SimpleNamespace:
+    """The ``ops`` namespace of :mod:`clearmaps.reference.graph` on the device, for ``config`` (None: the
+    default) and its GEMMs' precision ``fast``."""
+    from .config import resolve
+
+    config, fast = resolve(config, fast)
+    return types.SimpleNamespace(
+        xp=xp, erf=erf, const=const, conv2d=partial(conv2d, config=config, fast=fast),
+        conv_transpose2d=partial(conv_transpose2d, config=config, fast=fast),
+        max_pool_with_switches=max_pool_with_switches, unpool=unpool, avg_pool2d=avg_pool2d,
+        avg_pool2d_transpose=avg_pool2d_transpose, adaptive_avg_pool2d=adaptive_avg_pool2d,
+        adaptive_avg_pool2d_transpose=adaptive_avg_pool2d_transpose)
+
+
+# ---- memory estimates ----------------------------------------------------------------------------------------
+
+def _floats(shape) -> int:
+    return int(np.prod(shape)) if len(shape) else 1
+
+
+def forward_bytes_per_image(net: Network, shapes, image) -> int:
+    """Bytes one image may need in the forward pass: every node's output and what it keeps, at most (the
+    columns of a GEMM are bounded apart, by CudaConfig.column_bytes)."""
+    return 4 * 2 * (_floats(image) + sum(_floats(s) for s in shapes))
+
+
+def backward_bytes_per_signal(net: Network, shapes, image) -> int:
+    """Bytes one (image, class) signal may need on the way back: the walk's live signals (each node that still
+    waits for its consumers' sum, traced over the graph) at their peak, plus the step's outputs twice over for
+    its temporaries, plus R in the epilogue's layout."""
+    size = [_floats(s) for s in shapes]
+    of = (lambda j: _floats(image) if j == IMAGE else size[j])
+    live = {len(shapes) - 1: size[-1]}
+    peak = 0
+    for i in range(len(shapes) - 1, -1, -1):
+        s = live.pop(i, None)
+        if s is None:
+            continue
+        made = sum(of(j) for j in net.inputs[i])
+        peak = max(peak, sum(live.values()) + s + 2 * made)
+        for j in net.inputs[i]:
+            live.setdefault(j, of(j))
+    return 4 * (peak + 2 * _floats(image))
+
+
+# ---- the backend's entry points for graphs -------------------------------------------------------------------
+
+def _concat(parts):
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(_concat([p[k] for p in parts]) for k in range(len(parts[0])))
+    return xp.concatenate(parts, axis=0)
+
+
+def _to_host(v):
+    return tuple(dv.tohost(a) for a in v) if isinstance(v, tuple) else dv.tohost(v)
+
+
+def forward(net: Network, x, method: str = "deconvnet", *, config: CudaConfig, fast: bool) -> CudaTrace:
+    """:func:`clearmaps.reference.forward` in float32 on the device, keeping only what ``method`` needs on the
+    way back (and the image). Host (NumPy) images give a trace of host arrays, GPU images one of CuPy arrays;
+    the device copies stay in the trace's ``device`` for the back-projection."""
+    check_net(net)
+    method, rule = check_method(method)
+    host_out = not dv.on_device(x)
+    x = checked(x, lambda a: check_input(net, a)).astype(np.float32, copy=False)
+    B = x.shape[0]
+    size = tuple(int(n) for n in x.shape[2:])
+    shapes = tuple(tuple(s) for s in net.shapes(size))
+    ops = device_ops(config, fast)
+    per_image = forward_bytes_per_image(net, shapes, x.shape[1:])
+    bc = memory.forward_images(per_image, memory.budget(config) - memory.column_bytes(config), B, size)
+    parts = []
+    config.mark("graph forward start")
+    for b0 in range(0, B, bc):
+        z, saved, _, _ = walk.run_forward(net, x[b0:b0 + bc], ops, needed=lambda layer: needs_saved(layer, rule))
+        parts.append((z, saved))
+        config.mark(lambda: f"graph forward images {b0}..{min(B, b0 + bc) - 1}")
+    z = _concat([p[0] for p in parts])
+    saved = {i: _concat([p[1][i] for p in parts]) for i in parts[0][1]}
+    switches = {i: saved.pop(i) for i, layer in enumerate(net.layers) if isinstance(layer, MaxPool)}
+    saved[IMAGE] = x
+    logits = z.mean(axis=(2, 3), dtype=np.float64)
+    e = xp.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    logits = logits.astype(np.float32)
+    sizes = tuple(tuple(int(v) for v in s) for s in net.layer_sizes(size))
+    device = {"z": z, "switches": switches, "saved": saved}
+    if host_out:
+        return CudaTrace(sizes, {i: dv.tohost(s) for i, s in switches.items()}, dv.tohost(z), dv.tohost(logits),
+                         dv.tohost(probabilities), shapes, {i: _to_host(v) for i, v in saved.items()}, device=device)
+    return CudaTrace(sizes, dict(switches), z, logits, probabilities, shapes, dict(saved), device=device)
+
+
+class _Prepared(types.SimpleNamespace):
+    """A trace checked against its network and on the device: z, saved {node: what its step back reads, the
+    switches included}, shapes, image (C, H, W) and the images themselves (input×gradient) or None."""
+
+
+def _device_value(v):
+    if isinstance(v, tuple):
+        return tuple(_device_value(a) for a in v)
+    a = dv.asdevice(v)
+    return _f32(a) if a.dtype.kind == "f" else a
+
+
+def _prepare(net: Network, trace, rule: str, method: str) -> _Prepared:
+    """Check ``trace`` (any backend's, or one made by hand) against ``net`` and bring what the walk reads to the
+    device, refusing what would make a kernel read or write outside its arrays."""
+    check_net(net)
+    check_trace(net, trace)
+    sizes = tuple(tuple(int(v) for v in s) for s in trace.sizes)
+    try:
+        shapes = tuple(tuple(s) for s in net.shapes(sizes[0]))
+        expected = tuple(tuple(s) for s in net.layer_sizes(sizes[0]))
+    except ClearmapsError:
+        expected = shapes = None
+    if expected != sizes or (trace.shapes is not None and tuple(tuple(s) for s in trace.shapes) != shapes):
+        raise ClearmapsError(f"the trace's sizes {sizes} (or node shapes) are not this network's for an input of "
+                             f"{sizes[0]}: pass the trace forward(net, x) made for this network.")
+    image = (net.in_channels, *sizes[0])
+    cached = getattr(trace, "device", None) or {}
+    z = cached["z"] if "z" in cached else _f32(trace.z)
+    B = z.shape[0]
+    if tuple(z.shape) != (B, *shapes[-1]):
+        raise ClearmapsError(f"trace.z has shape {tuple(z.shape)}; expected (B, {', '.join(map(str, shapes[-1]))}) "
+                             "for this network.")
+    ours = "saved" in cached  # made by this backend's forward: nothing in it needs checking
+    source = cached["saved"] if ours else (trace.saved or {})
+    in_shapes = net.input_shapes(sizes[0])
+    saved = {}
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, MaxPool):
+            s = cached["switches"][i] if "switches" in cached else dv.asdevice(trace.switches[i])
+            want = (B, *shapes[i])
+            if s.dtype.kind not in "iu" or tuple(s.shape) != want:
+                raise ClearmapsError(f"trace.switches[{i}] has shape {tuple(s.shape)} and dtype {s.dtype}; expected "
+                                     f"int64 {want}.")
+            plane = in_shapes[i][0][1] * in_shapes[i][0][2]
+            if "switches" not in cached and s.size and (int(s.min()) < 0 or int(s.max()) >= plane):
+                raise ClearmapsError(f"trace.switches[{i}] ranges over [{int(s.min())}, {int(s.max())}], outside the "
+                                     f"{in_shapes[i][0][1]}x{in_shapes[i][0][2]} plane it indexes (0 .. {plane - 1}).")
+            saved[i] = dv.asdevice(s, np.int64)
+        elif needs_saved(layer, rule):
+            v = source.get(i)
+            if v is None:
+                raise ClearmapsError(f"trace lacks what node {i} ({layer!r}) needs on the way back; compute it with "
+                                     "forward(net, x, method=...) for the method you ask.")
+            v = _device_value(v)
+            if not ours:
+                got = [tuple(a.shape) for a in v] if isinstance(v, tuple) else [tuple(v.shape)]
+                want = [(B, *s) for s in in_shapes[i]] if isinstance(layer, (Mul, Div)) else [(B, *in_shapes[i][0])]
+                if got != want:
+                    raise ClearmapsError(f"trace.saved[{i}] (for {layer!r}) has shape {got}; expected {want}.")
+            saved[i] = v
+    images = None
+    if method == "input_x_gradient":
+        v = source.get(IMAGE)
+        if v is None:
+            raise ClearmapsError("this trace does not hold its input image, which method='input_x_gradient' needs; "
+                                 "compute it with forward(net, x) of this backend.")
+        images = _f32(v)
+        if tuple(images.shape) != (B, *image):
+            raise ClearmapsError(f"trace.saved[-1] (the image) has shape {tuple(images.shape)}; expected "
+                                 f"{(B, *image)}.")
+    return _Prepared(z=z, saved=saved, shapes=shapes, image=image, images=images, sizes=sizes, B=B)
+
+
+def _rows(v, b0, bc):
+    return tuple(a[b0:b0 + bc] for a in v) if isinstance(v, tuple) else v[b0:b0 + bc]
+
+
+def _responses(net, prep: _Prepared, classes, b0: int, rule: str, ops):
+    """R(x|c) of images b0 .. b0 + bc - 1 for their (bc, kc) class ids ``classes`` (host): (bc*kc, C, H, W),
+    image-major (times the image for input×gradient)."""
+    bc, kc = classes.shape
+    saved = {i: _rows(v, b0, bc) for i, v in prep.saved.items()}
+    R = walk.backward(net, prep.z[b0:b0 + bc], saved, prep.shapes, np.ascontiguousarray(classes), rule, ops,
+                      prep.image)
+    if prep.images is not None:  # input×gradient: the gradient times the image, before the channel reduction
+        R = (R.reshape(bc, kc, *prep.image) * prep.images[b0:b0 + bc, None]).reshape(bc * kc, *prep.image)
+    return R
+
+
+def _classes(classes, B, net):
+    if dv.is_device_array(classes):
+        classes = dv.tohost(classes)
+    return np.ascontiguousarray(check_classes(classes, B, net.num_classes))
+
+
+def backproject(net: Network, trace, classes, method: str, rule: str, *, config: CudaConfig, fast: bool):
+    """R(x|c) for each chosen class, (B, K, C, H, W) float32 (host arrays when the trace holds host arrays)."""
+    prep = _prepare(net, trace, rule, method)
+    classes = _classes(classes, prep.B, net)
+    B, K = classes.shape
+    out = xp.empty((B, K, *prep.image), dtype=np.float32)
+    per_signal = backward_bytes_per_signal(net, prep.shapes, prep.image)
+    available = memory.budget(config) - memory.column_bytes(config) - out.nbytes
+    ops = device_ops(config, fast)
+    for b0, bc, k0, kc in memory.chunks(B, K, per_signal, available):
+        R = _responses(net, prep, classes[b0:b0 + bc, k0:k0 + kc], b0, rule, ops)
+        out[b0:b0 + bc, k0:k0 + kc] = R.reshape(bc, kc, *prep.image)
+        config.mark(lambda: f"graph back images {b0}.. classes {k0}..")
+    return out if dv.on_device(trace.z) else dv.tohost(out)
+
+
+def clear_from_trace(net: Network, trace, classes, method: str, rule: str, reduce="sum", palette=None, vmax=None,
+                     keep_responses=True, *, config: CudaConfig, fast: bool) -> Clear:
+    """Responses (if kept), dominant class and response and the composite for any graph and method: the
+    (image, class) pairs in chunks that fit the memory budget, each chunk's R through the fused epilogue."""
+    if reduce not in REDUCTIONS:
+        raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
+    keep_responses = check_flag(keep_responses, "keep_responses")
+    prep = _prepare(net, trace, rule, method)
+    classes = _classes(classes, prep.B, net)
+    B, K = classes.shape
+    hues = check_palette(palette, K)
+    resolve_vmax(np.zeros((1, 1, 1)), vmax)  # refuses a bad vmax before any work
+    C, H, W = prep.image
+    responses = xp.empty((B, K, H, W), dtype=np.float32) if keep_responses else xp.empty((1, 1, 1, 1), np.float32)
+    best_r = xp.empty((B, H, W), dtype=np.float32)
+    best_i = xp.empty((B, H, W), dtype=np.int64)
+    rgb = xp.empty((B, H, W, 3), dtype=np.uint8)
+    level_max = xp.zeros(B, dtype=np.float32)
+    fixed = vmax is not None and not isinstance(vmax, str)
+    level = xp.full(B, float(vmax) if fixed else 0.0, dtype=np.float64)
+    palette_dev = dv.asdevice(hues, np.float64)
+    per_signal = backward_bytes_per_signal(net, prep.shapes, prep.image)
+    available = (memory.budget(config) - memory.column_bytes(config)
+                 - (responses.nbytes + best_r.nbytes + best_i.nbytes + rgb.nbytes))
+    kernel = ek.epilogue(ek.REDUCE_CODES[reduce], keep_responses, fixed, vmax is None or vmax == "batch")
+    ops = device_ops(config, fast)
+    config.mark("graph clear start")
+    for b0, bc, k0, kc in memory.chunks(B, K, per_signal, available):
+        R = _responses(net, prep, classes[b0:b0 + bc, k0:k0 + kc], b0, rule, ops)
+        R = xp.ascontiguousarray(R.transpose(1, 0, 2, 3))  # (C, bc*kc, H, W): the epilogue's layout
+        launch(kernel, ceil_div(bc * H * W, THREADS), THREADS, R, responses, best_r, best_i, level_max, level,
+               palette_dev, rgb, b0, k0, kc, k0 == 0, k0 + kc == K, False)
+        config.mark(lambda: f"graph back + epilogue images {b0}.. classes {k0}..")
+        del R
+    if not fixed:
+        level = ek.levels(vmax, best_r, level_max)
+        launch(ek.compose_rgb, ceil_div(best_i.size, THREADS), THREADS, best_i, best_r, level, palette_dev, rgb)
+    out = Clear(responses if keep_responses else None, best_i, best_r, rgb)
+    if not dv.on_device(trace.z):
+        out = Clear(*(dv.tohost(a) for a in out))
+    return out
+
