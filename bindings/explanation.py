@@ -246,16 +246,11 @@ def check_options(reduce, rectify, method="deconvnet", keep_responses=True) -> s
 
 
 def check_support(net: Network, impl, method: str = "deconvnet") -> None:
-    """Refuse what a backend does not compute rather than let it misread it: the CUDA backend runs the
-    paper's chain and its deconvnet only, until its graph path lands."""
-    if getattr(impl, "__name__", "") != "clearmaps.kernels.cuda" or getattr(impl, "SUPPORTS_GRAPHS", False):
-        return
-    if not net.is_chain:
-        raise ClearmapsError("the CUDA backend runs only chain networks (Conv / ReLU / MaxPool, the paper's form) "
-                             "so far; this network is a graph: use backend='cpu' (or 'reference').")
-    if method != "deconvnet":
-        raise ClearmapsError(f"the CUDA backend computes method='deconvnet' only so far; use backend='cpu' for "
-                             f"method={method!r}.")
+    """Refuse what a backend does not compute rather than let it misread it. Every backend now computes every
+    network and every response method (docs/design.md, "Backends and their contract": the CUDA backend runs
+    graphs and methods other than the paper's deconvnet on its graph path), so nothing is refused here; the
+    hook stays for a backend that will not."""
+    return None
 
 
 def explain_from_trace(net: Network, trace, impl, caller, classes=None, rectify=True, reduce="sum",
