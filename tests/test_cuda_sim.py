@@ -6,11 +6,14 @@ variable set, two at once (each mostly one core: on a 2-core machine that takes 
 one instead of the sum):
 
     properties  tests/test_backends.py, the property suite every backend meets, for "cuda" only
-                (CLEARMAPS_TEST_BACKENDS=cuda; tests/conftest.py then draws smaller cases), and, to even
-                the two children out, the CUDA backend's settings and warm (tests/cuda_sim/test_config.py,
-                test_warm.py)
-    routes      tests/cuda_sim/test_routes.py: what only the CUDA backend has (every route, the sparse
-                kernel alone, the folded head, foreign traces, memory splitting)
+                (CLEARMAPS_TEST_BACKENDS=cuda; tests/conftest.py then draws smaller cases); the bodies of
+                tests/test_graph.py's and tests/test_methods.py's backend tests for "cuda" on tiny draws
+                (tests/cuda_sim/test_graph_bodies.py); and, to even the two children out, the CUDA backend's
+                settings and warm (tests/cuda_sim/test_config.py, test_warm.py)
+    routes      what only the CUDA backend has: tests/cuda_sim/test_routes.py (every route, the sparse
+                kernel alone, the folded head, foreign traces, memory splitting), test_graph_ops.py (the graph
+                path's kernels against the reference's operations, adjointness, known-wrong kernels) and
+                test_graph_path.py (graphs and every method end to end, foreign traces, memory splitting)
 
 This test fails, printing a child's output, if any simulator test fails or too few ran.
 """
@@ -26,9 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # (pytest arguments, extra environment, the fewest tests that must pass: a child that collects nothing, a
 # broken conftest, must not pass)
-CHILDREN = {"properties": (["tests/test_backends.py", "tests/cuda_sim/test_config.py", "tests/cuda_sim/test_warm.py"],
-                           {"CLEARMAPS_TEST_BACKENDS": "cuda"}, 45),
-            "routes": (["tests/cuda_sim/test_routes.py"], {}, 30)}
+CHILDREN = {"properties": (["tests/test_backends.py", "tests/cuda_sim/test_graph_bodies.py", "tests/cuda_sim/test_config.py",
+                            "tests/cuda_sim/test_warm.py"], {"CLEARMAPS_TEST_BACKENDS": "cuda"}, 50),
+            "routes": (["tests/cuda_sim/test_routes.py", "tests/cuda_sim/test_graph_ops.py",
+                        "tests/cuda_sim/test_graph_path.py"], {}, 55)}
 
 
 def test_every_simulator_test_file_runs_in_a_child():
