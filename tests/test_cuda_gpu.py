@@ -2,7 +2,8 @@
 
 What the simulator cannot show: the cuBLAS GEMM really is float32 in the exact mode (and TF32 in the fast
 one), CuPy / torch GPU arrays in and out without a host round trip, the memory splitting with CuPy's
-allocator, and the preset networks at realistic sizes against float64 oracles.
+allocator, the preset networks at realistic sizes against float64 oracles, and the graph path (every tiny
+architecture of tests/archs.py and every response method, its array-module side on CuPy).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from . import archs
 from .tolerances import RTOL_F32, assert_close, assert_equal, decisive
 
 pytestmark = pytest.mark.gpu
@@ -211,3 +213,81 @@ def test_kernels_run_on_cupys_current_stream(kc, monkeypatch):
     assert seen and {int(s) for s in seen} == {side.ptr}, (len(seen), {int(s) for s in seen}, side.ptr)
     assert_equal(cp.asnumpy(index), cp.asnumpy(want.dominant_index), "dominant class on a side stream")
     assert_equal(cp.asnumpy(rgb), cp.asnumpy(want.rgb), "rgb on a side stream")
+
+
+# ---- the graph path (kernels/cuda/graph.py): every graph, every method ----------------------------------------
+
+def _arch(name, batch=2):
+    import torch
+
+    import clearmaps
+
+    model = archs.build(name, 5, tiny=True, dtype=torch.float64)
+    x = archs.example_input(name, batch)
+    return model, clearmaps.from_torch(model, input_shape=tuple(x.shape[1:])), x.numpy()
+
+
+@pytest.mark.parametrize("name", sorted(archs.ARCHS))
+def test_every_architecture_and_method_on_the_graph_path(kc, name):
+    """Each tiny torchvision-style classifier of tests/archs.py, every response method, compiled for the real
+    GPU: z_L and R(x|c) of two classes within RTOL_F32 of the float64 reference; a torch CUDA tensor in, CuPy
+    arrays out (trace, saved signs and R), nothing through the host."""
+    import cupy as cp
+    import torch
+
+    from clearmaps import reference as ref
+
+    _, net, x = _arch(name)
+    want_trace = ref.forward(net, x)
+    for method in ref.METHODS:
+        trace = kc.forward(net, torch.from_numpy(x).float().cuda(), method=method)
+        assert isinstance(trace.z, cp.ndarray) and all(
+            isinstance(v, cp.ndarray) for v in trace.saved.values() if not isinstance(v, tuple))
+        assert_close(cp.asnumpy(trace.z), want_trace.z, RTOL_F32, f"{name}: z_L")
+        R = kc.backproject(net, trace, [0, 3], method=method)
+        assert isinstance(R, cp.ndarray)
+        assert_close(cp.asnumpy(R), ref.backproject(net, want_trace, [0, 3], method=method), RTOL_F32,
+                     f"{name}, {method}: R(x|c)")
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided"])
+def test_clearmaps_torch_explains_a_cuda_graph(kc, method):
+    """clearmaps.torch.explain on a ResNet-18 on the GPU: torch's own forward pass (its trace viewed as CuPy
+    arrays, the graph path reading a trace it did not make) and the CUDA back-projection give the
+    reference's dominant classes on decisive pixels, as torch CUDA tensors."""
+    import torch
+
+    import clearmaps
+    from clearmaps import torch as ctorch
+
+    model, net, x = _arch("resnet18")
+    got = ctorch.explain(model.float().cuda(), torch.from_numpy(x).float().cuda(), backend="auto", method=method)
+    want = clearmaps.explain(net, x, backend="reference", method=method)
+    assert got.rgb.is_cuda
+    mask = decisive(want.responses)
+    assert_equal(got.dominant_class.cpu().numpy()[mask], want.dominant_class[mask], f"{method}: dominant class")
+    assert_close(got.responses.cpu().numpy(), want.responses, RTOL_F32, f"{method}: responses")
+
+
+def test_graph_path_is_deterministic_and_splits_on_the_gpu(kc):
+    """No atomics on the graph path: two calls give the same bytes, and keep_responses=False the same
+    dominant classes and colours as keeping them; a memory limit that splits images and classes gives the same
+    maps to float32 rounding (GEMMs of other widths may sum in another order)."""
+    import cupy as cp
+
+    _, net, x = _arch("densenet121", 3)
+    xd = cp.asarray(x, dtype=cp.float32)
+    trace = kc.forward(net, xd, method="gradient")
+    a = kc.clear_from_trace(net, trace, None, method="gradient")
+    b = kc.clear_from_trace(net, trace, None, method="gradient")
+    lean = kc.clear_from_trace(net, trace, None, method="gradient", keep_responses=False)
+    for name in ("responses", "dominant_index", "dominant_response", "rgb"):
+        assert_equal(cp.asnumpy(getattr(a, name)), cp.asnumpy(getattr(b, name)), f"a second call: {name}")
+    assert_equal(cp.asnumpy(lean.dominant_index), cp.asnumpy(a.dominant_index), "lean: dominant class")
+    assert_equal(cp.asnumpy(lean.rgb), cp.asnumpy(a.rgb), "lean: rgb")
+    from clearmaps.kernels.cuda import graph
+
+    per_signal = graph.backward_bytes_per_signal(net, net.shapes(x.shape[2:]), x.shape[1:])
+    split = kc.clear_from_trace(net, trace, None, method="gradient",
+                                config=kc.CudaConfig(memory_limit=int(4 / 3 * (3 * per_signal + 10 * 2**20))))
+    assert_close(cp.asnumpy(split.responses), cp.asnumpy(a.responses), 1e-6, "responses in chunks")
