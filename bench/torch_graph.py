@@ -28,7 +28,8 @@ every tiny architecture, then times ``vmap``, ``repeat`` and Captum on ResNet-50
 224×224, batch 1, its top-10 classes, float32, interleaved round by round, and prints the medians.
 
 Measured on the 2-core development VM (no GPU; torch 2.13 CPU, 2 threads), ResNet-50, top-10, float32, per
-image: in the quietest run (medians of 3) vmap 0.79 s, repeat 1.32 s, Captum 1.65 s; in four more runs under
+image: in the two quiet runs (medians of 3 and of 5) vmap 0.79 / 0.89 s, repeat 1.32 / 1.40 s, Captum 1.65 /
+1.69 s (process CPU time about twice the wall time: both threads busy); in four more runs under
 other sessions' load (load average 3 to 27, so seconds rather than tenths) vmap was the fastest every time,
 repeat taking 1.4 to 2.2 times and Captum 2.1 to 7 times as long: hence ``vmap`` is the default. (Under load,
 MobileNetV2 once had repeat 8 % ahead of vmap, once 1.5x behind; DenseNet-121 repeat 1.6 to 1.8x behind.)
