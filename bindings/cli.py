@@ -101,9 +101,10 @@ def _check_dataset_options(args) -> None:
                              "not both.")
     if args.workers is not None and args.workers < 1:
         raise ClearmapsError(f"--workers {args.workers}; expected at least 1 worker process.")
-    if args.scheduler is not None and not re.match(r"^[a-z][a-z0-9+]*://[^/\s]+$", args.scheduler):
+    if args.scheduler is not None and args.scheduler != "config" and \
+            not re.match(r"^[a-z][a-z0-9+]*://[^/\s]+$", args.scheduler):
         raise ClearmapsError(f"--scheduler {args.scheduler!r}; expected a Dask scheduler address such as "
-                             "tcp://10.0.0.5:8786.")
+                             "tcp://10.0.0.5:8786, or 'config' for the one in Dask's configuration.")
     if args.outputs == "png" and (args.workers is not None or args.scheduler is not None):
         raise ClearmapsError("--workers and --scheduler write a results store; drop --outputs png.")
     if args.outputs == "png" and (args.responses or not args.thumbnails):
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, metavar="N", help="run the chunks on a local Dask cluster of N worker "
                                                               "processes (needs dask[distributed])")
     r.add_argument("--scheduler", metavar="ADDRESS", help="run the chunks on a running Dask cluster, e.g. "
-                                                          "tcp://10.0.0.5:8786 (workers must reach --out)")
+                                                          "tcp://10.0.0.5:8786, or 'config' (Dask's configured "
+                                                          "address); workers must reach the images and --out")
     r.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, empty class folders and "
                                                            "unknown labels, and list them (default: stop at the "
                                                            "first, with its name)")

@@ -254,7 +254,9 @@ def explain_chunk(net: Network, dataset: Dataset, start: int, stop: int, options
         "top_classes": [row.astype(np.int32).tolist() if k else None for row, k in zip(top, ok)],
         "top_probabilities": [probs[b, top[b]].astype(np.float32).tolist() if ok[b] else None
                               for b in range(len(ok))],
-        "true_share": pa.array(share[np.arange(len(ok)), np.maximum(labels, 0)].astype(np.float32), mask=~known),
+        # null, not 0, where the map has no positive response at all (as clearmaps.evidence.true_class_share)
+        "true_share": pa.array(share[np.arange(len(ok)), np.maximum(labels, 0)].astype(np.float32),
+                               mask=~known | (share.sum(axis=1) == 0)),
         "strong_fraction": pa.array(strong_fraction.astype(np.float32), mask=np.isnan(strong_fraction)),
         "strong_class": pa.array(strong_class.astype(np.int32), mask=strong_class < 0),
         "error": errors,

@@ -272,7 +272,8 @@ def _open_array_file(path: Path) -> tuple[ArrayFile, np.ndarray | None]:
 
 @dataclass
 class Dataset:
-    """A listing of images and labels, read a batch at a time with :meth:`read`.
+    """A listing of images and labels, read a batch at a time with :meth:`read`. Its root and array file
+    are absolute paths, so that workers with another working directory read the same files.
 
     Attributes
     ----------
@@ -434,7 +435,7 @@ def _image_folder(root: Path, class_names, skip_bad: bool) -> Dataset:
     if not names:
         raise ClearmapsError(f"{str(root)!r} holds no images in its class folders"
                              + (f" ({len(skipped)} folder(s) skipped: {skipped[0]})" if skipped else "") + ".")
-    return Dataset("imagefolder", str(root), names, np.asarray(labels, dtype=np.int64), root=root,
+    return Dataset("imagefolder", str(root), names, np.asarray(labels, dtype=np.int64), root=root.resolve(),
                    skipped=skipped, notes=notes)
 
 
@@ -467,18 +468,19 @@ def _csv(path: Path, class_names, skip_bad: bool) -> Dataset:
         labels.append(label)
     if not names:
         raise ClearmapsError(f"CSV {str(path)!r} lists no images.")
-    return Dataset("csv", str(path), names, np.asarray(labels, dtype=np.int64), root=path.parent, skipped=skipped)
+    return Dataset("csv", str(path), names, np.asarray(labels, dtype=np.int64), root=path.parent.resolve(),
+                   skipped=skipped)
 
 
 def _glob(pattern: str) -> Dataset:
     found = sorted(p for p in globlib.glob(pattern, recursive=True) if Path(p).is_file() and _is_image(Path(p)))
     if not found:
         raise ClearmapsError(f"the pattern {pattern!r} matches no images ({', '.join(IMAGE_SUFFIXES)}).")
-    return Dataset("glob", pattern, found, np.full(len(found), -1, dtype=np.int64))
+    return Dataset("glob", pattern, found, np.full(len(found), -1, dtype=np.int64), root=Path.cwd().resolve())
 
 
 def _arrays(path: Path, class_names) -> Dataset:
-    array, labels = _open_array_file(path)
+    array, labels = _open_array_file(path.resolve())
     if labels is None:
         labels = np.full(array.count, -1, dtype=np.int64)
     labels = labels.astype(np.int64)
@@ -546,4 +548,5 @@ def open_dataset(inputs, class_names, skip_bad: bool = False) -> Dataset:
             names.append(str(p))
         else:
             raise ClearmapsError(f"input {text!r} does not exist.")
-    return Dataset("files", ", ".join(inputs), names, np.full(len(names), -1, dtype=np.int64))
+    return Dataset("files", ", ".join(inputs), names, np.full(len(names), -1, dtype=np.int64),
+                   root=Path.cwd().resolve())

@@ -1,5 +1,7 @@
 """Chunks of a dataset run on a Dask cluster: a LocalCluster of worker processes on this machine
-(``workers=N``) or a running cluster (``scheduler="tcp://HOST:PORT"``, or Dask's own configuration).
+(``workers=N``) or a running cluster (``scheduler="tcp://HOST:PORT"``, or ``"config"``: the address in Dask's
+own configuration, ``scheduler-address`` / ``DASK_SCHEDULER_ADDRESS``). Paths travel absolute, so workers
+elsewhere find the images and the store where this process does (a shared filesystem or an fsspec URL).
 
 Only :func:`clearmaps.dataset_run.run_dataset` imports this module, and only when a cluster is asked for:
 the in-process run needs no Dask.
@@ -74,6 +76,13 @@ def _local_cluster(workers: int):
 
 def connect(workers: int | None = None, scheduler: str | None = None):
     """(client, cluster or None): a new LocalCluster of ``workers`` processes, or the cluster at ``scheduler``."""
+    if scheduler == "config":  # Dask's own configuration: scheduler-address, or DASK_SCHEDULER_ADDRESS
+        import dask
+
+        scheduler = dask.config.get("scheduler-address", None)
+        if not scheduler:
+            raise ClearmapsError("--scheduler config: Dask's configuration names no scheduler (set "
+                                 "DASK_SCHEDULER_ADDRESS=tcp://HOST:PORT or scheduler-address in ~/.config/dask).")
     if scheduler is not None:
         try:
             return Client(scheduler, timeout="20s"), None

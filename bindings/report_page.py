@@ -128,7 +128,9 @@ PAGE = r"""<!doctype html>
   if (D.bad) stat("unreadable", D.bad.toLocaleString(), "skipped with --skip-bad");
 
   // ---- matrices
-  const shade = (alpha, rgb) => "background:rgba(" + rgb + "," + alpha.toFixed(3) + ")";
+  // dark cells get white text, so that a full diagonal stays readable
+  const shade = (alpha, rgb) => "background:rgba(" + rgb + "," + alpha.toFixed(3) + ")" +
+    (alpha > 0.55 ? ";color:#fff" : "");
   const hexrgb = (h) => [1, 3, 5].map((i) => parseInt(h.slice(i, i + 2), 16)).join(",");
   function matrix(host, values, cellText, cellStyle, cellTitle, onClick) {
     const t = el("table", {class: "matrix"});

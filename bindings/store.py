@@ -91,8 +91,9 @@ class ResultsStore:
     :func:`open_store` (reading)."""
 
     def __init__(self, url: str, settings: dict):
-        self.url = str(url).rstrip("/")
-        self.fs, self.root = _fs(self.url)
+        self.fs, self.root = _fs(str(url).rstrip("/"))
+        # a local path as an absolute one: what workers elsewhere are given
+        self.url = self.root if _is_local(self.fs) else str(url).rstrip("/")
         self.settings = settings
         self.count = int(settings["count"])
         self.chunk_size = int(settings["chunk_size"])
