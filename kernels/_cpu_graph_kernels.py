@@ -2,10 +2,6 @@
 
 What they compute (each equals the reference function named, in float32)
 --------------------------------------------------------------------------
-_conv_direct        reference.ops.conv2d with groups and dilation: per (image, output channel), every tap's
-                    weight times a shifted row of the input plane, bias first
-_conv_t_direct      reference.ops.conv_transpose2d with groups and dilation: per (image, input channel), the
-                    kernels of its group scattered back (each output plane is written by one task: no races)
 _max_pool_switches  reference.ops.max_pool_with_switches with dilation and ceil_mode: first maximum in
                     row-major window order (strict '>'), switch = flat index row*W + col of the input plane
 _window_mean        reference.ops.avg_pool2d / adaptive_avg_pool2d: each output cell the sum of its window
@@ -24,71 +20,6 @@ import numpy as np
 from numba import njit, prange, vectorize
 
 _FM = {"contract"}
-
-
-@njit(cache=True, inline="always")
-def _span(n_out, n_in, s, p, offset):
-    """The output indices o in [lo, hi) whose input index o*s - p + offset lies inside [0, n_in)."""
-    lo = 0
-    first = offset - p
-    if first < 0:
-        lo = (-first + s - 1) // s
-    hi = (n_in - 1 - first) // s + 1 if n_in - 1 - first >= 0 else 0
-    return lo, min(max(hi, lo), n_out)
-
-
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _conv_direct(x, w, bias, sh, sw, ph, pw, dh, dw, groups, out):
-    B, _, H, W = x.shape
-    O, Ig, kh, kw = w.shape
-    oh, ow = out.shape[2], out.shape[3]
-    Og = O // groups
-    for t in prange(B * O):
-        n = t // O
-        o = t % O
-        c0 = (o // Og) * Ig
-        for oy in range(oh):
-            for ox in range(ow):
-                out[n, o, oy, ox] = bias[o]
-        for i in range(Ig):
-            for ky in range(kh):
-                y0, y1 = _span(oh, H, sh, ph, ky * dh)
-                for kx in range(kw):
-                    x0, x1 = _span(ow, W, sw, pw, kx * dw)
-                    wv = w[o, i, ky, kx]
-                    for oy in range(y0, y1):
-                        iy = oy * sh - ph + ky * dh
-                        for ox in range(x0, x1):
-                            out[n, o, oy, ox] += wv * x[n, c0 + i, iy, ox * sw - pw + kx * dw]
-
-
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _conv_t_direct(y, w, sh, sw, ph, pw, dh, dw, groups, out):
-    N, O, oh, ow = y.shape
-    _, Ig, kh, kw = w.shape
-    I, H, W = out.shape[1], out.shape[2], out.shape[3]
-    Og = O // groups
-    for t in prange(N * I):
-        n = t // I
-        c = t % I
-        g = c // Ig
-        i = c % Ig
-        for iy in range(H):
-            for ix in range(W):
-                out[n, c, iy, ix] = 0.0
-        for oo in range(Og):
-            o = g * Og + oo
-            for ky in range(kh):
-                y0, y1 = _span(oh, H, sh, ph, ky * dh)
-                for kx in range(kw):
-                    x0, x1 = _span(ow, W, sw, pw, kx * dw)
-                    wv = w[o, i, ky, kx]
-                    if wv == 0.0:
-                        continue
-                    for oy in range(y0, y1):
-                        iy = oy * sh - ph + ky * dh
-                        for ox in range(x0, x1):
-                            out[n, c, iy, ox * sw - pw + kx * dw] += wv * y[n, o, oy, ox]
 
 
 @njit(cache=True, parallel=True)
