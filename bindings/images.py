@@ -9,14 +9,30 @@ Preprocessing, in this order, and nothing else:
      ``mode="rgb"`` (grey copied to R, G, B). Without a mode, an image whose channels differ from the
      model's is refused with a message naming the option that converts it.
   2. size: as read, or ``resize`` to H×W (bilinear). Without it, a size the model does not take is refused.
-  3. scale: 8-bit pixels / 255 → [0, 1]; float arrays are taken as already in [0, 1].
+  3. scale: 8-bit pixels / 255 and 16-bit pixels / 65535 → [0, 1], by the file's bit depth (never by its
+     content); float images and arrays are taken as already in [0, 1], and refused when they are not.
   4. ``invert``: x → 1 − x (dark digits on a light page → MNIST's light digits on black).
   5. normalise: (x − mean) / std per channel, when given.
+
+Limits, checked from headers before anything is decoded or allocated, so that a small file cannot take a
+large amount of memory: an image file is decoded only when its header says it has at most
+:data:`MAX_PIXELS` pixels (and, without ``resize``, only when it has the model's size and channels); an
+array file, or each array read from an ``.npz``, only when its header says it holds at most
+:data:`MAX_ARRAY_VALUES` values and the file is long enough to hold them. Item names (the ``clearmaps``
+command's output folders) are single, safe path components, unique within a run (:func:`safe_name`).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import reprlib
+import unicodedata
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +41,29 @@ from .reference import ClearmapsError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 ARRAY_SUFFIXES = (".npy", ".npz")
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+MAX_PIXELS = 1 << 26
+"""Most pixels (H × W) an image file may have to be decoded, and a ``resize`` may ask for: 8192 × 8192. An
+image at the limit takes at most about 25 bytes a pixel while it is read (1.7 GB for RGB)."""
+MAX_ARRAY_VALUES = 1 << 28
+"""Most values one array of a ``.npy``/``.npz`` file may hold (2 GiB once read as float64)."""
+_NAME_BYTES = 120  # an output folder's name, in UTF-8 bytes: with "-NNNN" suffixes well within 255
+_ROWS_VALUES = 1 << 20  # values per chunk when an image is converted row block by row block
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+
+
+def _one_line(text) -> str:
+    """A foreign library's message as one short line (no newlines, no terminal escape codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(text))
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -33,7 +71,7 @@ class Preprocess:
     """How images become network input (see the module docstring for the order of the steps).
 
     mode : None (keep the channels as read), "grayscale" or "rgb"
-    resize : None or (H, W)
+    resize : None, an int N (N × N) or (H, W); at most :data:`MAX_PIXELS` pixels
     invert : bool
     mean, std : None or one value per channel (or one value for all)
     """
@@ -45,20 +83,34 @@ class Preprocess:
     std: tuple | None = None
 
     def __post_init__(self):
-        if self.mode not in (None, "grayscale", "rgb"):
-            raise ClearmapsError(f"mode={self.mode!r}; expected None, 'grayscale' or 'rgb'.")
+        if not (self.mode is None or (isinstance(self.mode, str) and self.mode in ("grayscale", "rgb"))):
+            raise ClearmapsError(f"mode={_short.repr(self.mode)}; expected None, 'grayscale' or 'rgb'.")
         if self.resize is not None:
-            size = tuple(int(v) for v in self.resize)
-            if len(size) != 2 or min(size) < 1:
-                raise ClearmapsError(f"resize={self.resize!r}; expected a size H×W of positive ints.")
+            size = (self.resize, self.resize) if _is_int(self.resize) else self.resize
+            ok = isinstance(size, (list, tuple, np.ndarray)) and len(size) == 2 and \
+                all(_is_int(v) and v >= 1 for v in size)
+            if not ok:
+                raise ClearmapsError(f"resize={_short.repr(self.resize)}; expected a size H×W: an int N or a pair "
+                                     "(H, W) of positive ints.")
+            size = (int(size[0]), int(size[1]))
+            _check_resize_pixels(size, f"resize={size!r}")
             object.__setattr__(self, "resize", size)
+        if not isinstance(self.invert, (bool, np.bool_)):
+            raise ClearmapsError(f"invert={_short.repr(self.invert)}; expected True or False.")
+        object.__setattr__(self, "invert", bool(self.invert))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
-                value = tuple(float(v) for v in np.atleast_1d(value))
-                if not value or not all(np.isfinite(value)):
-                    raise ClearmapsError(f"{name}={getattr(self, name)!r}; expected finite numbers.")
-                object.__setattr__(self, name, value)
+                values = [value] if isinstance(value, Real) else value
+                ok = isinstance(values, (list, tuple, np.ndarray))
+                if ok:
+                    values = list(values)
+                    ok = 1 <= len(values) <= 4096 and all(isinstance(v, Real) and not isinstance(v, bool)
+                                                          and np.isfinite(float(v)) for v in values)
+                if not ok:
+                    raise ClearmapsError(f"{name}={_short.repr(value)}; expected finite numbers, one per channel "
+                                         "(or one for all).")
+                object.__setattr__(self, name, tuple(float(v) for v in values))
         if self.std is not None and min(self.std) <= 0:
             raise ClearmapsError(f"std={self.std!r}; every std must be positive.")
 
@@ -71,7 +123,8 @@ class Preprocess:
         else:
             parts.append("size as read" + (f" (the model takes {size[0]}x{size[1]})" if size and None not in size
                                            else ""))
-        parts.append("8-bit pixels / 255 -> [0, 1] (float arrays taken as already in [0, 1])")
+        parts.append("8-bit pixels / 255 -> [0, 1] (16-bit / 65535; float images and arrays taken as already in "
+                     "[0, 1])")
         if self.invert:
             parts.append("inverted (1 - x)")
         if self.mean is not None or self.std is not None:
@@ -104,10 +157,18 @@ class Preprocess:
         return self.normalise(bg).reshape(channels).astype(np.float64)
 
 
+def _check_resize_pixels(size, what: str) -> None:
+    h, w = size
+    if h * w > MAX_PIXELS:
+        raise ClearmapsError(f"{what} asks for {h * w:,} pixels per image; at most {MAX_PIXELS:,} (e.g. 8192x8192) "
+                             "are allowed.")
+
+
 @dataclass
 class Item:
     """One input image. ``pixels`` is (C, H, W) float in [0, 1] after channel conversion and resizing
-    (what is shown in figures); ``label`` is a class id from an .npz when it has labels."""
+    (what is shown in figures); ``label`` is a class id from an .npz when it has labels; ``name`` is a
+    single safe path component (:func:`safe_name`)."""
 
     name: str
     source: str
@@ -115,6 +176,40 @@ class Item:
     label: int | None = None
     extra: dict = field(default_factory=dict)
 
+
+# ---- names --------------------------------------------------------------------------------------------
+
+_NOT_IN_NAMES = set('/\\:*?"<>|')
+
+
+def safe_name(text) -> str:
+    """A name derived from ``text`` that is one safe path component on every common file system.
+
+    Path separators, control characters and the characters Windows forbids (``\\ / : * ? " < > |``) become
+    "_"; leading and trailing dots and spaces are dropped (so "." and ".." cannot result, and nothing is
+    hidden or clashes with clearmaps' own dot files); the name is cut to 120 UTF-8 bytes; an empty result is
+    "image". Names that are already safe are kept as they are.
+    """
+    name = unicodedata.normalize("NFC", str(text))
+    name = "".join("_" if ch in _NOT_IN_NAMES or unicodedata.category(ch)[0] == "C" else ch for ch in name)
+    name = name.strip(" .")
+    name = name.encode("utf-8")[:_NAME_BYTES].decode("utf-8", "ignore").rstrip(" .")
+    return name or "image"
+
+
+def unique_name(name: str, seen: set) -> str:
+    """``name`` made safe and unique among ``seen`` (compared without case: "A" and "a" are one folder on
+    case-insensitive file systems)."""
+    base = safe_name(name)
+    name, n = base, 1
+    while name.casefold() in seen:
+        n += 1
+        name = f"{base}-{n}"
+    seen.add(name.casefold())
+    return name
+
+
+# ---- fitting an image to the model ----------------------------------------------------------------------
 
 def _fix_hint(pre: Preprocess, channels: int, size) -> str:
     flags = []
@@ -124,60 +219,173 @@ def _fix_hint(pre: Preprocess, channels: int, size) -> str:
     return " ".join(flags)
 
 
+def _converted_channels(c: int, pre: Preprocess) -> int:
+    if pre.mode == "grayscale" and c == 3:
+        return 1
+    if pre.mode == "rgb" and c == 1:
+        return 3
+    return c
+
+
+def _check_channels(c: int, pre: Preprocess, channels: int | None, size, where: str) -> None:
+    c = _converted_channels(c, pre)
+    if channels is not None and c != channels:
+        what = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
+        raise ClearmapsError(f"{where} is {what.get(c, f'{c}-channel')} but the model takes "
+                             f"{what.get(channels, f'{channels} channels')}; convert it with "
+                             f"{'--grayscale' if channels == 1 else '--rgb'} (e.g. {_fix_hint(pre, channels, size)}).")
+
+
+def _check_size(h: int, w: int, pre: Preprocess, channels: int | None, size, where: str) -> None:
+    if pre.resize is not None:
+        h, w = pre.resize
+    if size and None not in size and (h, w) != tuple(size):
+        raise ClearmapsError(f"{where} is {h}x{w} but the model takes {size[0]}x{size[1]}; "
+                             f"resize it with {_fix_hint(pre, channels, size)}.")
+
+
+def _check_fit(c: int, h: int, w: int, pre: Preprocess, channels: int | None, size, where: str) -> None:
+    """Refuse an image of ``c`` channels and ``h`` × ``w`` pixels that the preprocessing cannot fit to the
+    model, before anything is converted: channels first, then size."""
+    _check_channels(c, pre, channels, size, where)
+    _check_size(h, w, pre, channels, size, where)
+
+
 def _convert_channels(a: np.ndarray, pre: Preprocess, channels: int, size, where: str) -> np.ndarray:
     """(C, H, W) float → the model's channels, by the mode asked for (never silently)."""
+    _check_channels(a.shape[0], pre, channels, size, where)
     c = a.shape[0]
     if pre.mode == "grayscale" and c == 3:
         a = (a * np.array([0.299, 0.587, 0.114])[:, None, None]).sum(axis=0, keepdims=True)
     elif pre.mode == "rgb" and c == 1:
         a = np.repeat(a, 3, axis=0)
-    c = a.shape[0]
-    if c != channels:
-        what = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
-        raise ClearmapsError(f"{where} is {what.get(c, f'{c}-channel')} but the model takes "
-                             f"{what.get(channels, f'{channels} channels')}; convert it with "
-                             f"{'--grayscale' if channels == 1 else '--rgb'} (e.g. {_fix_hint(pre, channels, size)}).")
     return a
+
+
+def _resize_planes(planes, size) -> np.ndarray:
+    """float32 planes (each (H, W)) → (C, h, w) float64, each resized bilinearly by Pillow in float mode."""
+    from PIL import Image
+
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(p, dtype=np.float32)).resize(
+        (w, h), Image.Resampling.BILINEAR)) for p in planes]).astype(np.float64)
 
 
 def _resize(a: np.ndarray, pre: Preprocess, channels: int, size, where: str) -> np.ndarray:
-    from PIL import Image
-
     if pre.resize is not None and a.shape[1:] != pre.resize:
-        h, w = pre.resize
-        a = np.stack([np.asarray(Image.fromarray(plane.astype(np.float32)).resize(
-            (w, h), Image.Resampling.BILINEAR)) for plane in a]).astype(np.float64)
-    if size and None not in size and tuple(a.shape[1:]) != tuple(size):
-        raise ClearmapsError(f"{where} is {a.shape[1]}x{a.shape[2]} but the model takes {size[0]}x{size[1]}; "
-                             f"resize it with {_fix_hint(pre, channels, size)}.")
+        a = _resize_planes(a, pre.resize)
+    _check_size(a.shape[1], a.shape[2], pre, channels, size, where)
     return a
 
 
-def _read_image_file(path: Path) -> np.ndarray:
-    """(C, H, W) float in [0, 1], C = 1 or 3 as stored (alpha dropped, palettes expanded)."""
+# ---- image files ----------------------------------------------------------------------------------------
+
+def _sample_scale(img, where: str) -> float:
+    """What the stored samples are divided by to give [0, 1]: the file's bit depth decides, never the
+    content (a 16-bit image of a dark scene is still / 65535)."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        return 65535.0
+    if mode == "I":  # 32-bit container: Pillow uses it for 16-bit PGM/PPM (scaled to 0..65535) and int TIFFs
+        raw = next((t.args for t in getattr(img, "tile", None) or ()), None)
+        raw = raw[0] if isinstance(raw, tuple) and raw else raw
+        if img.format == "PPM" or (isinstance(raw, str) and raw.startswith("I;16")):
+            return 65535.0
+        raise ClearmapsError(f"{where} holds 32-bit integer pixels, which have no agreed scale; save it with 8 or "
+                             "16 bits per sample, or as a float image in [0, 1].")
+    if mode == "F":
+        return 1.0
+    return 255.0
+
+
+def _stored_planes(img, where: str) -> list[np.ndarray]:
+    """The decoded image's samples as 2-D arrays, one per channel (1 or 3; alpha dropped, palettes and
+    other colour modes converted to RGB by Pillow), in their stored type."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        plane = np.asarray(img)
+        if mode == "F":
+            bad = not np.isfinite(plane).all()
+            lo, hi = (float(plane.min()), float(plane.max())) if plane.size else (0.0, 0.0)
+            if bad or lo < -1e-6 or hi > 1 + 1e-6:
+                raise ClearmapsError(f"{where} holds float pixels " + ("with NaN or Inf" if bad else
+                                     f"in [{lo:.3g}, {hi:.3g}]") + "; float images must hold pixels in [0, 1] "
+                                     "(as float arrays must), or be saved with 8 or 16 bits per sample.")
+            return [np.clip(plane, 0.0, 1.0)]  # rounding within 1e-6 of the range
+        return [plane]
+    if mode in _GREY_MODES:
+        return [np.asarray(img.convert("L"))]
+    rgb = img.convert("RGB")
+    return [np.asarray(rgb.getchannel(band)) for band in "RGB"]
+
+
+def _planes_as_float(planes, scale: float, pre: Preprocess, dtype) -> np.ndarray:
+    """Stored planes → (C, H, W) in [0, 1] with the mode's channel conversion, block of rows by block of
+    rows, so that a large image never exists as a whole in float64 beside its float32 copy. Each value is
+    computed exactly as on the whole array (division, then the luma sum in the same order)."""
+    c_in = len(planes)
+    h, w = planes[0].shape
+    c_out = _converted_channels(c_in, pre)
+    out = np.empty((c_out, h, w), dtype)
+    step = max(1, _ROWS_VALUES // max(w, 1))
+    luma = np.array([0.299, 0.587, 0.114])[:, None, None]
+    for r in range(0, h, step):
+        block = np.stack([p[r:r + step] for p in planes]).astype(np.float64) / scale
+        if c_out == 1 and c_in == 3:
+            block = (block * luma).sum(axis=0, keepdims=True)
+        out[:, r:r + step] = block  # c_in 1 -> c_out 3 broadcasts the grey plane to R, G and B
+    return out
+
+
+def _read_image_file(path: Path, pre: Preprocess = Preprocess(), channels: int | None = None,
+                     size=None) -> np.ndarray:
+    """(C, H, W) float in [0, 1] fitted to a model of ``channels`` × ``size``: its channels converted as
+    ``pre`` asks and resized to ``pre.resize``. The header is checked before anything is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    where = f"image {str(path)!r}"
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow warns about what it skips in a damaged file, and about decompression bombs, which our own
+            # lower limit refuses: either warning would be a second line under the command's one message
+            warnings.simplefilter("ignore")
+            img = Image.open(path)
+        with img, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise ClearmapsError(f"{where} has no pixels ({w}x{h}).")
+            if w * h > MAX_PIXELS:
+                raise ClearmapsError(f"{where} is {w}x{h} ({w * h / 1e6:.0f} megapixels); clearmaps decodes images "
+                                     f"of at most {MAX_PIXELS / 1e6:.0f} megapixels (e.g. 8192x8192): shrink it "
+                                     "first.")
+            c = 1 if img.mode in _GREY_MODES else 3
+            _check_fit(c, h, w, pre, channels, size, where)
+            scale = _sample_scale(img, where)
             img.load()
-            mode = img.mode
-            if mode in _GREY_MODES:
-                if mode in ("I", "I;16", "I;16B", "I;16L"):
-                    arr = np.asarray(img, dtype=np.float64)
-                    top = 65535.0 if arr.max() > 255 else 255.0
-                    return (arr / top)[None]
-                if mode == "F":
-                    return np.clip(np.asarray(img, dtype=np.float64), 0, 1)[None]
-                return np.asarray(img.convert("L"), dtype=np.float64)[None] / 255.0
-            return np.asarray(img.convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255.0
+            planes = _stored_planes(img, where)
+            _check_channels(len(planes), pre, channels, size, where)  # in case decoding changed the mode
+    except ClearmapsError:
+        raise
     except FileNotFoundError:
-        raise ClearmapsError(f"image {str(path)!r} does not exist.") from None
+        raise ClearmapsError(f"{where} does not exist.") from None
     except UnidentifiedImageError:
-        raise ClearmapsError(f"image {str(path)!r} could not be read: not an image format Pillow knows "
+        raise ClearmapsError(f"{where} could not be read: not an image format Pillow knows "
                              f"(expected one of {', '.join(IMAGE_SUFFIXES)}, or .npy/.npz).") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ClearmapsError(f"image {str(path)!r} could not be read ({exc}); is it truncated or corrupt?") from None
+    except Image.DecompressionBombError:
+        raise ClearmapsError(f"{where} is larger than {MAX_PIXELS / 1e6:.0f} megapixels (its header says so); "
+                             "shrink it first.") from None
+    except MemoryError:
+        raise ClearmapsError(f"{where} could not be decoded: not enough memory.") from None
+    except Exception as exc:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+        raise ClearmapsError(f"{where} could not be read ({_one_line(exc) or type(exc).__name__}); is it "
+                             "truncated or corrupt?") from None
+    if pre.resize is not None and (h, w) != pre.resize:
+        return _resize_planes(_planes_as_float(planes, scale, pre, np.float32), pre.resize)
+    return _planes_as_float(planes, scale, pre, np.float64)
 
+
+# ---- array files ----------------------------------------------------------------------------------------
 
 def _array_images(a: np.ndarray, where: str) -> tuple[np.ndarray, str]:
     """An array in a recognised layout → (B, C, H, W) float in [0, 1], and how it was read."""
@@ -198,6 +406,8 @@ def _array_images(a: np.ndarray, where: str) -> tuple[np.ndarray, str]:
                              "(B, H, W, C) with C = 1 or 3.")
     if out.shape[0] == 0:
         raise ClearmapsError(f"{where} holds no images (shape {a.shape}).")
+    if min(out.shape[2:]) == 0:
+        raise ClearmapsError(f"{where} has shape {a.shape}: its images have no pixels.")
     if a.dtype == np.uint8:
         return out.astype(np.float64) / 255.0, layout + ", uint8 / 255"
     out = out.astype(np.float64)
@@ -214,26 +424,97 @@ def _array_images(a: np.ndarray, where: str) -> tuple[np.ndarray, str]:
     return out, layout + ", floats as given"
 
 
+def _npy_header(f, where: str, available: int) -> None:
+    """Read a .npy header from ``f`` and refuse, before any array is allocated, an object dtype, more than
+    MAX_ARRAY_VALUES values, or fewer bytes left (``available``, counted from the start) than it declares."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:
+            shape, _, dtype = fmt._read_array_header(f, version)  # 3.0: utf-8 field names
+    except Exception as exc:  # ValueError for a bad magic string or header, EOFError, ...
+        raise ClearmapsError(f"{where} is not a valid NumPy array ({_one_line(exc)}).") from None
+    if dtype.hasobject:
+        raise ClearmapsError(f"{where} holds Python objects (dtype {dtype}); expected uint8 pixels or floats in "
+                             "[0, 1] (objects are never unpickled).")
+    count = 1
+    for n in shape:  # Python ints: a hostile header cannot overflow the product
+        count *= int(n)
+    values = count * (dtype.itemsize // max(1, dtype.base.itemsize) if dtype.shape else 1)
+    if values > MAX_ARRAY_VALUES:
+        raise ClearmapsError(f"{where} declares shape {tuple(shape)} ({values:,} values); clearmaps reads arrays of "
+                             f"at most {MAX_ARRAY_VALUES:,} values: split it into several files.")
+    need = f.tell() + count * dtype.itemsize
+    if need > available:
+        raise ClearmapsError(f"{where} is truncated: its header declares shape {tuple(shape)} {dtype} "
+                             f"({need:,} bytes) but it has {available:,}.")
+
+
+_ARRAY_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
+                      NotImplementedError, RuntimeError, MemoryError)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    where = repr(str(path))
+    try:
+        with open(path, "rb") as f:
+            _npy_header(f, where, os.fstat(f.fileno()).st_size)
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except ClearmapsError:
+        raise
+    except _ARRAY_READ_ERRORS as exc:
+        raise ClearmapsError(f"{where} could not be read as a NumPy .npy file ({_one_line(exc)}).") from None
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    where = repr(str(path))
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {}
+            for info in z.infolist():
+                if info.filename.endswith(".npy"):
+                    members[info.filename[:-4]] = info
+            keys = list(members)
+            key = next((k for k in ("images", "x", "X") if k in members), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ClearmapsError(f"{where} holds arrays {keys}; put the images under 'images' (and the "
+                                     "labels under 'labels').")
+            lkey = next((k for k in ("labels", "y") if k in members), None)
+
+            def read(k):
+                info = members[k]
+                with z.open(info) as f:
+                    _npy_header(f, f"{where} array {k!r}", info.file_size)
+                with z.open(info) as f:
+                    return np.lib.format.read_array(f, allow_pickle=False)
+
+            return read(key), (read(lkey) if lkey else None)
+    except ClearmapsError:
+        raise
+    except _ARRAY_READ_ERRORS as exc:
+        raise ClearmapsError(f"{where} could not be read as a NumPy .npz file ({_one_line(exc)}); is it "
+                             "truncated or corrupt?") from None
+
+
 def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     try:
-        data = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            magic = f.read(6)
     except FileNotFoundError:
         raise ClearmapsError(f"array file {str(path)!r} does not exist.") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise ClearmapsError(f"{str(path)!r} could not be read as a NumPy {path.suffix} file ({exc}).") from None
-    labels = None
-    if isinstance(data, np.ndarray):
-        images = data
+    except OSError as exc:
+        raise ClearmapsError(f"array file {str(path)!r} could not be read ({exc.strerror or exc}).") from None
+    if magic.startswith(b"\x93NUMPY"):
+        images, labels = _read_npy(path), None
+    elif magic.startswith(b"PK"):
+        images, labels = _read_npz(path)
     else:
-        with data:
-            keys = list(data.files)
-            key = next((k for k in ("images", "x", "X") if k in keys), keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise ClearmapsError(f"{str(path)!r} holds arrays {keys}; put the images under 'images' (and the "
-                                     "labels under 'labels').")
-            images = data[key]
-            lkey = next((k for k in ("labels", "y") if k in keys), None)
-            labels = data[lkey] if lkey else None
+        raise ClearmapsError(f"{str(path)!r} is not a NumPy .npy or .npz file (it does not start like one).")
     batch, layout = _array_images(images, repr(str(path)))
     if labels is not None:
         labels = np.asarray(labels).ravel()
@@ -243,14 +524,26 @@ def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     return batch, labels, layout
 
 
+# ---- sources --------------------------------------------------------------------------------------------
+
 def expand_sources(sources) -> list[Path]:
-    """Files and folders → the list of files to read, in order (folders sorted, not recursive)."""
+    """Files and folders → the list of files to read, in order (folders sorted, not recursive; in a folder
+    only regular files with a known suffix, so a FIFO or a device is never opened)."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if isinstance(sources, (bytes, dict)) or not hasattr(sources, "__iter__"):
+        raise ClearmapsError(f"inputs are {_short.repr(sources)}; expected a list of file or folder names.")
     files = []
     for s in sources:
+        if not isinstance(s, (str, os.PathLike)):
+            raise ClearmapsError(f"input {_short.repr(s)} is not a path; expected file or folder names.")
         p = Path(s)
         if p.is_dir():
             known = IMAGE_SUFFIXES + ARRAY_SUFFIXES
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in known)
+            try:
+                found = sorted(q for q in p.iterdir() if q.suffix.lower() in known and q.is_file())
+            except OSError as exc:
+                raise ClearmapsError(f"folder {str(p)!r} could not be listed ({exc.strerror or exc}).") from None
             if not found:
                 raise ClearmapsError(f"folder {str(p)!r} holds no images ({', '.join(known)}).")
             files += found
@@ -263,21 +556,15 @@ def expand_sources(sources) -> list[Path]:
     return files
 
 
-def _unique(name: str, seen: set) -> str:
-    base, n = name, 1
-    while name in seen:
-        n += 1
-        name = f"{base}-{n}"
-    seen.add(name)
-    return name
-
-
 def load_images(sources, pre: Preprocess, channels: int, size) -> tuple[list[Item], list[str]]:
-    """Read every source into :class:`Item`s fitted to a model taking ``channels`` × ``size``.
+    """Read every source into :class:`Item`s fitted to a model taking ``channels`` × ``size`` (``size``
+    None or (None, None): any size).
 
     Returns the items and notes on how arrays were interpreted (for printing). Any problem raises one
-    :class:`ClearmapsError` naming the file and the fix.
+    :class:`ClearmapsError` naming the file and the fix. Item names are unique and safe as folder names.
     """
+    if not isinstance(pre, Preprocess):
+        raise ClearmapsError(f"pre is a {type(pre).__name__}; expected a clearmaps.images.Preprocess.")
     items, notes, seen = [], [], set()
     for path in expand_sources(sources):
         if path.suffix.lower() in ARRAY_SUFFIXES:
@@ -287,18 +574,16 @@ def load_images(sources, pre: Preprocess, channels: int, size) -> tuple[list[Ite
             for i, a in enumerate(batch):
                 where = f"{str(path)!r} image {i}"
                 a = _resize(_convert_channels(a, pre, channels, size, where), pre, channels, size, where)
-                name = _unique(path.stem if batch.shape[0] == 1 else f"{path.stem}-{i:04d}", seen)
+                name = unique_name(path.stem if batch.shape[0] == 1 else f"{path.stem}-{i:04d}", seen)
                 items.append(Item(name, f"{path}[{i}]", a, None if labels is None else int(labels[i])))
         else:
-            where = f"image {str(path)!r}"
-            a = _read_image_file(path)
-            a = _resize(_convert_channels(a, pre, channels, size, where), pre, channels, size, where)
-            items.append(Item(_unique(path.stem, seen), str(path), a))
+            a = _read_image_file(path, pre, channels, size)
+            items.append(Item(unique_name(path.stem, seen), str(path), a))
     return items, notes
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """"28" → (28, 28); "32x48" → (32, 48)."""
+    """"28" → (28, 28); "32x48" → (32, 48); at most :data:`MAX_PIXELS` pixels."""
     try:
         parts = [int(p) for p in str(text).lower().replace("×", "x").split("x")]
     except ValueError:
@@ -307,4 +592,5 @@ def parse_size(text: str) -> tuple[int, int]:
         parts *= 2
     if len(parts) != 2 or min(parts) < 1:
         raise ClearmapsError(f"--resize {text!r}; expected a size like 28 or 32x48 (H x W).")
+    _check_resize_pixels(parts, f"--resize {text}")
     return parts[0], parts[1]

@@ -9,8 +9,12 @@ never leaves half a PNG).
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
+import re
+import secrets
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +48,27 @@ def auto_scale(height: int, width: int, target: int = 224) -> int:
     return max(1, -(-target // max(height, width)))
 
 
+MAX_PICTURE_SIDE = 4096
+"""The longest side an upscaled picture may have (an RGB panel of five such tiles is then about 250 MB)."""
+
+
+def check_scale(height: int, width: int, factor) -> int:
+    """``factor`` as an upscaling factor for a ``height`` × ``width`` picture: an int ≥ 1 that keeps an
+    upscaled picture within :data:`MAX_PICTURE_SIDE` pixels a side (1 is always allowed)."""
+    if not isinstance(factor, (int, np.integer)) or isinstance(factor, bool) or factor < 1:
+        raise ClearmapsError(f"scale {factor!r}; expected an integer upscaling factor >= 1.")
+    side = max(int(height), int(width))
+    if factor > 1 and side * factor > MAX_PICTURE_SIDE:
+        raise ClearmapsError(f"--scale {factor} would draw {height}x{width} maps at {height * factor}x{width * factor} "
+                             f"pixels; pictures are at most {MAX_PICTURE_SIDE} pixels a side: use --scale "
+                             f"{max(1, MAX_PICTURE_SIDE // side)} or less.")
+    return int(factor)
+
+
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     """Nearest-neighbour upscaling of (H, W) or (H, W, 3) by an integer factor: each pixel becomes a block."""
-    if factor == 1:
+    image = np.asarray(image)
+    if check_scale(image.shape[0], image.shape[1], factor) == 1:
         return image
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
@@ -143,14 +165,29 @@ def placeholder(width: int, height: int, text: str, size: int = 12) -> Image.Ima
     return img
 
 
+MAX_LEGEND_ENTRIES = 1024  # ImageNet's 1,000 classes fit; beyond, "... and N more" (--top-k shows fewer)
+MAX_LABEL_CHARS = 60  # a class name longer than this is shown cut, so one name cannot make a huge picture
+
+
+def label(text, limit: int = MAX_LABEL_CHARS) -> str:
+    """A class name or caption part as it is drawn: one line (control characters shown as spaces), cut to
+    ``limit`` characters with an ellipsis."""
+    text = "".join(" " if ch < " " or ch == "\x7f" else ch for ch in str(text))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def legend(colours, names, title: str = "CLEAR map colour = dominant class:", max_width: int = 900,
            size: int = 14, highlight=()) -> Image.Image:
     """The colour ↔ class-name key: a swatch of each palette colour followed by its class name, wrapped
-    into rows no wider than ``max_width``. Names in ``highlight`` are underlined."""
+    into rows no wider than ``max_width``. Names in ``highlight`` are underlined. Names are drawn with
+    :func:`label` (one line, at most 60 characters), and at most 1,024 entries are drawn."""
     colours = np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
     names = [str(n) for n in names]
     if len(names) != len(colours):
         raise ClearmapsError(f"legend: {len(colours)} colours for {len(names)} class names.")
+    more = len(names) - MAX_LEGEND_ENTRIES
+    highlight = {label(h) for h in highlight}
+    names, colours = [label(n) for n in names[:MAX_LEGEND_ENTRIES]], colours[:MAX_LEGEND_ENTRIES]
     sw = size + 2
     entries = []
     for rgb, name in zip(colours, names):
@@ -170,28 +207,98 @@ def legend(colours, names, title: str = "CLEAR map colour = dominant class:", ma
         row.append(e)
         width += e.width
     rows.append(hstack(row, gap=0))
+    if more > 0:
+        rows.append(text_block(f"... and {more:,} more classes (--top-k shows fewer)", size=size, align="left",
+                               pad=1))
     parts = ([text_block(title, size=size, align="left", pad=1)] if title else []) + rows
     return vstack(parts, gap=2)
 
 
 # ---- files --------------------------------------------------------------------------------------------
 
+# An interrupted write leaves at most one temp file per output, named after the writer so that a later run
+# can tell a stale one (its process is gone) from one another process is still writing:
+#   .<target name>.<host>-<pid>-<random>.clearmaps-tmp
+TMP_SUFFIX = ".clearmaps-tmp"
+_TMP = re.compile(r"^\.(?P<target>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(TMP_SUFFIX) + "$")
+# what tempfile.mkstemp named them before the writer was in the name (kill -9 left these behind)
+_OLD_TMP = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+_HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+_WRITING: set = set()  # temp paths this process is writing now (another thread may be mid-write)
+_WRITING_LOCK = threading.Lock()
+
+
 def atomic_write(path, write) -> Path:
     """Write ``path`` by calling ``write(file_object)`` on a temp file in the same folder, then
-    ``os.replace``: readers see the old file or the whole new one, never a half-written one."""
+    ``os.replace``: readers see the old file or the whole new one, never a half-written one.
+
+    The file gets the mode any new file gets here (0666 less the umask), like ``open(path, "w")``. An
+    ``OSError`` of the write itself (a full disk says "No space left on device" without a file name) is
+    raised again with ``path`` as its ``filename``, so that the message says which file failed.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the target's name is cut so that the temp name stays within the 255 bytes a file name may have
+    stem = path.name.encode("utf-8", "surrogateescape")[:120].decode("utf-8", "ignore")
+    tmp = path.with_name(f".{stem}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    with _WRITING_LOCK:
+        _WRITING.add(str(tmp))
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
+        fd = os.open(tmp, flags, 0o666)  # the kernel applies the umask, as for any new file
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+    except OSError as exc:
+        if exc.filename is None or str(exc.filename) == str(tmp):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+    finally:
+        with _WRITING_LOCK:
+            _WRITING.discard(str(tmp))
     return path
+
+
+def _writer_gone(pid: int, tmp: str) -> bool:
+    if pid == os.getpid():
+        with _WRITING_LOCK:
+            return tmp not in _WRITING
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):  # alive under another user, or cannot tell: leave it
+        return False
+    return False
+
+
+def remove_stale_temps(folder, old_targets=()) -> list[Path]:
+    """Delete the temp files that writers no longer running on this machine left in ``folder`` (a process
+    killed mid-write), and those of the older naming whose target is one of ``old_targets``. Temp files of
+    live processes and of other machines (a shared folder) are left alone. Returns what was deleted."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        m = _TMP.match(entry.name)
+        stale = (m is not None and m["host"] == _HOST and _writer_gone(int(m["pid"]), entry.path)) or (
+            m is None and (old := _OLD_TMP.match(entry.name)) is not None and old["target"] in old_targets)
+        if stale and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def save_png(path, image) -> Path:

@@ -76,3 +76,27 @@ def test_atomic_write_leaves_nothing_half_written(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         render.atomic_write(target, fail)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_a_legend_stays_bounded_whatever_the_class_names():
+    """Issue 20: one class name of 100,000 characters, or 5,000 classes, must not make a huge picture."""
+    colours = clearmaps.palette_rgb(clearmaps.default_palette(3))
+    long = render.legend(colours, ["x" * 100000, "b\nc", "d"])
+    assert long.width <= 900 and long.height < 200
+    assert render.label("x" * 100) == "x" * 59 + "…" and render.label("b\nc\x1b[31m") == "b c [31m"
+    many = render.legend(np.zeros((5000, 3), np.uint8), [f"class {i}" for i in range(5000)])
+    few = render.legend(np.zeros((render.MAX_LEGEND_ENTRIES, 3), np.uint8),
+                        [f"class {i}" for i in range(render.MAX_LEGEND_ENTRIES)])
+    assert many.width == few.width and 0 < many.height - few.height < 40  # one more line: "... and 3,976 more"
+
+
+def test_upscaling_is_bounded():
+    a = np.zeros((28, 28, 3), np.uint8)
+    assert render.upscale(a, 146).shape == (4088, 4088, 3)
+    with pytest.raises(ClearmapsError, match="--scale 147 would draw 28x28 maps at 4116x4116"):
+        render.upscale(a, 147)
+    for bad in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ClearmapsError, match="upscaling factor"):
+            render.upscale(a, bad)
+    big = np.zeros((5000, 10, 3), np.uint8)
+    assert render.upscale(big, 1) is big  # no upscaling is always allowed
