@@ -7,18 +7,33 @@ An architecture spec is a JSON object (or just its "layers" list)::
                 {"type": "relu"}, {"type": "maxpool", "kernel": 2}, ...,
                 {"type": "gap"}, {"type": "linear", "name": "fc", "in": 128, "out": 10}]}
 
-Layer types: conv (in, out, kernel, stride=1, padding=0, bias=true), batchnorm (channels), relu,
-maxpool (kernel, stride=kernel, padding=0), dropout, gap, flatten, linear (in, out, bias=true).
+Layer types: conv (in, out, kernel, stride=1, padding=0, bias=true), batchnorm (channels, eps), relu,
+maxpool (kernel, stride=kernel, padding=0), dropout (p), gap, flatten, linear (in, out, bias=true).
 ``name`` is the layer's key prefix in the state dict; it is required for layers with parameters.
 
+:func:`read_arch` checks a spec whole before anything is built: every field's JSON type (integers are
+integers, not 3.0 or "3"; bias is true or false) and range (channels 1..65,536; kernel and stride 1..1,024
+or a pair; a conv's padding at most its kernel, a max pool's at most half its window; eps > 0; p in [0, 1]),
+names that are dot-separated identifiers or numbers, unique, none inside another and none an attribute torch
+modules have; class names unique one-line strings; input_shape [C, H, W]; at most 4,096 layers and 2^28
+parameters; no other fields. A checkpoint's keys, shapes and kinds of dtype are compared with the spec on
+torch's "meta" device, before any weight is allocated for it.
+
 Pickled checkpoints are always read with ``torch.load(..., weights_only=True)``: a file that holds
-anything but tensors and plain containers is refused and nothing in it runs.
+anything but tensors and plain containers is refused and nothing in it runs. Tensors must be dense and
+floating point where the module has floating-point weights (an int64 file would truncate every weight
+below 1 to 0).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import reprlib
+import warnings
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -89,42 +104,236 @@ _FIELDS = {
     "flatten": (set(), {"name"}),
     "linear": ({"in", "out"}, {"bias", "name"}),
 }
+_TOP_FIELDS = {"layers", "input_shape", "class_names"}
+
+# Limits of an architecture spec: far above any real classifier (VGG16 has 138 million parameters), far
+# below what would exhaust memory before the checkpoint is even compared with the spec
+MAX_LAYERS = 4096
+MAX_CHANNELS = 1 << 16
+MAX_KERNEL = 1024
+MAX_SIDE = 1 << 16
+MAX_PARAMETERS = 1 << 28
+MAX_SPEC_BYTES = 16 << 20
+MAX_NAME_CHARS = 256
+_NAME_PART = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)$")
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+_short.maxlevel = 3
+
+
+def _one_line(text) -> str:
+    """A foreign library's message as one short line (no newlines, no terminal escape codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(text))
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _reserved_names() -> frozenset:
+    # attribute names a module already has: add_module refuses them (nested containers are plain Modules)
+    return frozenset(dir(nn.Module())) | {"spec", "ordered"}
+
+
+class _Spec:
+    """The checks of one architecture spec, field by field, with messages that name the layer and field."""
+
+    def __init__(self):
+        self.reserved = _reserved_names()
+
+    @staticmethod
+    def fail(where: str, message: str):
+        raise ClearmapsError(f"arch {where}: {message}")
+
+    def int_field(self, layer, key, where, lo, hi):
+        v = layer[key]
+        if not _is_int(v) or not lo <= v <= hi:
+            self.fail(where, f"'{key}' is {_short.repr(v)}; expected an integer in {lo} .. {hi}.")
+        return int(v)
+
+    def pair_field(self, layer, key, where, lo, hi):
+        v = layer[key]
+        if _is_int(v):
+            v = [v, v]
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(n) and lo <= n <= hi for n in v):
+            return [int(n) for n in v]
+        self.fail(where, f"'{key}' is {_short.repr(layer[key])}; expected an integer in {lo} .. {hi}, or a pair "
+                         "[height, width] of them.")
+
+    def number_field(self, layer, key, where, lo, hi, lo_open=False):
+        v = layer[key]
+        if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(float(v)) or \
+                not (lo < v if lo_open else lo <= v) or not v <= hi:
+            self.fail(where, f"'{key}' is {_short.repr(v)}; expected a number in {'(' if lo_open else '['}{lo}, "
+                             f"{hi}].")
+        return float(v)
+
+    def name(self, v, where):
+        if not isinstance(v, str) or not 1 <= len(v) <= MAX_NAME_CHARS:
+            self.fail(where, f"'name' is {_short.repr(v)}; expected its key prefix in the state dict, a string such "
+                             "as 'features.0'.")
+        for part in v.split("."):
+            if not _NAME_PART.match(part):
+                self.fail(where, f"'name' {v!r} has the part {part!r}; a name is dot-separated parts, each a Python "
+                                 "identifier or a number (e.g. 'features.0', 'head').")
+            if part in self.reserved:
+                self.fail(where, f"'name' {v!r} uses {part!r}, which torch modules already use for themselves; "
+                                 "rename the layer (and its keys).")
+        return v
+
+    def layer(self, i, layer):
+        where = f"layer {i}"
+        kind = layer.get("type") if isinstance(layer, dict) else None
+        if not isinstance(kind, str) or kind not in _FIELDS:
+            self.fail(where, f"is {_short.repr(layer)}; each layer needs a 'type' among {sorted(_FIELDS)}.")
+        where = f"layer {i} ({kind})"
+        need, may = _FIELDS[kind]
+        keys = set(layer)
+        missing, extra = need - keys, keys - need - may - {"type"}
+        if missing or extra:
+            raise ClearmapsError(f"arch layer {i} ({kind}) " + (f"lacks {sorted(missing)}" if missing else "")
+                                 + (" and " if missing and extra else "")
+                                 + (f"has unknown fields {sorted(map(str, extra))}" if extra else "") + ".")
+        out = {"type": kind}
+        if "name" in layer:
+            out["name"] = self.name(layer["name"], where)
+        elif kind in ("conv", "batchnorm", "linear"):
+            raise ClearmapsError(f"arch layer {i} ({kind}) needs a 'name': its key prefix in the state dict.")
+        params = 0
+        if kind in ("conv", "linear"):
+            out["in"] = self.int_field(layer, "in", where, 1, MAX_CHANNELS)
+            out["out"] = self.int_field(layer, "out", where, 1, MAX_CHANNELS)
+            if "bias" in layer:
+                if not isinstance(layer["bias"], bool):
+                    self.fail(where, f"'bias' is {_short.repr(layer['bias'])}; expected true or false.")
+                out["bias"] = layer["bias"]
+            params = out["in"] * out["out"] + out["out"]
+        if kind in ("conv", "maxpool"):
+            kernel = self.pair_field(layer, "kernel", where, 1, MAX_KERNEL)
+            out["kernel"] = int(layer["kernel"]) if _is_int(layer["kernel"]) else kernel
+            if "stride" in layer and not (kind == "maxpool" and layer["stride"] is None):
+                stride = self.pair_field(layer, "stride", where, 1, MAX_KERNEL)
+                out["stride"] = int(layer["stride"]) if _is_int(layer["stride"]) else stride
+            if "padding" in layer:
+                # torch's max pool allows at most half the window; more than the kernel makes a conv output
+                # rows of nothing but its bias, and lets a stack of layers grow its maps without bound
+                most = [k // 2 for k in kernel] if kind == "maxpool" else kernel
+                pad = self.pair_field(layer, "padding", where, 0, MAX_KERNEL)
+                if any(p > m for p, m in zip(pad, most)):
+                    self.fail(where, f"'padding' {layer['padding']!r} is more than "
+                                     f"{'half the window' if kind == 'maxpool' else 'the kernel'} "
+                                     f"({most[0] if most[0] == most[1] else most}) allows.")
+                out["padding"] = int(layer["padding"]) if _is_int(layer["padding"]) else pad
+            if kind == "conv":
+                params = out["in"] * out["out"] * kernel[0] * kernel[1] + out["out"]
+        if kind == "batchnorm":
+            out["channels"] = self.int_field(layer, "channels", where, 1, MAX_CHANNELS)
+            if "eps" in layer:
+                out["eps"] = self.number_field(layer, "eps", where, 0, 1, lo_open=True)
+            params = 4 * out["channels"]
+        if kind == "dropout" and "p" in layer:
+            out["p"] = self.number_field(layer, "p", where, 0, 1)
+        return out, params
+
+    def class_names(self, v):
+        if v is None:
+            return None
+        if not isinstance(v, list) or not 1 <= len(v) <= MAX_CHANNELS or not all(
+                isinstance(n, str) and 1 <= len(n) <= MAX_NAME_CHARS and n.isprintable() for n in v):
+            raise ClearmapsError(f"arch 'class_names' is {_short.repr(v)}; expected a list of class names: strings of "
+                                 f"1 .. {MAX_NAME_CHARS} printable characters, one per class.")
+        if len(set(v)) != len(v):
+            raise ClearmapsError("arch 'class_names' names a class twice; class names must be unique.")
+        return list(v)
+
+    def input_shape(self, v):
+        if v is None:
+            return None
+        ok = isinstance(v, list) and len(v) == 3 and _is_int(v[0]) and 1 <= v[0] <= MAX_CHANNELS and (
+            (v[1] is None and v[2] is None) or all(_is_int(n) and 1 <= n <= MAX_SIDE for n in v[1:]))
+        if not ok:
+            raise ClearmapsError(f"arch 'input_shape' is {_short.repr(v)}; expected [channels, height, width] of "
+                                 f"positive integers (height and width at most {MAX_SIDE}, or both null for any "
+                                 "size).")
+        return [int(v[0])] + [None if n is None else int(n) for n in v[1:]]
+
+
+def _parse_json(text: str, source: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ClearmapsError(f"{source} is nested too deeply to be an architecture spec.") from None
+    except ValueError as exc:  # JSONDecodeError, and integers longer than Python converts
+        raise ClearmapsError(f"{source} is not valid JSON ({_one_line(exc)}).") from None
 
 
 def read_arch(arch) -> dict:
-    """An architecture spec from a preset name, a path to a JSON file, a JSON string, a dict or a list."""
+    """An architecture spec from a preset name, a path to a JSON file, a JSON string, a dict or a list,
+    checked against the whole schema (module docstring) before anything is built: every field's type and
+    range, names that are state-dict key prefixes and unique, class names, input shape, and the limits
+    (at most 4,096 layers, 65,536 channels, kernels of 1,024, 2^28 parameters; a file of 16 MiB). Returns a
+    new dict of plain JSON values."""
     if isinstance(arch, str) and arch in PRESETS:
         return json.loads(json.dumps(PRESETS[arch]))
     if isinstance(arch, (str, os.PathLike)):
         text = str(arch)
         if text.lstrip().startswith(("{", "[")):
             source = "the JSON given"
+            if len(text) > MAX_SPEC_BYTES:
+                raise ClearmapsError(f"the JSON given is {len(text):,} characters; an architecture spec is at most "
+                                     f"{MAX_SPEC_BYTES:,}.")
         else:
             path = Path(text)
             if not path.is_file():
                 raise ClearmapsError(f"arch {text!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file.")
-            text, source = path.read_text(), str(path)
-        try:
-            arch = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ClearmapsError(f"{source} is not valid JSON ({exc}).") from None
-    if isinstance(arch, list):
-        arch = {"layers": arch}
-    if not isinstance(arch, dict) or not isinstance(arch.get("layers"), list) or not arch["layers"]:
+            source = repr(str(path))
+            try:
+                if path.stat().st_size > MAX_SPEC_BYTES:
+                    raise ClearmapsError(f"{source} is {path.stat().st_size:,} bytes; an architecture spec is at most "
+                                         f"{MAX_SPEC_BYTES:,}.")
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ClearmapsError(f"{source} could not be read ({_one_line(exc)}).") from None
+        arch = _parse_json(text, source)
+    if isinstance(arch, (list, tuple)):
+        arch = {"layers": list(arch)}
+    if not isinstance(arch, dict) or not isinstance(arch.get("layers"), (list, tuple)) or not arch["layers"]:
         raise ClearmapsError("an architecture spec is a JSON object with a non-empty 'layers' list (or that list).")
-    for i, layer in enumerate(arch["layers"]):
-        kind = layer.get("type") if isinstance(layer, dict) else None
-        if kind not in _FIELDS:
-            raise ClearmapsError(f"arch layer {i} is {layer!r}; each layer needs a 'type' among {sorted(_FIELDS)}.")
-        need, may = _FIELDS[kind]
-        missing, extra = need - layer.keys(), layer.keys() - need - may - {"type"}
-        if missing or extra:
-            raise ClearmapsError(f"arch layer {i} ({kind}) " + (f"lacks {sorted(missing)}" if missing else "")
-                                 + (" and " if missing and extra else "") + (f"has unknown fields {sorted(extra)}"
-                                                                             if extra else "") + ".")
-        if kind in ("conv", "batchnorm", "linear") and not layer.get("name"):
-            raise ClearmapsError(f"arch layer {i} ({kind}) needs a 'name': its key prefix in the state dict.")
-    return arch
+    extra = set(arch) - _TOP_FIELDS
+    if extra:
+        raise ClearmapsError(f"an architecture spec has unknown fields {sorted(map(str, extra))}; it may have only "
+                             f"{sorted(_TOP_FIELDS)}.")
+    layers = list(arch["layers"])
+    if len(layers) > MAX_LAYERS:
+        raise ClearmapsError(f"the architecture spec has {len(layers):,} layers; at most {MAX_LAYERS:,} are allowed.")
+    check = _Spec()
+    spec: dict = {}
+    if "input_shape" in arch:
+        spec["input_shape"] = check.input_shape(arch["input_shape"])
+    if "class_names" in arch:
+        spec["class_names"] = check.class_names(arch["class_names"])
+    spec["layers"], total, names = [], 0, {}
+    for i, layer in enumerate(layers):
+        checked, params = check.layer(i, layer)
+        total += params
+        if total > MAX_PARAMETERS:
+            raise ClearmapsError(f"the architecture spec has more than {MAX_PARAMETERS:,} parameters by layer {i}; "
+                                 "that is more than clearmaps loads (VGG16 has 138 million).")
+        name = checked.get("name") or f"layer{i}"
+        if name in names:
+            raise ClearmapsError(f"arch layer {i} reuses the name {name!r} (layer {names[name]}); names must be "
+                                 "unique.")
+        names[name] = i
+        spec["layers"].append(checked)
+    for name, i in names.items():  # a layer cannot live inside another layer
+        parts = name.split(".")
+        for k in range(1, len(parts)):
+            if ".".join(parts[:k]) in names:
+                raise ClearmapsError(f"arch layer {i} is named {name!r}, inside layer {names['.'.join(parts[:k])]} "
+                                     f"({'.'.join(parts[:k])!r}); a layer's name may not extend another's.")
+    return spec
 
 
 def _module_for(layer: dict) -> nn.Module:
@@ -246,44 +455,93 @@ _WRAPPERS = ("state_dict", "model_state_dict", "model")
 _META_ARCH, _META_NAMES = "clearmaps.arch", "clearmaps.class_names"
 
 
-def read_state_dict(path) -> tuple[dict, dict]:
-    """(state dict of tensors, metadata) from a .safetensors or a .pt/.pth file, never running code.
-
-    A .pt file may hold the state dict itself or {"state_dict": ..., "arch": ..., "class_names": ...}
-    (also "model_state_dict" or "model"); a "module." prefix (DataParallel) is removed.
-    """
+def _checkpoint_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise ClearmapsError(f"checkpoint path is {_short.repr(path)}; expected a file name (str or Path).")
     path = Path(path)
     if not path.exists():
         raise ClearmapsError(f"checkpoint {str(path)!r} does not exist.")
     if not path.is_file():
         raise ClearmapsError(f"checkpoint {str(path)!r} is not a file.")
+    return path
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _refusal(path: Path, exc: Exception) -> ClearmapsError:
+    """torch's weights-only refusal, in our words: what the file holds and what to do, in one line. (torch's
+    own text spans lines, carries terminal codes and advises loading the file with weights_only=False.)"""
+    text = str(exc)
+    found = _GLOBAL.search(text)
+    if found:
+        what = f"a pickled Python object ({found.group(1)}), not only tensors"
+    else:
+        what = "pickle instructions that a state dict of tensors never needs (it may hold code, or be corrupt)"
+    return ClearmapsError(f"checkpoint {str(path)!r} was refused: it holds {what}. clearmaps reads checkpoints only "
+                          "with weights_only=True, so that nothing in a file can run; save the weights alone, "
+                          "torch.save(model.state_dict(), path), or as .safetensors.")
+
+
+def _check_tensors(sd: dict, path: Path) -> None:
+    """Refuse what a state dict of dense tensors never holds: names that are not strings, sparse, quantized
+    or meta tensors, and non-tensor values."""
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise ClearmapsError(f"checkpoint {str(path)!r} has the key {_short.repr(k)}; state dict keys are strings.")
+        if not isinstance(v, torch.Tensor):
+            raise ClearmapsError(f"checkpoint {str(path)!r} does not hold a state dict (a mapping of names to "
+                                 "tensors); save model.state_dict().")
+        if v.layout != torch.strided or v.is_quantized or v.device.type == "meta":
+            kind = "quantized" if v.is_quantized else "meta" if v.device.type == "meta" else str(v.layout)
+            raise ClearmapsError(f"checkpoint {str(path)!r}: tensor {k!r} is a {kind} tensor; clearmaps reads dense "
+                                 "float weights (save them with .to_dense() / .dequantize()).")
+
+
+def read_state_dict(path) -> tuple[dict, dict]:
+    """(state dict of tensors, metadata) from a .safetensors or a .pt/.pth file, never running code.
+
+    A .pt file may hold the state dict itself or {"state_dict": ..., "arch": ..., "class_names": ...}
+    (also "model_state_dict" or "model"); a "module." prefix (DataParallel) is removed. Every value is a
+    dense tensor and every key a string, or the file is refused; the metadata's class names are a list of
+    strings.
+    """
+    path = _checkpoint_path(path)
     meta: dict = {}
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 sd = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ClearmapsError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc}).") from None
+        except Exception as exc:  # SafetensorError, OSError, ValueError, and whatever a hostile header causes
+            raise ClearmapsError(f"checkpoint {str(path)!r} is not a readable safetensors file "
+                                 f"({_one_line(exc) or type(exc).__name__}).") from None
         if _META_ARCH in meta:
-            meta["arch"] = meta.pop(_META_ARCH)
+            meta["arch"] = _parse_json(meta.pop(_META_ARCH), f"the metadata {_META_ARCH!r} of checkpoint {str(path)!r}")
         if _META_NAMES in meta:
-            meta["class_names"] = json.loads(meta.pop(_META_NAMES))
+            names = meta.pop(_META_NAMES)
+            try:
+                meta["class_names"] = json.loads(names)
+            except (ValueError, RecursionError):
+                raise ClearmapsError(f"checkpoint {str(path)!r}: its metadata {_META_NAMES!r} is not a JSON list of "
+                                     "names; give the names with --class-names (or class_names=).") from None
     elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         import pickle
 
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about unusual pickle protocols: a second line of output
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise ClearmapsError(f"checkpoint {str(path)!r} was refused: it holds Python objects other than "
-                                 "tensors, which could run code when loaded, and clearmaps only reads checkpoints "
-                                 f"with weights_only=True. Save model.state_dict() instead. ({str(exc)[:200]})"
-                                 ) from None
+            if "weights only load failed" in str(exc).lower():
+                raise _refusal(path, exc) from None
+            raise ClearmapsError(f"checkpoint {str(path)!r} could not be read as a torch file "
+                                 f"({_one_line(exc)}); is it corrupt or truncated?") from None
         except Exception as exc:
             raise ClearmapsError(f"checkpoint {str(path)!r} could not be read as a torch file "
-                                 f"({type(exc).__name__}: {str(exc)[:200]}); is it corrupt or truncated?") from None
+                                 f"({type(exc).__name__}: {_one_line(exc)}); is it corrupt or truncated?") from None
         if isinstance(obj, dict):
             for key in _WRAPPERS:
                 if isinstance(obj.get(key), dict):
@@ -296,24 +554,42 @@ def read_state_dict(path) -> tuple[dict, dict]:
         sd = obj
     else:
         raise ClearmapsError(f"checkpoint {str(path)!r} has an unknown extension; expected .safetensors, .pt or .pth.")
+    _check_tensors(sd, path)
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+        raise ClearmapsError(f"checkpoint {str(path)!r} says its class names are {_short.repr(names)}; expected a list "
+                             "of strings (or give them with --class-names / class_names=).")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd, meta
 
 
+def _kind(t: torch.Tensor) -> str:
+    return "floating point" if t.is_floating_point() else "complex" if t.is_complex() else "integer or bool"
+
+
 def check_state_dict(module: nn.Module, sd: dict, path) -> None:
-    """Refuse a state dict whose keys or shapes do not match ``module``'s, listing every difference."""
-    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    """Refuse a state dict whose keys, shapes or kinds of dtype do not match ``module``'s, listing every
+    difference: an integer tensor where the module has float weights would be cast, and every weight below 1
+    would become 0 without a word."""
+    want = module.state_dict()
+    shapes_want = {k: tuple(v.shape) for k, v in want.items()}
     optional = {k for k in want if k.endswith("num_batches_tracked")}
     missing = sorted(set(want) - set(sd) - optional)
     extra = sorted(set(sd) - set(want))
-    shapes = sorted(f"{k}: file {tuple(sd[k].shape)}, expected {want[k]}" for k in set(want) & set(sd)
-                    if tuple(sd[k].shape) != want[k])
+    shapes = sorted(f"{k}: file {tuple(sd[k].shape)}, expected {shapes_want[k]}" for k in set(want) & set(sd)
+                    if tuple(sd[k].shape) != shapes_want[k])
     if missing or extra or shapes:
         parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {extra}"] if extra else []) \
             + ([f"wrong shapes [{'; '.join(shapes)}]"] if shapes else [])
         raise ClearmapsError(f"checkpoint {str(path)!r} does not match the architecture: " + "; ".join(parts)
                              + ". Check --arch / the arch spec (or --model) against the model that was saved.")
+    kinds = sorted(f"{k} is {sd[k].dtype} ({_kind(sd[k])}), expected {_kind(want[k])}" for k in set(want) & set(sd)
+                   if _kind(sd[k]) != _kind(want[k]) and k not in optional)
+    if kinds:
+        raise ClearmapsError(f"checkpoint {str(path)!r} has tensors of the wrong kind: {'; '.join(kinds[:5])}"
+                             + (f" (and {len(kinds) - 5} more)" if len(kinds) > 5 else "")
+                             + ". Weights are floating point: save the float model's state dict (model.float()).")
     for k, v in sd.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise ClearmapsError(f"checkpoint {str(path)!r}: tensor {k!r} contains NaN or Inf.")
@@ -330,15 +606,20 @@ def load_checkpoint(path, arch=None, class_names=None, input_shape=None) -> Netw
         the file carries its own (as :func:`save_checkpoint` writes).
     class_names, input_shape : optional
         Override the spec's.
+
+    The spec is checked whole (:func:`read_arch`) and the file's keys, shapes and dtypes against it before
+    any weight is allocated for the spec: the module is laid out on torch's "meta" device and takes the
+    file's tensors as they are.
     """
     sd, meta = read_state_dict(path)
     arch = arch if arch is not None else meta.get("arch")
     if arch is None:
         raise ClearmapsError(f"checkpoint {str(path)!r} does not say its architecture; pass arch= one of "
                              f"{sorted(PRESETS)} or a JSON spec.")
-    module = SpecModule(arch)
+    with torch.device("meta"):
+        module = SpecModule(arch)
     check_state_dict(module, sd, path)
-    module.load_state_dict(sd, strict=False)
+    module.load_state_dict(sd, strict=False, assign=True)
     spec = module.spec
     names = class_names if class_names is not None else meta.get("class_names") or spec.get("class_names")
     shape = input_shape if input_shape is not None else spec.get("input_shape")

@@ -329,3 +329,37 @@ def test_a_spec_without_class_names_round_trips(tmp_path, suffix):
     layers = [{"type": "conv", "name": "c", "in": 1, "out": 3, "kernel": 3}]
     path = clearmaps.save_checkpoint(tmp_path / f"m{suffix}", clearmaps.build_module(layers))
     assert clearmaps.load_checkpoint(path).class_names == ("0", "1", "2")
+
+
+def test_read_arch_returns_a_checked_copy_of_plain_values():
+    spec = {"input_shape": [1, 8, 8], "layers": [
+        {"type": "conv", "name": "features.0", "in": 1, "out": 2, "kernel": [3, 1], "padding": [1, 0]},
+        {"type": "maxpool", "kernel": 2, "stride": None}, {"type": "conv", "name": "head", "in": 2, "out": 3,
+                                                            "kernel": np.int64(1)}]}
+    got = clearmaps.read_arch(spec)
+    assert got == {"input_shape": [1, 8, 8], "layers": [
+        {"type": "conv", "name": "features.0", "in": 1, "out": 2, "kernel": [3, 1], "padding": [1, 0]},
+        {"type": "maxpool", "kernel": 2}, {"type": "conv", "name": "head", "in": 2, "out": 3, "kernel": 1}]}
+    assert type(got["layers"][2]["kernel"]) is int and got is not spec
+    assert json.loads(json.dumps(got)) == got  # what save_checkpoint stores
+
+
+def test_a_checkpoint_is_compared_with_its_spec_before_any_weight_is_allocated(tmp_path, monkeypatch):
+    """A spec of 150 million parameters (600 MB) with a file of a few tensors is refused for its keys
+    without the spec's weights ever being made: the module is laid out on torch's meta device."""
+    big = [{"type": "conv", "name": "c", "in": 4096, "out": 4096, "kernel": 3}]
+    torch.save({"c.weight": torch.zeros(1, 1, 3, 3), "c.bias": torch.zeros(1)}, tmp_path / "small.pt")
+    devices = []
+    original = nn.Conv2d.reset_parameters
+
+    def spy(self):
+        devices.append(self.weight.device.type)
+        return original(self)
+
+    monkeypatch.setattr(nn.Conv2d, "reset_parameters", spy)
+    with pytest.raises(ClearmapsError, match=r"wrong shapes \[c.bias: file \(1,\), expected \(4096,\)"):
+        clearmaps.load_checkpoint(tmp_path / "small.pt", arch=big)
+    assert devices == ["meta"]
+    devices.clear()
+    clearmaps.build_module([{"type": "conv", "name": "c", "in": 1, "out": 2, "kernel": 3}])
+    assert devices == ["cpu"]  # the spy sees real allocations: build_module makes real weights
