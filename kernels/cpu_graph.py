@@ -73,7 +73,11 @@ def _as_tensor(a):
     (what these convs return) is torch's channels_last layout, which oneDNN reads as it is."""
     import torch
 
-    return torch.from_numpy(np.asarray(a, dtype=np.float32))
+    t = torch.from_numpy(np.asarray(a, dtype=np.float32))
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    # any other strides (a slice, a broadcast sum of two layouts) would send torch to its slow generic conv
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def conv2d(x, w, b, stride, padding, dilation=1, groups=1):
