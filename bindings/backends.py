@@ -36,7 +36,7 @@ def _load(name: str):
 def get_backend(name: str = "auto"):
     """The backend module for ``name``: "reference", "cpu", "cuda" or "auto" (CUDA if a GPU is usable,
     else the Numba CPU kernels, else the reference)."""
-    if name not in BACKENDS:
+    if not isinstance(name, str) or name not in BACKENDS:  # an array would compare elementwise
         raise ClearmapsError(f"backend={name!r}; expected one of {BACKENDS}.")
     if name != "auto":
         return _load(name)

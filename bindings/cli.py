@@ -340,26 +340,49 @@ def _run(args) -> int:
     return cli_commands.evaluate_command(args, _preprocess(args))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it ends as Ctrl-C does: temp files removed, one line."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def one_line(text: str) -> str:
+    """A message as one line of printable text: a newline or a terminal escape in a file name or an argument
+    is shown escaped (\\n, \\x1b), not obeyed."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
 def main(argv=None) -> int:
-    """Run the ``clearmaps`` command; returns the exit status (0 ok, 1 bad input, 2 bad usage, 130 interrupted)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for flag in ("batch_size", "scale", "limit", "top_k", "page_size"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1.")
+    """Run the ``clearmaps`` command; returns the exit status (0 ok, 1 bad input, 2 bad usage, 130 interrupted,
+    143 terminated)."""
+    import signal
+    import threading
+
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        for flag in ("batch_size", "scale", "limit", "top_k", "page_size"):
+            if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+                parser.error(f"--{flag.replace('_', '-')} must be at least 1.")
         return _run(args)
     except ClearmapsError as exc:
-        print(f"clearmaps: error: {cli_words(str(exc))}", file=sys.stderr)
+        print(f"clearmaps: error: {one_line(cli_words(str(exc)))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("clearmaps: interrupted; every file already written is complete, rerun to finish the rest.",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"clearmaps: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; every file already "
+              "written is complete, rerun to finish the rest.", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:  # e.g. a full disk while writing
-        print(f"clearmaps: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}",
-              file=sys.stderr)
+        print(f"clearmaps: error: {one_line(exc.strerror or exc)}"
+              f"{f': {one_line(exc.filename)}' if exc.filename else ''}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

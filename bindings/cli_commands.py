@@ -44,9 +44,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MAX_CLASS_NAMES_BYTES = 16 << 20
+
+
 def _read_class_names(path) -> list[str]:
+    """One class name per line, or a JSON list of strings; each name printable (one line) and unique."""
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > MAX_CLASS_NAMES_BYTES:
+            raise ClearmapsError(f"--class-names file {str(p)!r} is {p.stat().st_size:,} bytes; a list of class "
+                                 f"names is at most {MAX_CLASS_NAMES_BYTES:,}.")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ClearmapsError(f"--class-names file {str(p)!r} does not exist.") from None
@@ -55,14 +62,21 @@ def _read_class_names(path) -> list[str]:
     if text.lstrip().startswith("["):
         try:
             names = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ClearmapsError(f"--class-names file {str(p)!r} is not a valid JSON list ({exc}).") from None
-        if not isinstance(names, list):
-            raise ClearmapsError(f"--class-names file {str(p)!r} must hold a JSON list of names.")
-        return [str(n) for n in names]
-    names = [line.strip() for line in text.splitlines() if line.strip()]
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError; nesting deeper than Python recurses
+            raise ClearmapsError(f"--class-names file {str(p)!r} is not a valid JSON list "
+                                 f"({type(exc).__name__}).") from None
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool)
+                                                  for n in names):
+            raise ClearmapsError(f"--class-names file {str(p)!r} must hold a JSON list of names (strings).")
+        names = [str(n) for n in names]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise ClearmapsError(f"--class-names file {str(p)!r} is empty; write one class name per line.")
+    bad = next((n for n in names if not n.isprintable()), None)
+    if bad is not None:
+        raise ClearmapsError(f"--class-names file {str(p)!r} has the name {bad!r}; a class name is one line of "
+                             "printable text.")
     return names
 
 

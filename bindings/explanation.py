@@ -89,6 +89,9 @@ def resolve_classes(classes, net: Network, logits: np.ndarray) -> np.ndarray:
                              "'top5'.")
     if isinstance(classes, np.ndarray) and classes.ndim > 2:
         raise ClearmapsError(f"classes has shape {classes.shape}; expected (K,) or (B, K).")
+    if not isinstance(classes, (str, int, np.integer, np.ndarray, list, tuple, range)):
+        raise ClearmapsError(f"classes is a {type(classes).__name__}; expected class ids (ints), names, a list of "
+                             "them, None or 'top5'.")
     items = [classes] if isinstance(classes, (str, int, np.integer)) else \
         list(classes.ravel()) if isinstance(classes, np.ndarray) else list(classes)
     if not items:
@@ -238,7 +241,7 @@ def _rows(classes, start, chunk):
 def check_options(reduce, rectify, method="deconvnet", keep_responses=True) -> str:
     """Refuse a ``reduce``, ``rectify``, ``method`` or ``keep_responses`` that :func:`explain` does not know;
     returns the method's canonical name."""
-    if reduce not in REDUCTIONS:
+    if not isinstance(reduce, str) or reduce not in REDUCTIONS:  # an array would compare elementwise
         raise ClearmapsError(f"reduce={reduce!r}; expected one of {REDUCTIONS}.")
     if not isinstance(keep_responses, (bool, np.bool_)):
         raise ClearmapsError(f"keep_responses={keep_responses!r}; expected True or False.")
@@ -251,6 +254,22 @@ def check_support(net: Network, impl, method: str = "deconvnet") -> None:
     graphs and methods other than the paper's deconvnet on its graph path), so nothing is refused here; the
     hook stays for a backend that will not."""
     return None
+
+
+def check_finite(impl, logits, out) -> None:
+    """Refuse results that overflowed: a float32 backend reaches Inf where the float64 reference does not
+    (images of |x| ~ 1e36 through a few layers), and would otherwise return Inf responses and an all-black
+    map, or NaN logits, without a word. Checked where the arrays live (first_nonfinite uses their own
+    operators, so GPU results are not copied)."""
+    from .reference.errors import first_nonfinite
+
+    for what, a in (("logits", logits), ("dominant responses", out.dominant_response),
+                    ("responses", out.responses)):
+        if a is not None and first_nonfinite(a) is not None:
+            name = getattr(impl, "__name__", "backend").rsplit(".", 1)[-1]
+            raise ClearmapsError(f"the {name} backend overflowed: its {what} are not finite (first at index "
+                                 f"{first_nonfinite(a)}); float32 holds values up to 3.4e38. Preprocess the images "
+                                 "as in training (values near 1), or use backend='reference' (float64).")
 
 
 def explain_from_trace(net: Network, trace, impl, caller, classes=None, rectify=True, reduce="sum",
@@ -266,6 +285,7 @@ def explain_from_trace(net: Network, trace, impl, caller, classes=None, rectify=
     options = {} if method == "deconvnet" else {"method": method}
     out = impl.clear_from_trace(net, trace, ids, rectify=rectify, reduce=reduce, palette=hues, vmax=vmax,
                                 keep_responses=keep_responses, **options)
+    check_finite(impl, trace.logits, out)
     index = out.dominant_index
     xp = interop.array_module(index)
     class_ids = xp.asarray(np.ascontiguousarray(ids))

@@ -123,6 +123,8 @@ def _describe(a, framework) -> str:
         return f"a JAX {a.dtype} array"
     if framework == "cupy":
         return f"a CuPy {a.dtype} array on cuda:{a.device.id}"
+    if not isinstance(a, np.ndarray):  # a list, None, ...: what the user passed, not an array yet
+        return f"a {type(a).__name__}"
     return f"a NumPy {a.dtype} array"
 
 
@@ -352,7 +354,7 @@ def backend_for(name: str, caller: Caller):
     clearmaps (:func:`clearmaps.get_backend`: CUDA if a GPU is usable, else the Numba CPU kernels, else the
     reference).
     """
-    if name not in BACKENDS:
+    if not isinstance(name, str) or name not in BACKENDS:
         return get_backend(name)  # raises the one message listing the backends
     if caller.framework == "numpy":
         return get_backend(name)

@@ -80,9 +80,13 @@ def resolve_vmax(response, vmax=None) -> np.ndarray:
         raise ClearmapsError(f"vmax={vmax!r}; expected None, a positive number, 'batch' or a percentile 'pNN'.")
     if isinstance(vmax, bool) or not isinstance(vmax, (int, float, np.integer, np.floating)):
         raise ClearmapsError(f"vmax={vmax!r}; expected None, a positive number, 'batch' or a percentile 'pNN'.")
-    if not np.isfinite(vmax) or vmax <= 0:
+    try:
+        level = float(vmax)  # a Python int beyond int64 has no np.isfinite
+    except OverflowError:
+        level = float("inf")
+    if not np.isfinite(level) or level <= 0:
         raise ClearmapsError(f"vmax={vmax!r}; a number must be finite and positive.")
-    return np.full(B, float(vmax))
+    return np.full(B, level)
 
 
 def normalise(response, vmax=None) -> np.ndarray:

@@ -537,7 +537,6 @@ def test_fuzz_explain_arguments(tiny, kwargs, x):
     kwargs.setdefault("backend", "reference")
     if isinstance(kwargs["backend"], str) and kwargs["backend"] == "cpu":
         kwargs["backend"] = "reference"  # the Numba compile would take the whole budget; the checks come first
-    assume(not pending(kwargs, x))
     try:
         e = clearmaps.explain(net, images, **kwargs)
     except ClearmapsError:
@@ -549,38 +548,21 @@ def test_fuzz_explain_arguments(tiny, kwargs, x):
         assert e.responses is None
 
 
-# What this fuzzer found in files issue 20 does not own (bindings/explanation.py, interop.py, backends.py),
-# with the fix in its note. Until the fixes land the fuzzer leaves these draws out, and the strict xfail below
-# keeps each finding: once fixed it passes, fails as XPASS, and this list and the mark go.
-PENDING = {
-    "reduce=array": (dict(reduce=np.array([1, 0])), "ok"),  # `reduce not in REDUCTIONS` compares elementwise
-    "backend=array": (dict(backend=np.array([1, 0])), "ok"),  # `name not in BACKENDS`, the same
-    "classes=object": (dict(classes=object()), "ok"),  # resolve_classes calls list() on anything
-    "list x, torch classes": (dict(classes=torch.tensor([1])), "list"),  # interop._describe reads x.dtype
-    "None x, torch classes": (dict(classes=torch.tensor([1])), "none"),  # the same
-    "vmax=10**30": (dict(vmax=10 ** 30), "ok"),  # reference/colour.resolve_vmax: np.isfinite of a huge int
+# Found by the fuzzers in explain's and the command's checks (issue 20's note): each is refused now
+FOUND = {
+    "reduce=array": (dict(reduce=np.array([1, 0])), "ok"),
+    "backend=array": (dict(backend=np.array([1, 0])), "ok"),
+    "classes=object": (dict(classes=object()), "ok"),
+    "list x, torch classes": (dict(classes=torch.tensor([1])), "list"),
+    "None x, torch classes": (dict(classes=torch.tensor([1])), "none"),
+    "vmax=10**30": (dict(vmax=10 ** 30), "ok"),
 }
 
 
-def pending(kwargs: dict, x: str) -> bool:
-    for name in ("reduce", "backend"):
-        if isinstance(kwargs.get(name), np.ndarray):
-            return True
-    classes = kwargs.get("classes")
-    if type(classes) is object:
-        return True
-    vmax = kwargs.get("vmax")
-    if isinstance(vmax, int) and not isinstance(vmax, bool) and abs(vmax) >= 2 ** 63:
-        return True
-    return x in ("list", "none") and any(isinstance(v, torch.Tensor) for v in kwargs.values())
-
-
-@pytest.mark.xfail(strict=True, raises=(ValueError, TypeError, AttributeError),
-                   reason="found by test_fuzz_explain_arguments in files of others; fixes in issue 20's note")
-@pytest.mark.parametrize("case", sorted(PENDING))
-def test_pending_findings_are_refused(tiny, case):
+@pytest.mark.parametrize("case", sorted(FOUND))
+def test_earlier_findings_are_refused(tiny, case):
     """Each ends in a ClearmapsError or a result (vmax=10**30 is a valid number), never another exception."""
-    kwargs, x = PENDING[case]
+    kwargs, x = FOUND[case]
     images = {"ok": np.ones((1, 1, 8, 8)), "list": np.ones((1, 1, 8, 8)).tolist(), "none": None}[x]
     try:
         clearmaps.explain(load_net(tiny), images, backend=kwargs.pop("backend", "reference"), **kwargs)
@@ -666,7 +648,6 @@ def test_fuzz_command_lines(base, tiny, options, flags):
             value = "gpu"  # an invalid choice (argparse); the Numba backends would take the budget
         argv += [option, value]
     argv += flags
-    assume(not any(o == "--vmax" and not v.isprintable() for o, v in options))  # see test_pending_cli_findings
     before = tree(root)
     rc, out, err = run_cli(argv)
     assert_promise(rc, out, err, root, before, out_dir)
@@ -675,12 +656,10 @@ def test_fuzz_command_lines(base, tiny, options, flags):
         assert len(folders) == 1 and all((folders[0] / f).is_file() for f in FILES)
 
 
-@pytest.mark.xfail(strict=True, reason="found by test_fuzz_command_lines in files of others (bindings/cli.py, "
-                   "cli_commands.py); fixes in issue 20's note")
 @pytest.mark.parametrize("case", ["--vmax newline", "--class-names deep JSON"])
-def test_pending_cli_findings(base, tiny, case):
-    """The command pastes --vmax's text, newline and all, into its message (two lines); a --class-names JSON
-    file nested deeply ends in a RecursionError traceback."""
+def test_earlier_cli_findings(base, tiny, case):
+    """Once: the command pasted --vmax's text, newline and all, into its message (two lines); a --class-names
+    JSON file nested deeply ended in a RecursionError traceback."""
     root = fresh(base)
     Image.fromarray(digit(1)).save(root / "d.png")
     (root / "names.json").write_text("[" * 100000 + "]" * 100000)

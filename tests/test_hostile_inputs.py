@@ -468,3 +468,24 @@ def test_a_full_disk_ends_in_one_line_naming_the_file(tmp_path, tiny):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("clearmaps: error: File too large: ") and "/o/d/" in line, proc.stderr
     assert not [p for p in (tmp_path / "o").rglob("*") if p.name.endswith(render.TMP_SUFFIX)]
+
+
+def test_ctrl_c_at_any_moment_ends_in_one_line(tmp_path, tiny):
+    """SIGINT at moments of the first second and a half (interpreter, imports, model, images): never a
+    traceback; one line and status 130, or the run was over, or Python had not yet installed its handler."""
+    import time
+
+    Image.fromarray(digit(0)).save(tmp_path / "d.png")
+    argv = [sys.executable, "-m", "clearmaps", *map(str, explain_args(tiny, tmp_path / "d.png", out=tmp_path / "o",
+                                                                      extra=("--force",)))]
+    for delay in (0.1, 0.2, 0.35, 0.5, 0.8, 1.2, 1.6):
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        if err.startswith("Fatal Python error: init_import_site"):
+            continue  # Python itself was still starting (its site module), before any line of clearmaps
+        assert "Traceback" not in err, (delay, err)
+        assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, err)
+        if proc.returncode == 130:
+            assert err.count("\n") == 1 and err.startswith("clearmaps: interrupted"), (delay, err)
