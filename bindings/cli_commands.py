@@ -5,9 +5,7 @@ protocols themselves are in :mod:`clearmaps.paper`, the per-image files in :mod:
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -15,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import builtin, paper, render
+from . import builtin
 from .backends import get_backend
-from .cli_outputs import FILES, ExplainOptions, Progress, explain_items, prepare_out
+from .cli_outputs import FILES, ExplainOptions, explain_items, prepare_out
 from .images import Item, Preprocess, load_images, parse_size
 from .reference import ClearmapsError, Network
 
@@ -297,10 +295,10 @@ def explain_command(args, pre: Preprocess, vmax, classes: list | None, transform
                                  f"0 .. {net.num_classes - 1}.")
     trues = [true_all if true_all is not None else item.label for item in items]
     say(f"backend: {backend}; classes: "
-        f"{'all ' + str(net.num_classes) if chosen is None else chosen}; rectify={args.rectify}, "
+        f"{'all ' + str(net.num_classes) if chosen is None else chosen}; method={args.method}, rectify={args.rectify}, "
         f"reduce={args.reduce}, vmax={vmax or 'per image max'}")
     options = ExplainOptions(backend=args.backend, classes=chosen, rectify=args.rectify, reduce=args.reduce,
-                             vmax=vmax, preprocess=pre, binary_threshold=args.binary_threshold)
+                             vmax=vmax, preprocess=pre, binary_threshold=args.binary_threshold, method=args.method)
     records, done, skipped = explain_items(net, model.fingerprint, items, trues, out, options, args.scale,
                                            args.force, args.batch_size, args.quiet)
     labelled = [r for r in records if r["true"] is not None]
@@ -379,7 +377,7 @@ def _explain_dataset(args, model: Model, transform, vmax, chosen, true_all, back
     where = (f"a local Dask cluster of {args.workers} worker processes" if args.workers else
              f"the Dask cluster at {args.scheduler}" if args.scheduler else "this process")
     say(f"backend: {backend}; classes: {'all ' + str(net.num_classes) if chosen is None else chosen}; "
-        f"rectify={args.rectify}, reduce={args.reduce}, vmax={vmax or 'per image max'}; on {where}")
+        f"method={args.method}, rectify={args.rectify}, reduce={args.reduce}, vmax={vmax or 'per image max'}; on {where}")
     say(f"store: {store.url} ({store.chunks} chunk(s) of {store.chunk_size} images; "
         + (f"{store.chunks - len(todo)} already done, resuming)" if len(todo) < store.chunks else "new)"))
     summary = run_dataset(net, ds, args.out, options, store.chunk_size, model.fingerprint, False,
@@ -414,126 +412,3 @@ def report_command(args) -> int:
 
 
 # ---- demo (Fig. 3) ------------------------------------------------------------------------------------
-
-def demo_command(args) -> int:
-    t0 = time.perf_counter()
-    backend = backend_name(args.backend)
-    model = load_model()
-    net = model.net
-    out = prepare_out(args.out)
-    images, labels = builtin.heldout()
-    pool_index = _evenly_spaced(len(labels), args.limit)
-    images, labels = images[pool_index], labels[pool_index]
-    source = f"{len(labels):,} held-out digits"
-    say(f"model: {model.description}")
-    say(f"input: the built-in {source} (never trained on); {builtin.PREPROCESSING}")
-    pred = paper.classify(net, builtin.to_input(images))
-    say(f"classified the {source}: {100 * np.mean(pred == labels):.1f}% correct "
-        f"({int(np.sum(pred != labels))} misclassified)")
-    picks = paper.figure3_picks(labels, pred, net.num_classes, args.seed)
-    chosen = [(c, kind, i) for c, good, bad in picks for kind, i in (("correct", good), ("misclassified", bad))
-              if i is not None]
-    items = [Item(f"digit{d}-{kind}-heldout{int(pool_index[i]):04d}", f"built-in held-out #{int(pool_index[i])}",
-                  images[i][None].astype(np.float64) / 255.0, int(labels[i])) for d, kind, i in chosen]
-    say(f"backend: {backend}; explaining {len(items)} examples (a correctly classified and, "
-        "where one exists, a misclassified example of each digit)")
-    options = ExplainOptions(backend=args.backend, rectify=args.rectify, reduce=args.reduce)
-    _, done, skipped = explain_items(net, model.fingerprint, items, [it.label for it in items], out / "images",
-                                     options, args.scale, args.force, args.batch_size, args.quiet)
-    # the figure is drawn from the saved maps, so a rerun that skipped every image still draws it
-    examples, palette = {}, None
-    for (d, kind, i), item in zip(chosen, items):
-        with np.load(out / "images" / item.name / "maps.npz", allow_pickle=False) as m:
-            palette = m["palette"]  # every example has all ten classes, in order: the same palette
-            ex = paper.figure3_example(int(pool_index[i]), d, item.pixels, m["probabilities"], m["classes"],
-                                       m["responses"], m["rgb"])
-        examples[(d, kind)] = ex
-        if (ex.predicted == d) != (kind == "correct"):
-            say(f"warning: held-out #{ex.index} is {'correct' if ex.predicted == d else 'misclassified'} with "
-                f"the {backend} backend but was picked as {kind} by the float32 torch pass.")
-    rows = [(d, examples.get((d, "correct")), examples.get((d, "misclassified"))) for d in range(net.num_classes)]
-    fig = paper.figure3_layout(rows, palette, net.class_names, args.scale or 4, source)
-    render.save_png(out / "figure3.png", fig)
-    missing = [str(d) for d, _, bad in rows if bad is None]
-    for d, good, bad in rows:
-        say(f"  digit {d}: correct #{good.index if good else '-'}; misclassified "
-            + (f"#{bad.index} as {net.class_names[bad.predicted]} (p = {bad.probability:.2f})" if bad else "none"))
-    say(f"demo: wrote {out / 'figure3.png'} and per-image outputs for {len(items)} examples in {out / 'images'} "
-        f"({done} explained, {skipped} already done)"
-        + (f"; no misclassified example exists for digit(s) {', '.join(missing)}" if missing else "")
-        + f"; {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-# ---- evaluate (Table 1) -------------------------------------------------------------------------------
-
-def _load_labelled(data, net: Network, pre: Preprocess, builtin_model: bool):
-    if data is None:
-        if not builtin_model:
-            raise ClearmapsError("evaluate needs --data FILE.npz (images and labels) for a --checkpoint; the "
-                                 "built-in held-out set goes with the built-in model.")
-        images, labels = builtin.heldout()
-        return builtin.to_input(images).astype(np.float64), labels, "the built-in 1,000 held-out MNIST digits"
-    c, h, w = net.input_shape
-    items, _ = load_images([data], pre, c, (h, w))
-    if any(it.label is None for it in items):
-        raise ClearmapsError(f"--data {data!r} has no labels; store them under 'labels' in the .npz.")
-    labels = np.array([it.label for it in items], dtype=np.int64)
-    if labels.min() < 0 or labels.max() >= net.num_classes:
-        raise ClearmapsError(f"--data labels run {labels.min()} .. {labels.max()}; the network has classes "
-                             f"0 .. {net.num_classes - 1}.")
-    shapes = {it.pixels.shape for it in items}
-    if len(shapes) != 1:
-        raise ClearmapsError(f"--data images have different sizes {sorted(shapes)}; use --resize.")
-    return np.stack([it.pixels for it in items]), labels, str(data)
-
-
-def evaluate_command(args, pre: Preprocess) -> int:
-    t0 = time.perf_counter()
-    backend = backend_name(args.backend)
-    model = load_model(args.checkpoint, args.arch, args.class_names, args.model,
-                       parse_size(args.resize) if args.resize else None)
-    net = model.net
-    out = prepare_out(args.out)
-    pixels, labels, source = _load_labelled(args.data, net, pre, model.builtin)
-    if args.limit:
-        keep = _evenly_spaced(len(labels), args.limit)
-        pixels, labels = pixels[keep], labels[keep]
-        source += f" (an evenly spaced subset of {len(labels)})"
-    say(f"model: {model.description}")
-    say(f"data: {source}, {len(labels)} images")
-    say(pre.describe(net.input_shape[0], net.input_shape[1:]))
-    say(f"backend: {backend}; strong features: r(x|true) > tau * max r(x|true), tau = "
-        f"{', '.join(str(t) for t in args.tau)}; fill = {args.background} (pixel units)")
-    bar = Progress(len(labels), "attentive responses", args.quiet)
-    try:
-        rows = paper.table1(net, pixels, labels, args.tau, args.background, pre, args.backend, args.batch_size,
-                            bar.update)
-    finally:
-        bar.close()
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=paper.TABLE1_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.2f}" if isinstance(v, float) and k != "tau" else v) for k, v in r.items()})
-    render.save_text(out / "table1.csv", buf.getvalue())
-    bright = 100 * float(np.mean(pixels.max(axis=1) > paper.BRIGHT))
-    report = {"protocol": "Kumar, Wong & Taylor 2017, Section 4.3 / Table 1", "data": source,
-              "model": model.description, "backend": backend, "background": args.background, "rows": rows,
-              "bright_pixels_pct": bright, "paper_mnist_row": paper.PAPER_TABLE1_MNIST,
-              "note": "the paper's row is on the full MNIST test set with its own network and an unstated tau; "
-                      "ours is on different data and a different model, so the numbers compare only in kind."}
-    render.save_text(out / "table1.json", json.dumps(report, indent=2) + "\n")
-    say("")
-    say(f"Table 1 (accuracy %, {len(labels)} images)     full   only strong   without strong   strong px %")
-    for r in rows:
-        say(f"  ours, tau = {r['tau']:<5}                   {r['full']:6.2f}   {r['only_strong']:11.2f}   "
-            f"{r['without_strong']:14.2f}   {r['strong_pixels_pct']:10.1f}")
-    p = paper.PAPER_TABLE1_MNIST
-    say(f"  paper, MNIST (other data/model)        {p['full']:6.2f}   {p['only_strong']:11.2f}   "
-        f"{p['without_strong']:14.2f}")
-    say(f"  (bright pixels, > 0.5, cover {bright:.1f}% of these images; strong px % is the share of the image in "
-        "the mask)")
-    say(f"evaluate: {len(labels)} images, {len(rows)} tau value(s); wrote {out / 'table1.csv'} and "
-        f"{out / 'table1.json'}; {time.perf_counter() - t0:.1f} s")
-    return 0

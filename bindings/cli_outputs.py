@@ -108,6 +108,7 @@ class ExplainOptions:
     vmax: object = None
     preprocess: Preprocess = Preprocess()
     binary_threshold: float = 0.1
+    method: str = "deconvnet"
 
     def settings(self, fingerprint: str, item: Item, true: int | None, scale: int, batch: str | None = None) -> str:
         """Everything the image's outputs depend on, as the text maps.npz and the record keep. ``batch``
@@ -115,7 +116,8 @@ class ExplainOptions:
         pixels = hashlib.sha256(np.ascontiguousarray(item.pixels, dtype=np.float32).tobytes()).hexdigest()
         fields = {"model": fingerprint, "source": item.source, "classes": self.classes, "true": true,
                   "scale": scale, "input": pixels, "preprocess": self.preprocess, "rectify": self.rectify,
-                  "reduce": self.reduce, "vmax": self.vmax, "binary_threshold": self.binary_threshold}
+                  "reduce": self.reduce, "vmax": self.vmax, "binary_threshold": self.binary_threshold,
+                  "method": self.method}
         if batch is not None:
             fields["vmax_batch"] = batch
         return json.dumps(fields, sort_keys=True, default=str)
@@ -311,7 +313,7 @@ def explain_items(net, fingerprint: str, items: list, trues: list, out: Path, op
         for group in todo:
             x = options.preprocess.normalise(np.stack([e["item"].pixels for e in group]))
             ex = explain(net, x, classes=options.classes, backend=options.backend, rectify=options.rectify,
-                         reduce=options.reduce, vmax=options.vmax)
+                         reduce=options.reduce, vmax=options.vmax, method=options.method)
             for b, e in enumerate(group):
                 records.append(write_outputs(e["folder"], e["item"], ex, b, e["true"], e["scale"], e["settings"],
                                              options.binary_threshold, options.preprocess.invert, run))

@@ -426,3 +426,34 @@ def test_bad_own_models_get_one_clear_error(tmp_path, capsys):
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
     assert_error(capsys, ["explain", str(png), "--model", f"{own}:build", "--checkpoint", str(tmp_path / "bad.pt"),
                           "--out", out], "does not match the architecture", "missing keys")
+
+
+# ---- response methods on the command line ------------------------------------------------------------------
+
+def test_explain_method_is_what_the_api_gives(tmp_path, capsys, digits):
+    png = save_png(tmp_path / "three.png", digits[0][np.flatnonzero(digits[1] == 3)[0]])
+    out = tmp_path / "out"
+    rc, stdout, _ = run_main(capsys, "explain", str(png), "--method", "gradient", "--out", str(out), "--quiet", *REF)
+    assert rc == 0 and "method=gradient" in stdout
+    want = clearmaps.explain(builtin.load_model(), builtin.to_input(digits[0][np.flatnonzero(digits[1] == 3)[:1]]),
+                             backend="reference", method="gradient")
+    with np.load(out / "three" / "maps.npz") as m:
+        np.testing.assert_array_equal(m["rgb"], want.rgb[0])
+    # another method is another setting: the rerun redoes the image instead of skipping it
+    rc, stdout, _ = run_main(capsys, "explain", str(png), "--method", "guided", "--out", str(out), "--quiet", *REF)
+    assert rc == 0 and "explained 1 image(s)" in stdout
+    assert_error(capsys, ["explain", str(png), "--method", "guided", "--no-rectify", "--out", str(out)],
+                 "--no-rectify applies to --method deconvnet")
+
+
+def test_evaluate_every_method(tmp_path, capsys):
+    out = tmp_path / "ev"
+    rc, stdout, _ = run_main(capsys, "evaluate", "--method", "all", "--limit", "30", "--sanity-images", "4",
+                             "--out", str(out), "--quiet", "--backend", "cpu")
+    assert rc == 0
+    rows = list(csv.DictReader(open(out / "evidence.csv")))
+    assert [r["method"] for r in rows] == ["deconvnet", "guided", "gradient", "input_x_gradient"]
+    for r in rows:
+        assert 0 <= float(r["share_correct"]) <= 1 and -1 <= float(r["spearman_all_layers"]) <= 1
+        assert r["method"] in stdout
+    assert json.loads((out / "evidence.json").read_text())["rows"][0]["randomisation"]
