@@ -26,8 +26,6 @@ times, hosts or worker counts), so a cluster writes the same bytes as one proces
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,17 +62,10 @@ def write_atomic(fs, path: str, data: bytes) -> None:
     if not _is_local(fs):
         fs.pipe_file(path, data)
         return
-    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:  # the umask decides the mode, as for any file the user writes
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from .render import atomic_write
+
+    # a temp file beside it, renamed over it, with the umask's mode; a failed write names the file
+    atomic_write(path, lambda f: f.write(data))
 
 
 # ---- the store ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from clearmaps.reference import ops as ref_ops
 from clearmaps.reference import (REDUCTIONS, Clear, ClearmapsError, MaxPool, Network, Trace, check_classes,
                                  check_input, check_method, check_palette, resolve_vmax, softmax)
 from clearmaps.reference import graph
-from clearmaps.reference.clear import check_trace, image_of, needs_saved
+from clearmaps.reference.clear import image_of, needs_saved, walk_inputs
 
 from . import _cpu_graph_kernels as G
 from . import _cpu_kernels as K
@@ -194,14 +194,7 @@ def forward(net: Network, x, method: str = "deconvnet") -> Trace:
 
 
 def _prepare(net, trace, rule):
-    check_trace(net, trace)
-    shapes = trace.shapes if trace.shapes is not None else tuple(net.shapes(trace.sizes[0]))
-    saved = {i: v for i, v in (trace.saved or {}).items() if i >= 0}
-    saved.update(trace.switches)
-    for i, layer in enumerate(net.layers):
-        if i not in saved and needs_saved(layer, rule):
-            raise ClearmapsError(f"trace lacks what node {i} ({layer!r}) needs on the way back; compute it with "
-                                 "forward(net, x, method=...) for the method you ask.")
+    saved, shapes = walk_inputs(net, trace, rule)
     saved = {i: (tuple(np.asarray(a) for a in v) if isinstance(v, tuple) else np.asarray(v))
              for i, v in saved.items()}
     return np.ascontiguousarray(np.asarray(trace.z), dtype=np.float32), saved, shapes

@@ -137,19 +137,26 @@ def image_of(trace: Trace):
 
 def backproject_rule(net: Network, trace: Trace, classes=None, rule: str = "rectify") -> np.ndarray:
     """:func:`backproject` with a ReLU rule by name (``clearmaps.reference.rules.RULES``)."""
-    check_trace(net, trace)
     z = trace.z
+    saved, shapes = walk_inputs(net, trace, rule)
     B = z.shape[0]
     classes = check_classes(classes, B, net.num_classes)
+    R = graph.backward(net, z, saved, shapes, classes, rule, image_shape=(net.in_channels, *trace.sizes[0]))
+    return R.reshape(B, classes.shape[1], *R.shape[1:])
+
+
+def walk_inputs(net: Network, trace: Trace, rule: str) -> tuple[dict, tuple]:
+    """What the walk back needs from a trace (of any backend): {node: saved value} (switches included) and
+    every node's shape; refuses a trace of another network or one that lacks what ``rule`` reads."""
+    check_trace(net, trace)
     shapes = trace.shapes if trace.shapes is not None else tuple(net.shapes(trace.sizes[0]))
     saved = {i: v for i, v in (trace.saved or {}).items() if i >= 0}
     saved.update(trace.switches)
     for i, layer in enumerate(net.layers):
         if i not in saved and needs_saved(layer, rule):
             raise ClearmapsError(f"trace lacks what node {i} ({layer!r}) needs on the way back; compute it with "
-                                 "clearmaps.reference.forward(net, x).")
-    R = graph.backward(net, z, saved, shapes, classes, rule, image_shape=(net.in_channels, *trace.sizes[0]))
-    return R.reshape(B, classes.shape[1], *R.shape[1:])
+                                 "forward(net, x, method=...) for the method you ask.")
+    return saved, shapes
 
 
 def needs_saved(layer, rule: str) -> bool:

@@ -159,3 +159,42 @@ def levels(vmax, best_r, level_max):
     if isinstance(vmax, str) and vmax == "batch":
         return dv.xp.full(B, float(level_max.max()), dtype=np.float64)
     return dv.asdevice(resolve_vmax(dv.tohost(best_r), vmax), np.float64)
+
+
+class Results:
+    """The device buffers the epilogue fills for a (B, K) explanation of (H, W) images: the K maps (a dummy
+    when not kept), the running max / argmax, the RGB composite and the normalising levels (``vmax`` fixed:
+    its value; else filled from each image's maximum as the epilogue tracks it)."""
+
+    def __init__(self, B, K, H, W, keep_responses, vmax, hues):
+        xp = dv.xp
+        self.responses = xp.empty((B, K, H, W), np.float32) if keep_responses else xp.empty((1, 1, 1, 1), np.float32)
+        self.best_r = xp.empty((B, H, W), dtype=np.float32)
+        self.best_i = xp.empty((B, H, W), dtype=np.int64)
+        self.rgb = xp.empty((B, H, W, 3), dtype=np.uint8)
+        self.level_max = xp.zeros(B, dtype=np.float32)
+        self.fixed = vmax is not None and not isinstance(vmax, str)
+        self.level = xp.full(B, float(vmax) if self.fixed else 0.0, dtype=np.float64)
+        self.palette = dv.asdevice(hues, np.float64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.responses.nbytes + self.best_r.nbytes + self.best_i.nbytes + self.rgb.nbytes
+
+    def merge(self, kernel, R, b0, bc, k0, kc, K, H, W, rect):
+        """One chunk's maps R (images b0.., classes k0..) through the fused epilogue ``kernel``."""
+        dv.launch(kernel, dv.ceil_div(bc * H * W, dv.THREADS), dv.THREADS, R, self.responses, self.best_r,
+                  self.best_i, self.level_max, self.level, self.palette, self.rgb, b0, k0, kc, k0 == 0, k0 + kc == K,
+                  rect)
+
+    def finish(self, vmax, keep_responses, on_device):
+        """The composite once every chunk is in (levels from the tracked maxima unless vmax is fixed), as a
+        Clear, on the host when the trace was."""
+        from ...reference import Clear
+
+        if not self.fixed:
+            self.level = levels(vmax, self.best_r, self.level_max)
+            dv.launch(compose_rgb, dv.ceil_div(self.best_i.size, dv.THREADS), dv.THREADS, self.best_i, self.best_r,
+                      self.level, self.palette, self.rgb)
+        out = Clear(self.responses if keep_responses else None, self.best_i, self.best_r, self.rgb)
+        return out if on_device else Clear(*(dv.tohost(a) for a in out))

@@ -548,32 +548,17 @@ def clear_from_trace(net: Network, trace, classes, method: str, rule: str, reduc
     hues = check_palette(palette, K)
     resolve_vmax(np.zeros((1, 1, 1)), vmax)  # refuses a bad vmax before any work
     C, H, W = prep.image
-    responses = xp.empty((B, K, H, W), dtype=np.float32) if keep_responses else xp.empty((1, 1, 1, 1), np.float32)
-    best_r = xp.empty((B, H, W), dtype=np.float32)
-    best_i = xp.empty((B, H, W), dtype=np.int64)
-    rgb = xp.empty((B, H, W, 3), dtype=np.uint8)
-    level_max = xp.zeros(B, dtype=np.float32)
-    fixed = vmax is not None and not isinstance(vmax, str)
-    level = xp.full(B, float(vmax) if fixed else 0.0, dtype=np.float64)
-    palette_dev = dv.asdevice(hues, np.float64)
+    res = ek.Results(B, K, H, W, keep_responses, vmax, hues)
     per_signal = backward_bytes_per_signal(net, prep.shapes, prep.image)
-    available = (memory.budget(config) - memory.column_bytes(config)
-                 - (responses.nbytes + best_r.nbytes + best_i.nbytes + rgb.nbytes))
-    kernel = ek.epilogue(ek.REDUCE_CODES[reduce], keep_responses, fixed, vmax is None or vmax == "batch")
+    available = memory.budget(config) - memory.column_bytes(config) - res.nbytes
+    kernel = ek.epilogue(ek.REDUCE_CODES[reduce], keep_responses, res.fixed, vmax is None or vmax == "batch")
     ops = device_ops(config, fast)
     config.mark("graph clear start")
     for b0, bc, k0, kc in memory.chunks(B, K, per_signal, available):
         R = _responses(net, prep, classes[b0:b0 + bc, k0:k0 + kc], b0, rule, ops)
         R = xp.ascontiguousarray(R.transpose(1, 0, 2, 3))  # (C, bc*kc, H, W): the epilogue's layout
-        launch(kernel, ceil_div(bc * H * W, THREADS), THREADS, R, responses, best_r, best_i, level_max, level,
-               palette_dev, rgb, b0, k0, kc, k0 == 0, k0 + kc == K, False)
+        res.merge(kernel, R, b0, bc, k0, kc, K, H, W, False)
         config.mark(lambda: f"graph back + epilogue images {b0}.. classes {k0}..")
         del R
-    if not fixed:
-        level = ek.levels(vmax, best_r, level_max)
-        launch(ek.compose_rgb, ceil_div(best_i.size, THREADS), THREADS, best_i, best_r, level, palette_dev, rgb)
-    out = Clear(responses if keep_responses else None, best_i, best_r, rgb)
-    if not dv.on_device(trace.z):
-        out = Clear(*(dv.tohost(a) for a in out))
-    return out
+    return res.finish(vmax, keep_responses, dv.on_device(trace.z))
 
