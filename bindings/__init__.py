@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 # name -> the submodule (of clearmaps) that defines it
 _EXPORTS = {
     "BACKENDS": "backends", "get_backend": "backends",
-    "PRESETS": "checkpoints", "SpecModule": "checkpoints", "build_module": "checkpoints",
-    "load_checkpoint": "checkpoints", "read_arch": "checkpoints", "save_checkpoint": "checkpoints",
+    "PRESETS": "arch_spec", "read_arch": "arch_spec", "SpecModule": "arch_module", "build_module": "arch_module",
+    "load_checkpoint": "checkpoints", "save_checkpoint": "checkpoints",
     "Explanation": "explanation", "explain": "explanation", "resolve_classes": "explanation",
     "from_torch": "torch_io",
     **{name: "reference" for name in (

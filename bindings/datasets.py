@@ -9,15 +9,12 @@ Kinds of dataset (:func:`open_dataset` tells them apart):
 - **CSV**: a header with the columns ``path`` and ``label`` (paths relative to the CSV's folder; a label
   is a class name or id, an empty cell an unknown label).
 - **.npz** (the images under "images", "x" or "X", labels under "labels" or "y" when present) or **.npy**:
-  read a batch at a time from the file, never whole (an uncompressed ``np.savez`` member is read by seeking;
-  a compressed one by decompressing forward, so batches are best read in order).
+  read a batch at a time from the file, never whole (:mod:`clearmaps.dataset_arrays`).
 - **files**: image files and flat folders of them, as the per-image command took them; no labels.
 
-Every image goes through :class:`Transform`: the channels and exact ``resize`` of
-:class:`clearmaps.images.Preprocess`, or the usual ``short_side`` resize (the shorter side to N, the
-aspect kept: torchvision's ``Resize(N)``) followed by a centre ``crop`` (torchvision's ``CenterCrop``);
-then 8-bit / 255, and at explain time the Preprocess's invert and mean/std. Memory stays flat: a dataset
-holds its listing (a path and a label per image), never its pixels.
+Every image goes through a :class:`Transform` (:mod:`clearmaps.dataset_transform`: the channels, an exact
+resize or the shorter side resized and a centre crop, then mean/std). Memory stays flat: a dataset holds its
+listing (a path and a label per image), never its pixels.
 """
 
 from __future__ import annotations
@@ -26,249 +23,18 @@ import csv
 import glob as globlib
 import hashlib
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_SUFFIXES, Preprocess, load_images, parse_size
+from .dataset_arrays import ArrayFile, _open_array_file
+from .dataset_transform import Transform, _convert_channels, _geometry, _resize_planes
+from .images import IMAGE_SUFFIXES, Preprocess, load_images
 from .reference import ClearmapsError
 
 GLOB_CHARS = "*?["
-_NPZ_IMAGE_KEYS = ("images", "x", "X")
-_NPZ_LABEL_KEYS = ("labels", "y")
 
-
-@dataclass(frozen=True)
-class Transform:
-    """Preprocessing of a dataset's images: ``pre`` (channels, exact resize, invert, mean/std; see
-    :class:`clearmaps.images.Preprocess`), then ``short_side`` (shorter side to N, aspect kept) and a centre
-    ``crop`` (H, W). ``short_side`` and ``pre.resize`` exclude each other."""
-
-    pre: Preprocess = Preprocess()
-    short_side: int | None = None
-    crop: tuple[int, int] | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.pre, Preprocess):
-            raise ClearmapsError(f"pre is a {type(self.pre).__name__}; expected a clearmaps.images.Preprocess.")
-        if self.short_side is not None:
-            if isinstance(self.short_side, bool) or not isinstance(self.short_side, (int, np.integer)) \
-                    or self.short_side < 1:
-                raise ClearmapsError(f"short_side={self.short_side!r}; expected a positive int (the shorter "
-                                     "side in pixels, the aspect kept).")
-            if self.pre.resize is not None:
-                raise ClearmapsError("give resize (an exact H×W) or short_side (the shorter side, aspect kept), "
-                                     "not both.")
-        if self.crop is not None:
-            size = parse_size("x".join(str(v) for v in np.atleast_1d(self.crop)))
-            object.__setattr__(self, "crop", size)
-
-    def output_size(self) -> tuple[int, int] | None:
-        """(H, W) of every image after this transform, when it fixes one."""
-        return self.crop or self.pre.resize
-
-    def describe(self, channels: int, size) -> str:
-        text = self.pre.describe(channels, size)
-        extra = []
-        if self.short_side:
-            extra.append(f"shorter side resized to {self.short_side} (bilinear, aspect kept)")
-        if self.crop:
-            extra.append(f"centre crop {self.crop[0]}x{self.crop[1]}")
-        return text + ("; then " + ", ".join(extra) if extra else "")
-
-    def settings(self) -> dict:
-        p = self.pre
-        return {"mode": p.mode, "resize": list(p.resize) if p.resize else None, "invert": p.invert,
-                "mean": list(p.mean) if p.mean else None, "std": list(p.std) if p.std else None,
-                "short_side": self.short_side, "crop": list(self.crop) if self.crop else None}
-
-
-def _resize_planes(a: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(C, H, W) float → (C, h, w), bilinear on float32 planes (as :mod:`clearmaps.images` resizes)."""
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(plane.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
-                     for plane in a]).astype(np.float64)
-
-
-def _geometry(a: np.ndarray, t: Transform, where: str) -> np.ndarray:
-    """short_side and crop on one (C, H, W) image (exact resize is done by the reader)."""
-    if t.short_side:
-        h, w = a.shape[1:]
-        s = t.short_side
-        # torchvision's Resize(int): the shorter side becomes s, the longer is truncated in proportion
-        nh, nw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
-        if (nh, nw) != (h, w):
-            a = _resize_planes(a, nh, nw)
-    if t.crop:
-        ch, cw = t.crop
-        h, w = a.shape[1:]
-        if h < ch or w < cw:
-            raise ClearmapsError(f"{where} is {h}x{w}, smaller than the crop {ch}x{cw}; resize it first "
-                                 f"(--short-side {max(ch, cw)}) or crop less.")
-        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-        a = a[:, top:top + ch, left:left + cw]
-    return a
-
-
-def _convert_channels(batch: np.ndarray, mode: str | None, channels: int, where: str) -> np.ndarray:
-    """(B, C, H, W) → the model's channels, only by the mode asked for (the same rules as images.py)."""
-    c = batch.shape[1]
-    if mode == "grayscale" and c == 3:
-        batch = np.tensordot(np.array([0.299, 0.587, 0.114]), batch, axes=([0], [1]))[:, None]
-    elif mode == "rgb" and c == 1:
-        batch = np.repeat(batch, 3, axis=1)
-    if batch.shape[1] != channels:
-        what = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
-        raise ClearmapsError(f"{where} is {what.get(batch.shape[1], f'{batch.shape[1]}-channel')} but the model "
-                             f"takes {what.get(channels, f'{channels} channels')}; convert it with "
-                             f"{'--grayscale' if channels == 1 else '--rgb'}.")
-    return batch
-
-
-# ---- array files, read a batch at a time ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _ArrayHeader:
-    shape: tuple
-    dtype: np.dtype
-    offset: int  # where the data start in the member (or the .npy file)
-
-
-def _read_header(f) -> _ArrayHeader:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    if fortran and len(shape) > 1:
-        raise ClearmapsError("the image array is stored in Fortran order; save it with np.savez from a C-ordered "
-                             "array (np.ascontiguousarray).")
-    if dtype.hasobject:
-        raise ClearmapsError("the image array holds Python objects; expected uint8 pixels or floats in [0, 1].")
-    return _ArrayHeader(tuple(shape), dtype, f.tell())
-
-
-def _layout(shape: tuple, where: str) -> tuple[str, int]:
-    """How a stacked image array's axes are read: "bhw", "bchw" or "bhwc", and its image count."""
-    if len(shape) == 3:
-        return "bhw", shape[0]
-    if len(shape) == 4 and shape[1] in (1, 3):
-        return "bchw", shape[0]
-    if len(shape) == 4 and shape[-1] in (1, 3, 4):
-        return "bhwc", shape[0]
-    raise ClearmapsError(f"{where} holds images of shape {shape}; a dataset array is (B, H, W), (B, C, H, W) or "
-                         "(B, H, W, C) with C = 1 or 3.")
-
-
-class ArrayFile:
-    """The image array of an .npz (or .npy), read ``rows`` at a time without loading the rest.
-
-    An instance keeps its file open and reads forward: batches in order cost one pass over the file. It
-    is re-opened in another process (it pickles as its path and key).
-    """
-
-    def __init__(self, path: Path, key: str | None):
-        self.path, self.key = Path(path), key
-        self._file = self._zip = None
-        f = self._open()
-        try:
-            self.header = _read_header(f)
-        except ClearmapsError as exc:
-            raise ClearmapsError(f"{self.where}: {exc}") from None
-        except ValueError as exc:
-            raise ClearmapsError(f"{self.where} is not a NumPy array ({exc}).") from None
-        self.layout, self.count = _layout(self.header.shape, self.where)
-        if self.header.dtype.kind not in "fiub":
-            raise ClearmapsError(f"{self.where} has dtype {self.header.dtype}; expected uint8 pixels or floats "
-                                 "in [0, 1].")
-        self.row_bytes = int(np.prod(self.header.shape[1:], dtype=np.int64)) * self.header.dtype.itemsize
-
-    @property
-    def where(self) -> str:
-        return repr(str(self.path)) + (f" array {self.key!r}" if self.key else "")
-
-    def _open(self):
-        self.close()
-        if self.key is None:
-            self._file = open(self.path, "rb")
-        else:
-            self._zip = zipfile.ZipFile(self.path)
-            self._file = self._zip.open(self.key + ".npy")
-        return self._file
-
-    def close(self):
-        for handle in (self._file, self._zip):
-            if handle is not None:
-                handle.close()
-        self._file = self._zip = None
-
-    def __getstate__(self):
-        return {"path": self.path, "key": self.key, "header": self.header, "layout": self.layout,
-                "count": self.count, "row_bytes": self.row_bytes}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._file = self._zip = None
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Images start..stop as (B, C, H, W) float64 in [0, 1] (uint8 / 255; floats as given)."""
-        f = self._file if self._file is not None else self._open()
-        where = self.header.offset + start * self.row_bytes
-        try:
-            if f.tell() != where:
-                f.seek(where)  # forward in a compressed member: decompresses up to there, once
-            data = f.read((stop - start) * self.row_bytes)
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:
-            raise ClearmapsError(f"{self.where} could not be read at images {start}..{stop - 1} ({exc}).") from None
-        if len(data) != (stop - start) * self.row_bytes:
-            raise ClearmapsError(f"{self.where} ends early: images {start}..{stop - 1} are missing (truncated file).")
-        a = np.frombuffer(data, dtype=self.header.dtype).reshape((stop - start,) + self.header.shape[1:])
-        if self.layout == "bhw":
-            a = a[:, None]
-        elif self.layout == "bhwc":
-            a = a[..., :3].transpose(0, 3, 1, 2)
-        if a.dtype == np.uint8:
-            return a.astype(np.float64) / 255.0
-        out = a.astype(np.float64)
-        if a.dtype.kind in "iu":
-            if out.size and (out.min() < 0 or out.max() > 255):
-                raise ClearmapsError(f"{self.where} holds integers outside 0..255 in images {start}..{stop - 1}; "
-                                     "expected 8-bit pixels.")
-            return out / 255.0
-        if not np.isfinite(out).all() or (out.size and (out.min() < -1e-6 or out.max() > 1 + 1e-6)):
-            raise ClearmapsError(f"{self.where} holds floats outside [0, 1] (or NaN) in images {start}..{stop - 1}; "
-                                 "float arrays hold pixels in [0, 1] (mean/std are applied by clearmaps).")
-        return out
-
-
-def _open_array_file(path: Path) -> tuple[ArrayFile, np.ndarray | None]:
-    if path.suffix.lower() == ".npy":
-        return ArrayFile(path, None), None
-    try:
-        with zipfile.ZipFile(path) as z:
-            keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ClearmapsError(f"{str(path)!r} could not be read as a NumPy .npz file ({exc}).") from None
-    key = next((k for k in _NPZ_IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
-    if key is None:
-        raise ClearmapsError(f"{str(path)!r} holds arrays {keys}; put the images under 'images' (and the labels "
-                             "under 'labels').")
-    images = ArrayFile(path, key)
-    labels = None
-    lkey = next((k for k in _NPZ_LABEL_KEYS if k in keys), None)
-    if lkey is not None:
-        with np.load(path, allow_pickle=False) as data:
-            labels = np.asarray(data[lkey]).ravel()
-        if labels.dtype.kind not in "iu" or labels.shape[0] != images.count:
-            raise ClearmapsError(f"{str(path)!r}: labels have shape {labels.shape} and dtype {labels.dtype}; "
-                                 f"expected {images.count} integer class ids.")
-    return images, labels
-
-
-# ---- the dataset --------------------------------------------------------------------------------------------
 
 @dataclass
 class Dataset:
