@@ -30,7 +30,8 @@ def build_store(work: Path, n: int, batch: int = 256) -> Path:
     import pyarrow as pa
 
     from clearmaps import builtin
-    from clearmaps.dataset_run import RunOptions, explain_chunk, store_settings, table_schema
+    from clearmaps.dataset_chunk import RunOptions, explain_chunk, table_schema
+    from clearmaps.dataset_run import store_settings
     from clearmaps.datasets import open_dataset
     from clearmaps.store import create_store
 

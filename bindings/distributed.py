@@ -46,7 +46,7 @@ class ModelPlugin(WorkerPlugin):
 def chunk_task(token: str, url: str, dataset, chunk: int, options, size) -> tuple:
     """One chunk on a worker: explain it and write it to the store. Returns (chunk, images, bad rows,
     seconds spent in explain_chunk, seconds writing)."""
-    from .dataset_run import _bad_rows, explain_chunk
+    from .dataset_chunk import _bad_rows, explain_chunk
     from .store import open_store
 
     net = _MODELS.get(token)

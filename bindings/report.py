@@ -119,7 +119,7 @@ def collect(results) -> dict:
     h, w = s["size"]
     th, tw = next((a["shape"][:2] for a in s["arrays"] if a["name"] == "thumbnails"), (h, w))
     if not has_thumbs and max(h, w) > 128:
-        from .dataset_run import thumbnail_size
+        from .dataset_chunk import thumbnail_size
 
         th, tw = thumbnail_size((h, w))
     return {
