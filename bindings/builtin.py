@@ -12,6 +12,7 @@ scaled to [0, 1] (pixel / 255), with no mean/std normalisation.
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -71,5 +72,55 @@ def samples(per_class: int = SAMPLES_PER_CLASS) -> tuple[np.ndarray, np.ndarray,
 
 
 def to_input(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 (n, 28, 28) digits → the model's input, float32 (n, 1, 28, 28) in [0, 1]."""
-    return (np.asarray(images_uint8, dtype=np.float32) / 255.0)[:, None]
+    """uint8 (n, 28, 28) digits → the model's input, float32 (n, 1, 28, 28) in [0, 1].
+
+    Digits with a light background (dark ink on paper) are converted all the same, with a warning on the
+    ``clearmaps`` logger: the model was trained on white digits on black (give it ``255 - images``)."""
+    x = (np.asarray(images_uint8, dtype=np.float32) / 255.0)[:, None]
+    light = looks_inverted(x)
+    if light.any():
+        logging.getLogger("clearmaps").warning(
+            "%d of %d digits have a light background; the built-in model was trained on white digits on black, "
+            "so its answers for them mean little: give it 255 - images", int(light.sum()), len(light))
+    return x
+
+
+LIGHT_BACKGROUND = 0.5
+"""An image whose median pixel is above this has a light background: the opposite of MNIST's, whose digits
+(white ink, a seventh of the image or less) lie on black, median 0."""
+
+
+def looks_inverted(pixels) -> np.ndarray:
+    """Whether each image looks inverted relative to the built-in model's training digits: True where its
+    median pixel (over channels and pixels, values in [0, 1] as the model sees them) is above
+    :data:`LIGHT_BACKGROUND`. ``pixels``: (B, C, H, W), (B, H, W) or a list of (C, H, W) arrays."""
+    return np.array([float(np.median(np.asarray(p, dtype=np.float64))) > LIGHT_BACKGROUND for p in pixels],
+                    dtype=bool)
+
+
+def inverted_hint(pixels: list, names: list, inverted: bool) -> str | None:
+    """The ``clearmaps`` command's line for images that look inverted to the model (a light background, where it
+    was trained on white digits on black), or None. ``pixels`` are (C, H, W) in [0, 1] as read, before
+    ``--invert`` (``inverted``: whether it is given)."""
+    if not pixels:
+        return None
+    light = looks_inverted([1.0 - p if inverted else p for p in pixels])
+    if not light.any():
+        return None
+    which = [n for n, yes in zip(names, light) if yes]
+    shown = ", ".join(which[:3]) + (f" and {len(which) - 3} more" if len(which) > 3 else "")
+    fix = "drop --invert" if inverted else "add --invert"
+    return (f"hint: {len(which)} of {len(pixels)} image(s) ({shown}) reach the model with a light background; the "
+            f"built-in model was trained on white digits on black, so its answers for them mean little: {fix}.")
+
+
+def torch_model():
+    """The built-in MNIST model as a torch ``nn.Module`` with its trained weights, in eval mode: logits (B, 10)
+    for float (B, 1, 28, 28) digits in [0, 1], white on black. ``clearmaps.from_torch(torch_model())`` is the
+    :class:`Network` that :func:`load_model` returns."""
+    from .checkpoints import build_module, read_state_dict
+
+    sd, meta = read_state_dict(_need(WEIGHTS))
+    module = build_module(meta["arch"])
+    module.load_state_dict(sd)
+    return module.eval()

@@ -23,6 +23,7 @@ import re
 import sys
 
 from .backends import BACKENDS
+from .cli_words import cli_words
 from .images import Preprocess, parse_size
 from .paper import DEFAULT_TAU
 from .reference import ClearmapsError, resolve_vmax
@@ -47,6 +48,24 @@ def _vmax(text: str | None):
 def _preprocess(args) -> Preprocess:
     return Preprocess(mode=args.mode, resize=parse_size(args.resize) if args.resize else None, invert=args.invert,
                       mean=args.mean, std=args.std)
+
+
+PALETTES = ("hues", "colorblind")  # clearmaps.palettes.PALETTES, without its import
+
+
+def _palette(text: str | None):
+    """--palette as clearmaps.explain takes it: None, "hues", "colorblind", or a tuple of hues in [0, 1]."""
+    if text is None or text in PALETTES:
+        return text
+    try:
+        hues = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        hues = ()
+    if not hues or not all(0 <= h <= 1 for h in hues):
+        raise ClearmapsError(f"--palette {text}; expected hues (class colours by class id), colorblind (at most "
+                             "10 classes, told apart in every common colour-vision deficiency) or hues in [0, 1] "
+                             "separated by commas: one per class, or one per --classes entry.")
+    return hues
 
 
 def _classes(text: str | None) -> list | None:
@@ -79,6 +98,9 @@ def check_arguments(args) -> None:
             raise ClearmapsError("give --classes or --top-k, not both.")
         _classes(args.classes)
         _vmax(args.vmax)
+        if _palette(args.palette) is not None and args.outputs == "store":
+            raise ClearmapsError("--palette colours the per-image pictures; a results store keeps the class ids and "
+                                 "its report colours them by class id. Drop --palette, or use --outputs png.")
         if not 0 <= args.binary_threshold < 1:
             raise ClearmapsError(f"--binary-threshold {args.binary_threshold}; expected a fraction in [0, 1).")
     if args.command == "evaluate":
@@ -91,6 +113,8 @@ def check_arguments(args) -> None:
     if getattr(args, "rectify", True) is False and getattr(args, "method", "deconvnet") != "deconvnet":
         raise ClearmapsError(f"--no-rectify applies to --method deconvnet (Eq. 2 literally); --method {args.method} "
                              "has its own ReLU rule.")
+    if args.command == "demo":
+        _palette(args.palette)
     if args.command in ("explain", "evaluate"):
         _preprocess(args)
     if args.command == "explain":
@@ -130,47 +154,6 @@ def transform_of(args):
     except ClearmapsError:
         raise ClearmapsError(f"--crop {args.crop!r}; expected a size like 224 or 224x192 (H x W).") from None
     return Transform(_preprocess(args), short_side=args.short_side, crop=crop)
-
-
-# ---- errors in the command line's words ---------------------------------------------------------------
-
-# Python argument names that lower layers put in their messages -> the option that sets them here
-_OPTIONS = {"arch": "--arch", "backend": "--backend", "background": "--background", "batch_size": "--batch-size",
-            "class_names": "--class-names", "classes": "--classes", "crop": "--crop", "mean": "--mean",
-            "reduce": "--reduce", "scheduler": "--scheduler", "short_side": "--short-side", "workers": "--workers",
-            "resize": "--resize", "std": "--std", "tau": "--tau", "threshold": "--binary-threshold",
-            "top_k": "--top-k", "vmax": "--vmax"}
-_VALUE = r"'[^']*'|\"[^\"]*\"|\([^()]*\)|\[[^\[\]]*\]|[-+\w.]+"
-_ASSIGNMENT = re.compile(rf"(?<![\w.-])(pass )?({'|'.join(_OPTIONS)})=({_VALUE})?")
-_TOP_K = re.compile(r"(?<![\w.-])classes=['\"]top-?(\d+)['\"]")
-_SUBJECT = re.compile(r"^arch (?=')")  # "arch 'x' is neither a preset nor a JSON file"
-# "use --backend cpu or 'auto'", "use --backend cuda (or 'auto')": the alternatives are backends too
-_ALTERNATIVE = re.compile(r"(--backend [\w-]+\)?,? \(?or )'([\w-]+)'")
-
-
-def _cli_value(value: str) -> str:
-    value = value.strip()
-    if value[:1] in "'\"":
-        return value[1:-1]
-    if value[:1] in "([":
-        return " ".join(_cli_value(v) for v in re.findall(_VALUE, value[1:-1]))
-    return value
-
-
-def _reword(match: re.Match) -> str:
-    give, name, value = match.groups()
-    option = _OPTIONS[name]
-    return ("give " if give else "") + option + (f" {_cli_value(value)}" if value else "")
-
-
-def cli_words(message: str) -> str:
-    """A message from the Python API in the command line's words: ``backend='cpu'`` -> ``--backend cpu``,
-    ``pass arch=`` -> ``give --arch``, ``classes='top20'`` -> ``--top-k 20``."""
-    message = _TOP_K.sub(lambda m: f"--top-k {m.group(1)}", _SUBJECT.sub("--arch ", message))
-    message = _ASSIGNMENT.sub(_reword, message)
-    while _ALTERNATIVE.search(message):
-        message = _ALTERNATIVE.sub(lambda m: f"{m.group(1)}--backend {m.group(2)}", message)
-    return message
 
 
 # ---- argument parsing ---------------------------------------------------------------------------------
@@ -240,6 +223,14 @@ def _method_option(p, default: str, all_too: bool = False):
                         + ("; all: the evidence table of every method" if all_too else ""))
 
 
+def _palette_option(p):
+    p.add_argument("--palette", metavar="NAME|HUES",
+                   help="class colours, fixed by class id: hues (default: class c of N gets hue c/N), colorblind "
+                        "(at most 10 classes; every pair stays apart in protanopia, deuteranopia and tritanopia), "
+                        "or hues in [0, 1] separated by commas, one per class (or one per --classes entry, in "
+                        "its order; with --top-k, one per rank)")
+
+
 def _clear_options(p):
     p.add_argument("--rectify", action=argparse.BooleanOptionalAction, default=True,
                    help="rectify at every ReLU on the way back (the deconvnet; default on; --no-rectify gives "
@@ -271,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     _clear_options(d)
     _method_option(d, DEMO_METHOD)
+    _palette_option(d)
 
     e = sub.add_parser("explain", formatter_class=_HelpFormatter, help="CLEAR maps and figures for images",
                        description="A dataset (a folder of class folders, a glob, a CSV of path,label, or more "
@@ -316,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _preprocess_options(e, crop=True)
     _clear_options(e)
     _method_option(e, "deconvnet")
+    _palette_option(e)
 
     v = sub.add_parser("evaluate", formatter_class=_HelpFormatter,
                        help="the paper's Table 1: accuracy with only / without strong features",
@@ -351,20 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args) -> int:
     check_arguments(args)
-    from . import cli_commands  # torch, Numba and the backends load from here on
+    from . import cli_commands, firstrun  # torch, Numba and the backends load from here on
+    from .cli_outputs import CompileProgress
 
-    if args.command == "demo":
+    previous = firstrun.set_reporter(CompileProgress(getattr(args, "quiet", False)))
+    try:
+        if args.command == "demo":
+            from . import cli_paper
+
+            return cli_paper.demo_command(args, _palette(args.palette))
+        if args.command == "explain":
+            return cli_commands.explain_command(args, _preprocess(args), _vmax(args.vmax), _classes(args.classes),
+                                                transform_of(args), _palette(args.palette))
+        if args.command == "report":
+            return cli_commands.report_command(args)
         from . import cli_paper
 
-        return cli_paper.demo_command(args)
-    if args.command == "explain":
-        return cli_commands.explain_command(args, _preprocess(args), _vmax(args.vmax), _classes(args.classes),
-                                            transform_of(args))
-    if args.command == "report":
-        return cli_commands.report_command(args)
-    from . import cli_paper
-
-    return cli_paper.evaluate_command(args, _preprocess(args))
+        return cli_paper.evaluate_command(args, _preprocess(args))
+    finally:
+        firstrun.set_reporter(previous)
 
 
 class Terminated(KeyboardInterrupt):

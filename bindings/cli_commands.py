@@ -254,10 +254,14 @@ def output_kind(args) -> tuple[str, str]:
     return "png", "a few images get a folder of PNGs each (--outputs store for a results store)"
 
 
-def explain_command(args, pre: Preprocess, vmax, classes: list | None, transform=None) -> int:
+def explain_command(args, pre: Preprocess, vmax, classes: list | None, transform=None, palette=None) -> int:
     t0 = time.perf_counter()
     backend = backend_name(args.backend)
     kind, why = output_kind(args)
+    if kind == "store" and palette is not None:
+        raise ClearmapsError(f"--palette colours the per-image pictures, and these inputs go into a results store "
+                             f"({why}), which keeps the class ids; its report colours them by class id. Drop "
+                             "--palette, or use --outputs png.")
     model = load_model(args.checkpoint, args.arch, args.class_names, args.model,
                        parse_size(args.resize) if args.resize else
                        (transform.crop if transform is not None and transform.crop else None))
@@ -276,7 +280,7 @@ def explain_command(args, pre: Preprocess, vmax, classes: list | None, transform
         items = _dataset_items(args.inputs, net, transform, args.skip_bad)
         say(f"input: {len(items)} image(s) from {', '.join(args.inputs)}")
     elif args.inputs:
-        items, notes = load_images(args.inputs, pre, c, (h, w))
+        items, notes = load_images(args.inputs, pre, c, (h, w), keep_original=True)
         for note in notes:
             say(f"input: {note}")
     else:
@@ -293,12 +297,17 @@ def explain_command(args, pre: Preprocess, vmax, classes: list | None, transform
         if item.label is not None and not 0 <= item.label < net.num_classes:
             raise ClearmapsError(f"{item.source} has label {item.label}; the network has classes "
                                  f"0 .. {net.num_classes - 1}.")
+    if model.builtin:
+        hint = builtin.inverted_hint([item.pixels for item in items], [item.name for item in items], pre.invert)
+        if hint:
+            say(hint)
     trues = [true_all if true_all is not None else item.label for item in items]
     say(f"backend: {backend}; classes: "
         f"{'all ' + str(net.num_classes) if chosen is None else chosen}; method={args.method}, rectify={args.rectify}, "
-        f"reduce={args.reduce}, vmax={vmax or 'per image max'}")
+        f"reduce={args.reduce}, vmax={vmax or 'per image max'}, palette={_palette_words(palette)}")
     options = ExplainOptions(backend=args.backend, classes=chosen, rectify=args.rectify, reduce=args.reduce,
-                             vmax=vmax, preprocess=pre, binary_threshold=args.binary_threshold, method=args.method)
+                             vmax=vmax, preprocess=pre, binary_threshold=args.binary_threshold, method=args.method,
+                             palette=palette)
     records, done, skipped = explain_items(net, model.fingerprint, items, trues, out, options, args.scale,
                                            args.force, args.batch_size, args.quiet)
     labelled = [r for r in records if r["true"] is not None]
@@ -310,6 +319,12 @@ def explain_command(args, pre: Preprocess, vmax, classes: list | None, transform
         + (f"; {correct}/{len(labelled)} correctly classified" if labelled else "")
         + f"; {time.perf_counter() - t0:.1f} s; outputs in {out}/<image>/ ({', '.join(FILES)})")
     return 0
+
+
+def _palette_words(palette) -> str:
+    if palette is None or palette == "hues":
+        return "hues (class c of N: hue c/N)"
+    return palette if isinstance(palette, str) else ",".join(f"{h:g}" for h in palette)
 
 
 def _new_kind(inputs) -> bool:

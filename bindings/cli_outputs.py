@@ -20,14 +20,14 @@ import secrets
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import render
+from . import pictures, render
 from .images import Item, Preprocess, unique_name
-from .reference import ClearmapsError, binary_map, heatmap, palette_rgb
+from .reference import ClearmapsError
 
 FILES = ("clear.png", "overlay.png", "heatmap.png", "binary.png", "legend.png", "panel.png", "maps.npz")
 RECORD = ".clearmaps-done.json"
@@ -36,6 +36,9 @@ MAX_NODE_VALUES = 1 << 27
 """Most values one node of the network may output per image (1 GiB in float64): a larger input would make
 ``explain`` allocate tens of gigabytes before it could fail."""
 _MAX_RECORD_BYTES = 1 << 20
+PICTURES_VERSION = 2
+"""Part of every image's settings: raised when the pictures change, so that a rerun redraws older outputs
+(2: class colours by class id, the heatmap and binary map in managua, overlays at the image's resolution)."""
 
 
 def prepare_out(path) -> Path:
@@ -97,6 +100,65 @@ class Progress:
             self.bar.close()
 
 
+class CompileProgress:
+    """The command's words for a first run (:mod:`clearmaps.firstrun`): a line before the CPU kernels compile,
+    a line of progress on the terminal while they do (the count, the kernel, the time, redrawn every second),
+    and a line when they are done. With ``quiet`` the two lines only."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+        self._stop = None
+
+    def _say(self, text: str) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stdout)  # keeps a progress bar on the terminal intact
+        except ImportError:
+            print(text, flush=True)
+        sys.stdout.flush()
+
+    def start(self, where: str) -> None:
+        from .firstrun import ESTIMATE
+
+        self._say(f"first run: compiling the CPU kernels for this machine, once ({ESTIMATE}); they are cached in "
+                  f"{where}, so later runs start at once")
+        if self.quiet:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(desc="compiling kernels", disable=None, file=sys.stderr, leave=False, dynamic_ncols=True,
+                        bar_format="{desc}: {n} done, {elapsed}{postfix}")
+        if self.bar.disable:  # not a terminal: the two lines say it all
+            self.bar = None
+            return
+        import threading
+
+        self._stop = threading.Event()
+
+        def tick(bar=self.bar, stop=self._stop):  # redraw the elapsed time while one kernel compiles
+            while not stop.wait(1.0):
+                bar.refresh()
+
+        threading.Thread(target=tick, daemon=True, name="clearmaps-compile-progress").start()
+
+    def kernel(self, count: int, name: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(name, refresh=True)
+
+    def done(self, count: int, seconds: float, where: str) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._say(f"compiled {count} kernels in {seconds:.0f} s (cached for later runs)")
+
+
 @dataclass(frozen=True)
 class ExplainOptions:
     """What :func:`clearmaps.explain` and the pictures of :func:`write_outputs` are given for every image."""
@@ -109,6 +171,7 @@ class ExplainOptions:
     preprocess: Preprocess = Preprocess()
     binary_threshold: float = 0.1
     method: str = "deconvnet"
+    palette: object = None  # None, "hues", "colorblind", or a tuple of hues (see clearmaps.explain)
 
     def settings(self, fingerprint: str, item: Item, true: int | None, scale: int, batch: str | None = None) -> str:
         """Everything the image's outputs depend on, as the text maps.npz and the record keep. ``batch``
@@ -117,15 +180,10 @@ class ExplainOptions:
         fields = {"model": fingerprint, "source": item.source, "classes": self.classes, "true": true,
                   "scale": scale, "input": pixels, "preprocess": self.preprocess, "rectify": self.rectify,
                   "reduce": self.reduce, "vmax": self.vmax, "binary_threshold": self.binary_threshold,
-                  "method": self.method}
+                  "method": self.method, "palette": self.palette or "hues", "pictures": PICTURES_VERSION}
         if batch is not None:
             fields["vmax_batch"] = batch
         return json.dumps(fields, sort_keys=True, default=str)
-
-
-def _position(classes_row: np.ndarray, class_id: int | None) -> int | None:
-    hit = np.flatnonzero(classes_row == class_id) if class_id is not None else []
-    return int(hit[0]) if len(hit) else None
 
 
 def _sha256(path: Path) -> tuple[int, str]:
@@ -141,55 +199,42 @@ def write_outputs(folder: Path, item: Item, e, b: int, true: int | None, scale: 
                   binary_threshold: float = 0.1, invert: bool = False, run: str = "") -> dict:
     """Every output of image ``b`` of explanation ``e`` (see FILES), each written atomically, then the
     record of what was written (the 'done' mark, last). Returns the line the command prints about it, as a
-    dict. ``run`` identifies the run in the record."""
-    names = e.class_names
-    classes_row = e.classes[b]
-    pred = int(e.predicted[b])
-    prob = float(e.probabilities[b, pred])
-    # the heatmap and binary map are drawn against one class: the true one when known and among the maps,
-    # else the prediction
-    ref = true if _position(classes_row, true) is not None else pred
-    pos = _position(classes_row, ref)
-    if pos is None:
-        ref, pos = int(classes_row[0]), 0
-    ref_why = "true class" if ref == true else ("predicted class" if ref == pred else "first class shown")
-    resp = e.responses[b:b + 1]
-    heat = heatmap(resp, np.array([pos]))[0]
-    binary = binary_map(resp, np.array([pos]), threshold=binary_threshold)[0]
+    dict. ``run`` identifies the run in the record.
+
+    The overlay is drawn on the image as the user gave it, at its own resolution (before --resize, without
+    --invert); the other pictures at the network's, upscaled by ``scale``."""
+    v = pictures.view(e, b)
+    names = v.names
+    pred, prob = v.predicted, v.probability
     image = render.pixels_to_rgb(1.0 - item.pixels if invert else item.pixels)  # as the model sees it
-    clear = e.rgb[b]
-    colours = palette_rgb(e.palette)
-    legend = render.legend(colours, [names[c] for c in classes_row],
-                           highlight=(names[pred],) + ((names[true],) if true is not None else ()))
+    original = item.extra.get("original")  # uint8 (H, W, 3): the user's image before --resize
+    if original is not None:
+        shown = render.upscale(original, max(1, 224 // max(original.shape[:2])))  # its own size, unless tiny
+    else:
+        shown = render.upscale(render.pixels_to_rgb(item.pixels), scale)  # as the user gave it
+    pics = pictures.pictures(v, image, true, binary_threshold, shown,
+                             "as the model sees it" + (", inverted" if invert else ""), scale)
+    if original is None:
+        pics = replace(pics, overlay_note="on the input" + (" as given" if invert else ""))
 
     folder.mkdir(parents=True, exist_ok=True)
     try:  # the old record goes first: while the files are rewritten, nothing says they are done
         os.unlink(folder / RECORD)
     except FileNotFoundError:
         pass
-    label = render.label
     up = lambda a: render.upscale(a, scale)  # noqa: E731
-    render.save_png(folder / "clear.png", up(clear))
-    render.save_png(folder / "overlay.png", up(render.overlay(image, clear)))
-    render.save_png(folder / "heatmap.png", up(heat))
-    render.save_png(folder / "binary.png", up(binary))
-    render.save_png(folder / "legend.png", render.pad(legend, 6))
-    caption = (f"{label(item.name, 120)}: predicted {label(names[pred])} (p = {prob:.2f})"
-               + (f", true {label(names[true])}" + (" - correct" if true == pred else " - MISCLASSIFIED")
-                  if true is not None else ", true class unknown"))
-    key = (f"heatmap: hot = response of class {label(names[ref])} ({ref_why}), green = another class beats it.  "
-           f"binary map: red = for {label(names[ref])}, blue = against (where the dominant response is above "
-           f"{binary_threshold:g} of the image's strongest).")
-    tiles = render.hstack([render.titled(up(image), "input"), render.titled(up(clear), "CLEAR map"),
-                           render.titled(up(render.overlay(image, clear)), "overlay"),
-                           render.titled(up(heat), f"heatmap ({label(names[ref])})"),
-                           render.titled(up(binary), f"binary map ({label(names[ref])})")], gap=8)
-    panel = render.vstack([legend, render.text_block(caption, size=15, align="left", pad=1), tiles,
-                           render.text_block(key, size=12, align="left", pad=1, colour=(70, 70, 70))], gap=6)
-    render.save_png(folder / "panel.png", render.pad(panel, 10))
-    arrays = dict(responses=e.responses[b].astype(np.float32), classes=classes_row,
-                  dominant_class=e.dominant_class[b], dominant_response=e.dominant_response[b].astype(np.float32),
-                  rgb=clear, logits=e.logits[b], probabilities=e.probabilities[b], palette=e.palette,
+    missing = np.zeros((*v.clear.shape[:2], 3), np.uint8)
+    render.save_png(folder / "clear.png", up(v.clear))
+    render.save_png(folder / "overlay.png", pics.overlay)
+    render.save_png(folder / "heatmap.png", pics.heatmap if pics.heatmap is not None else up(missing))
+    render.save_png(folder / "binary.png", pics.binary if pics.binary is not None else up(missing))
+    render.save_png(folder / "legend.png", render.pad(pics.legend, 6))
+    caption = pictures.caption_of(v, item.name, true)
+    render.save_png(folder / "panel.png", pictures.panel(v, pics, scale, caption, binary_threshold))
+    arrays = dict(responses=v.responses.astype(np.float32), classes=v.classes,
+                  dominant_class=v.dominant_class, dominant_response=v.dominant_response.astype(np.float32),
+                  rgb=v.clear, logits=np.asarray(e.logits[b]), probabilities=v.probabilities,
+                  palette=np.asarray(e.palette), palette_by=np.array(e.palette_by), hues=v.hues,
                   class_names=np.array(names), input=item.pixels.astype(np.float32),
                   true_class=np.int64(-1 if true is None else true), settings=np.array(settings))
     render.atomic_write(folder / "maps.npz", lambda f: np.savez_compressed(f, **arrays))
@@ -313,7 +358,8 @@ def explain_items(net, fingerprint: str, items: list, trues: list, out: Path, op
         for group in todo:
             x = options.preprocess.normalise(np.stack([e["item"].pixels for e in group]))
             ex = explain(net, x, classes=options.classes, backend=options.backend, rectify=options.rectify,
-                         reduce=options.reduce, vmax=options.vmax, method=options.method)
+                         reduce=options.reduce, vmax=options.vmax, method=options.method,
+                         palette=list(options.palette) if isinstance(options.palette, tuple) else options.palette)
             for b, e in enumerate(group):
                 records.append(write_outputs(e["folder"], e["item"], ex, b, e["true"], e["scale"], e["settings"],
                                              options.binary_threshold, options.preprocess.invert, run))

@@ -17,7 +17,7 @@ from .images import Item, Preprocess, load_images, parse_size
 from .reference import ClearmapsError, Network
 
 
-def demo_command(args) -> int:
+def demo_command(args, palette=None) -> int:
     t0 = time.perf_counter()
     backend = backend_name(args.backend)
     model = load_model()
@@ -39,16 +39,17 @@ def demo_command(args) -> int:
                   images[i][None].astype(np.float64) / 255.0, int(labels[i])) for d, kind, i in chosen]
     say(f"backend: {backend}; method: {args.method}; explaining {len(items)} examples (a correctly classified "
         "and, where one exists, a misclassified example of each digit)")
-    options = ExplainOptions(backend=args.backend, rectify=args.rectify, reduce=args.reduce, method=args.method)
+    options = ExplainOptions(backend=args.backend, rectify=args.rectify, reduce=args.reduce, method=args.method,
+                             palette=palette)
     _, done, skipped = explain_items(net, model.fingerprint, items, [it.label for it in items], out / "images",
                                      options, args.scale, args.force, args.batch_size, args.quiet)
     # the figure is drawn from the saved maps, so a rerun that skipped every image still draws it
     examples, palette = {}, None
     for (d, kind, i), item in zip(chosen, items):
         with np.load(out / "images" / item.name / "maps.npz", allow_pickle=False) as m:
-            palette = m["palette"]  # every example has all ten classes, in order: the same palette
+            palette = m["palette"]  # hues by class id (every example explains all ten classes)
             ex = paper.figure3_example(int(pool_index[i]), d, item.pixels, m["probabilities"], m["classes"],
-                                       m["responses"], m["rgb"])
+                                       m["responses"], m["rgb"], args.scale or 4)
         examples[(d, kind)] = ex
         if (ex.predicted == d) != (kind == "correct"):
             say(f"warning: held-out #{ex.index} is {'correct' if ex.predicted == d else 'misclassified'} with "
@@ -98,12 +99,16 @@ def evaluate_command(args, pre: Preprocess) -> int:
     net = model.net
     out = prepare_out(args.out)
     pixels, labels, source = _load_labelled(args.data, net, pre, model.builtin)
+    hint = builtin.inverted_hint(list(pixels), [f"#{i}" for i in range(len(pixels))], pre.invert) \
+        if model.builtin and args.data else None
     if args.limit:
         keep = _evenly_spaced(len(labels), args.limit)
         pixels, labels = pixels[keep], labels[keep]
         source += f" (an evenly spaced subset of {len(labels)})"
     say(f"model: {model.description}")
     say(f"data: {source}, {len(labels)} images")
+    if hint:
+        say(hint)
     say(pre.describe(net.input_shape[0], net.input_shape[1:]))
     say(f"backend: {backend}; strong features: r(x|true) > tau * max r(x|true), tau = "
         f"{', '.join(str(t) for t in args.tau)}; fill = {args.background} (pixel units)")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import interop
-from .reference import REDUCTIONS, ClearmapsError, Network, check_method, check_palette
+from .firstrun import compile_notice
+from .palettes import resolve_palette
+from .reference import REDUCTIONS, ClearmapsError, Network, check_method
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Explanation:
     """CLEAR maps of a batch.
 
@@ -31,10 +33,21 @@ class Explanation:
         The CLEAR map (Eq. 6).
     logits, probabilities : (B, N)
         Global average of z_L, and its softmax.
-    palette : (K,) float64
-        The hue of each of the K positions: classes[b, k] is drawn with hue palette[k].
+    palette : (N,) or (K,) float64
+        The hues: with ``palette_by == "class"`` (the default) class c is drawn in hue palette[c], whatever
+        was chosen; with "position", classes[b, k] is drawn in hue palette[k] (a K-hue palette was given).
+        :meth:`class_hues` gives one image's.
     class_names : tuple of str
         The network's N class names.
+    palette_by : "class" or "position"
+    images : the ``x`` given to :func:`explain`, or None
+        A reference to the images (not a copy), for :meth:`plot` and the notebook display.
+    method : str
+        The response method.
+
+    In a notebook an Explanation shows itself as a picture of its first image; ``e.plot(i)`` is a matplotlib
+    figure of image i (``pip install "clearmaps[plot]"``) and ``e.panel(i)`` the same picture the
+    ``clearmaps`` command writes (Pillow).
     """
 
     responses: np.ndarray | None
@@ -46,12 +59,69 @@ class Explanation:
     probabilities: np.ndarray
     palette: np.ndarray
     class_names: tuple
+    palette_by: str = "class"
+    images: object = None
+    method: str = "deconvnet"
 
     @property
     def predicted(self):
         """Predicted class id of each image, (B,), in the logits' framework."""
         logits = self.logits if hasattr(self.logits, "argmax") else np.asarray(self.logits)
         return logits.argmax(axis=1)
+
+    def __len__(self) -> int:
+        return int(self.rgb.shape[0])
+
+    def class_hues(self, i: int = 0) -> np.ndarray:
+        """The hues (K,) of image ``i``'s K classes, in the order of ``classes[i]`` (float64, NumPy)."""
+        from .palettes import hues_of
+
+        i = _index(self, i)
+        return hues_of(interop.to_numpy(self.palette), self.palette_by, interop.to_numpy(self.classes)[i])
+
+    def __repr__(self) -> str:
+        from .pictures import summary
+
+        return summary(self)
+
+    def plot(self, i: int = 0, **options):
+        """Image ``i`` as a matplotlib figure: input, CLEAR map with its legend, overlay, heatmap (and with
+        ``binary=True`` the binary map). See :func:`clearmaps.plot.plot` for the options; save it with
+        ``fig.savefig("x.png")`` (or .pdf, .svg)."""
+        from .plot import plot
+
+        return plot(self, i, **options)
+
+    def show(self, i: int = 0, **options) -> None:
+        """Draw :meth:`plot` of image ``i``: inline in a notebook, in a window otherwise."""
+        from .plot import show
+
+        show(self, i, **options)
+
+    def panel(self, i: int = 0, **options):
+        """Image ``i``'s panel as a PIL image: the picture ``clearmaps explain`` writes as panel.png (legend,
+        input, CLEAR map, overlay, heatmap, binary map, and a key to every colour). Needs no matplotlib. See
+        :func:`clearmaps.pictures.panel` for the options."""
+        from .pictures import panel_of
+
+        return panel_of(self, i, **options)
+
+    def _repr_png_(self) -> bytes:
+        from .pictures import png_bytes
+
+        return png_bytes(self.panel(0, scale=4))
+
+    def _repr_html_(self) -> str:
+        from .pictures import html
+
+        return html(self)
+
+
+def _index(e: Explanation, i) -> int:
+    n = int(e.rgb.shape[0])
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
+        raise ClearmapsError(f"i={i!r}; the explanation holds {n} image(s): give an index 0 .. {n - 1}.")
+    return int(i) % n
 
 
 _TOP_K = re.compile(r"^top-?(\d+)$", re.IGNORECASE)
@@ -140,8 +210,11 @@ def explain(net: Network, x, classes=None, backend: str = "auto", rectify: bool 
         (method "deconvnet" only).
     reduce : "sum", "max" or "norm"
         How R(x|c) is reduced over the input channels to one map per class.
-    palette : (K,) hues in [0, 1], optional
-        One hue per chosen class, in the order of ``classes``; default evenly spaced.
+    palette : None, "hues", "colorblind", or hues in [0, 1]
+        The colour of each class (Eq. 6's F), fixed by class id: "hues" (default) gives class c of N the
+        hue c/N; "colorblind" keeps every pair of classes apart for colour-blind readers (N <= 10; see
+        :mod:`clearmaps.palettes`); N hues give each class id its own. K hues (K < N) colour the chosen
+        classes by their position in ``classes`` instead (with "topK": by rank).
     vmax : None, a number, "batch" or "pNN"
         How the dominant response is normalised to brightness (default: each image's maximum).
     keep_responses : bool
@@ -166,15 +239,17 @@ def explain(net: Network, x, classes=None, backend: str = "auto", rectify: bool 
     impl = interop.backend_for(backend, caller)
     check_support(net, impl, method)
     x = caller.conform(x)
-    with caller.computing():
+    with caller.computing(), compile_notice(impl):
         images = interop.check_images(net, caller.to_backend(x))  # a view of x: NumPy on the host, CuPy on a GPU
         chunk = _images_per_chunk(net, images, classes, impl)
         if chunk >= images.shape[0]:
             trace = _forward(impl, net, images, method)
             return explain_from_trace(net, trace, impl, caller, classes=classes, rectify=rectify, reduce=reduce,
-                                      palette=palette, vmax=vmax, keep_responses=keep_responses, method=method)
-        return _explain_in_chunks(net, images, impl, caller, chunk, classes, rectify, reduce, palette, vmax,
-                                  keep_responses, method)
+                                      palette=palette, vmax=vmax, keep_responses=keep_responses, method=method,
+                                      images=x)
+        out = _explain_in_chunks(net, images, impl, caller, chunk, classes, rectify, reduce, palette, vmax,
+                                 keep_responses, method)
+        return replace(out, images=x)  # the caller's images, for plot(): a reference, not a copy
 
 
 def _forward(impl, net, images, method):
@@ -219,7 +294,10 @@ def _explain_in_chunks(net, images, impl, caller, chunk, classes, rectify, reduc
         [np.asarray(getattr(p, name)) for p in parts])
     positions = np.concatenate([np.asarray(p.dominant_class) for p in parts])
     rgb = join("rgb")
-    if whole_batch:
+    if whole_batch and parts[0].palette_by == "class":  # hues by class id: compose with the ids themselves
+        rgb = impl.compose(positions, join("dominant_response"), parts[0].palette, vmax,
+                           num_classes=len(parts[0].palette))
+    elif whole_batch:
         ids = join("classes")
         index = np.argmax(positions[:, None] == ids[:, :, None, None], axis=1)  # class id -> its position
         rgb = impl.compose(index, join("dominant_response"), parts[0].palette, vmax, num_classes=ids.shape[1])
@@ -228,7 +306,7 @@ def _explain_in_chunks(net, images, impl, caller, chunk, classes, rectify, reduc
                        dominant_class=to_caller(positions), dominant_response=to_caller(join("dominant_response")),
                        rgb=to_caller(rgb), logits=to_caller(join("logits")),
                        probabilities=to_caller(join("probabilities")), palette=to_caller(np.asarray(parts[0].palette)),
-                       class_names=net.class_names)
+                       class_names=net.class_names, palette_by=parts[0].palette_by, method=method)
 
 
 def _rows(classes, start, chunk):
@@ -273,31 +351,43 @@ def check_finite(impl, logits, out) -> None:
 
 
 def explain_from_trace(net: Network, trace, impl, caller, classes=None, rectify=True, reduce="sum",
-                       palette=None, vmax=None, keep_responses=True, method="deconvnet") -> Explanation:
+                       palette=None, vmax=None, keep_responses=True, method="deconvnet", images=None) -> Explanation:
     """Everything of :func:`explain` after the forward pass (shared with :func:`clearmaps.torch.explain`,
     whose forward pass torch runs): resolve the classes, run the backend's ``clear_from_trace``, and hand
-    the results back in ``caller``'s framework."""
+    the results back in ``caller``'s framework. ``images`` is kept in the Explanation as it is."""
     method = check_options(reduce, rectify, method, keep_responses)
     check_support(net, impl, method)
     # class names, top-k and the palette are decided on the host: a few values
     ids = resolve_classes(interop.small_to_host(classes, "classes"), net, interop.to_numpy(trace.logits))
-    hues = check_palette(interop.small_to_host(palette, "palette"), ids.shape[1])
+    same_rows = bool((ids == ids[:1]).all())
+    table, by = resolve_palette(interop.small_to_host(palette, "palette"), net.num_classes, ids.shape[1], same_rows)
+    # a backend composes by position (docs/design.md, "Backends and their contract"): when every image has the
+    # same classes, the hues of those positions are the classes' own; otherwise (top-k) the composite is
+    # composed again below from the dominant class ids and the N-hue table
+    hues = table[ids[0]] if by == "class" else table
     options = {} if method == "deconvnet" else {"method": method}
-    out = impl.clear_from_trace(net, trace, ids, rectify=rectify, reduce=reduce, palette=hues, vmax=vmax,
-                                keep_responses=keep_responses, **options)
-    check_finite(impl, trace.logits, out)
-    index = out.dominant_index
-    xp = interop.array_module(index)
-    class_ids = xp.asarray(np.ascontiguousarray(ids))
+    with compile_notice(impl):
+        out = impl.clear_from_trace(net, trace, ids, rectify=rectify, reduce=reduce, palette=hues, vmax=vmax,
+                                    keep_responses=keep_responses, **options)
+        check_finite(impl, trace.logits, out)
+        index = out.dominant_index
+        xp = interop.array_module(index)
+        class_ids = xp.asarray(np.ascontiguousarray(ids))
+        dominant = class_ids[xp.arange(ids.shape[0])[:, None, None], index]
+        rgb = out.rgb if by == "position" or same_rows else \
+            impl.compose(dominant, out.dominant_response, table, vmax, num_classes=net.num_classes)
     to_caller = caller.to_caller
     return Explanation(
         responses=to_caller(out.responses),
         classes=to_caller(class_ids),
-        dominant_class=to_caller(class_ids[xp.arange(ids.shape[0])[:, None, None], index]),
+        dominant_class=to_caller(dominant),
         dominant_response=to_caller(out.dominant_response),
-        rgb=to_caller(out.rgb),
+        rgb=to_caller(rgb),
         logits=to_caller(trace.logits),
         probabilities=to_caller(trace.probabilities),
-        palette=to_caller(hues),
+        palette=to_caller(table),
         class_names=net.class_names,
+        palette_by=by,
+        images=images,
+        method=method,
     )

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .images import Preprocess
-from .reference import (ClearmapsError, Network, check_input, heatmap, keep_strong, palette_rgb, remove_strong,
+from .palettes import colormap_table, heatmap_rgb
+from .reference import (ClearmapsError, Network, check_input, keep_strong, palette_rgb, remove_strong,
                         strong_feature_mask)
 
 # The paper's Table 1 row for MNIST (its own network, the full test set, an unstated tau).
@@ -155,7 +156,8 @@ def figure3_picks(labels, predicted, num_classes: int, seed: int = 0) -> list:
     return picks
 
 
-def figure3_example(index: int, true_class: int, pixels, probabilities, classes, responses, rgb) -> Figure3Example:
+def figure3_example(index: int, true_class: int, pixels, probabilities, classes, responses, rgb,
+                    scale: int = 4) -> Figure3Example:
     """One Fig. 3 example from an image and its CLEAR maps (one row of an :class:`clearmaps.Explanation`).
 
     Parameters
@@ -173,6 +175,8 @@ def figure3_example(index: int, true_class: int, pixels, probabilities, classes,
         Attentive responses r(x|c) of those classes.
     rgb : uint8 array (H, W, 3)
         The CLEAR map.
+    scale : int
+        The heatmap is drawn upscaled this many times (its hatching needs the room): Fig. 3's ``scale``.
     """
     from . import render
 
@@ -193,7 +197,8 @@ def figure3_example(index: int, true_class: int, pixels, probabilities, classes,
     pred = int(np.argmax(probs))
     return Figure3Example(index=int(index), true_class=int(true_class), predicted=pred,
                           probability=float(probs[pred]), image=render.pixels_to_rgb(image),
-                          heatmap=heatmap(resp[None], np.array([where[0]]))[0], clear=clear)
+                          heatmap=heatmap_rgb(resp[None], np.array([where[0]]), scale=_check_int(scale, "scale", 1))[0],
+                          clear=clear)
 
 
 def figure3_layout(rows, palette, class_names, scale: int = 4, source: str = "held-out set", noun: str = "digit"):
@@ -217,6 +222,8 @@ def figure3_layout(rows, palette, class_names, scale: int = 4, source: str = "he
     -------
     PIL.Image.Image
     """
+    from PIL import Image
+
     from . import render
 
     names = [str(n) for n in class_names]
@@ -243,8 +250,9 @@ def figure3_layout(rows, palette, class_names, scale: int = 4, source: str = "he
         if ex is None:
             box = render.placeholder(set_width, cell_h, f"no {kind} example of this {noun}\nin the {source}")
             return render.vstack([box, render.text_block("", set_width, 12)], gap=2)
-        cells = render.hstack([render.upscale(ex.image, scale), render.upscale(ex.heatmap, scale),
-                               render.upscale(ex.clear, scale)], gap=4)
+        heat = ex.heatmap if ex.heatmap.shape[:2] == (cell_h, cell_w) else \
+            np.asarray(Image.fromarray(ex.heatmap).resize((cell_w, cell_h), Image.Resampling.NEAREST))
+        cells = render.hstack([render.upscale(ex.image, scale), heat, render.upscale(ex.clear, scale)], gap=4)
         caption = f"#{ex.index}: predicted {names[ex.predicted]} (p = {ex.probability:.2f})"
         return render.vstack([cells, render.text_block(caption, set_width, 12, pad=1)], gap=2)
 
@@ -257,18 +265,31 @@ def figure3_layout(rows, palette, class_names, scale: int = 4, source: str = "he
         body.append(render.hstack([render.text_block(f"{noun}\n{names[int(c)]}", label_w, 14),
                                    example_set(good, "correctly classified"), example_set(bad, "misclassified")],
                                   gap=24, valign="top"))
-    legend = render.legend(colours, names, max_width=label_w + 2 * set_width + 48)
+    width = label_w + 2 * set_width + 48
+    legend = render.legend(colours, names, max_width=width,
+                           title="(III) CLEAR map: colour = the class whose response is largest at the pixel, "
+                                 "brightness = how large, black = none")
     looks = "white digit on black, as the model sees them" if noun == "digit" else "as the model sees them"
-    key = (f"heatmap: hot (black-red-yellow-white) = response of the true {noun}'s kernel; green = the strongest "
-           f"other kernel where it beats the true one.\nCLEAR map: hue = dominant class (legend above), "
-           f"brightness = its response. Images: {looks}.")
-    return render.pad(render.vstack([legend] + body + [render.text_block(key, size=12, align="left", pad=1,
-                                                                           colour=(70, 70, 70))], gap=6), 12)
+    from .pictures import hatched_swatch
+
+    bar = render.to_image(np.repeat(colormap_table()[None], 10, axis=0))
+    heat_key = render.hstack([render.text_block("(II) heatmap:", size=12, align="left", pad=1),
+                              render.text_block("0", size=12, pad=1), bar,
+                              render.text_block("strongest", size=12, pad=1),
+                              render.text_block(f"solid = the true {noun}'s response,", size=12, pad=1),
+                              hatched_swatch(12, 4 * scale),
+                              render.text_block("hatched = another class's, where larger", size=12, pad=1)], gap=6,
+                             valign="center")
+    key = (f"(II) heatmap, colour map bone (no hue, so that no colour reads as a class): solid = the response of the "
+           f"true {noun}'s kernel where it is the largest, hatched = the strongest other kernel's where it beats the "
+           f"true one, black = none. Images: {looks}.")
+    return render.pad(render.vstack([legend, heat_key] + body + [render.text_block(
+        render.wrap(key, width, 12), size=12, align="left", pad=1, colour=(70, 70, 70))], gap=6), 12)
 
 
 def figure3(net: Network, pixels, labels, seed: int = 0, backend: str = "auto", preprocess=None,
             rectify: bool = True, reduce: str = "sum", batch_size: int = 16, scale: int = 4,
-            source: str = "held-out set", noun: str = "digit", method: str = "deconvnet"):
+            source: str = "held-out set", noun: str = "digit", method: str = "deconvnet", palette=None):
     """The paper's Fig. 3 in one call: classify a labelled set, pick a correctly classified and a
     misclassified example of every class, explain them and lay them out.
 
@@ -279,9 +300,9 @@ def figure3(net: Network, pixels, labels, seed: int = 0, backend: str = "auto", 
         The labelled set: images before ``preprocess`` (shown as they are) and their true class ids.
     seed : int
         Which examples are picked (see :func:`figure3_picks`).
-    backend, rectify, reduce, batch_size, method :
-        As in :func:`clearmaps.explain`, ``batch_size`` images per call (every class is explained, so the
-        palette is the default one).
+    backend, rectify, reduce, batch_size, method, palette :
+        As in :func:`clearmaps.explain`, ``batch_size`` images per call (every class is explained; the palette
+        is None, "hues", "colorblind" or N hues).
     preprocess : Preprocess, optional
         Turns pixels into network input (default: none).
     scale, source, noun :
@@ -305,11 +326,11 @@ def figure3(net: Network, pixels, labels, seed: int = 0, backend: str = "auto", 
     examples, palette = {}, None
     for s in range(0, len(chosen), batch_size):
         idx = chosen[s:s + batch_size]
-        e = explain(net, x[idx], backend=backend, rectify=rectify, reduce=reduce, method=method)
+        e = explain(net, x[idx], backend=backend, rectify=rectify, reduce=reduce, method=method, palette=palette)
         palette = e.palette
         for b, i in enumerate(idx):
             examples[i] = figure3_example(i, y[i], shown[i], e.probabilities[b], e.classes[b], e.responses[b],
-                                          e.rgb[b])
+                                          e.rgb[b], scale)
     rows = [(c, examples.get(good), examples.get(bad)) for c, good, bad in picks]
     return figure3_layout(rows, palette, net.class_names, scale, source, noun), rows
 

@@ -1,8 +1,9 @@
-"""PNG pictures of CLEAR maps with Pillow: the map, its overlay on the image, the paper's heatmap and binary
-map, a colour legend (palette colour ↔ class name), and panels laid out like the paper's Figs. 3–4.
+"""PNG pictures of CLEAR maps with Pillow: upscaling, overlays, tiles with titles, a colour legend (palette
+colour ↔ class name), and atomic PNG writes.
 
-The colours themselves come from :mod:`clearmaps.reference` (compose, heatmap, binary_map, palette_rgb);
-this module only arranges pixels: nearest-neighbour upscaling (so a 28×28 map stays crisp), tiles with
+The colours themselves come from :mod:`clearmaps.reference` (compose, palette_rgb) and
+:mod:`clearmaps.palettes` (the heatmap's colour map); which pictures a panel holds, :mod:`clearmaps.pictures`.
+This module only arranges pixels: nearest-neighbour upscaling (so a 28×28 map stays crisp), tiles with
 titles, and atomic PNG writes (a temp file in the same folder, then ``os.replace``: an interrupted run
 never leaves half a PNG).
 """
@@ -176,17 +177,32 @@ def label(text, limit: int = MAX_LABEL_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def wrap(text: str, width: int, size: int = 14) -> str:
+    """``text`` with line breaks between words so that no line is wider than ``width`` px."""
+    lines = []
+    for paragraph in str(text).split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and text_size(candidate, size)[0] > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def legend(colours, names, title: str = "CLEAR map colour = dominant class:", max_width: int = 900,
-           size: int = 14, highlight=()) -> Image.Image:
+           size: int = 14) -> Image.Image:
     """The colour ↔ class-name key: a swatch of each palette colour followed by its class name, wrapped
-    into rows no wider than ``max_width``. Names in ``highlight`` are underlined. Names are drawn with
-    :func:`label` (one line, at most 60 characters), and at most 1,024 entries are drawn."""
+    into rows no wider than ``max_width`` (the title too). Names are drawn with :func:`label` (one line, at
+    most 60 characters), and at most 1,024 entries are drawn."""
     colours = np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
     names = [str(n) for n in names]
     if len(names) != len(colours):
         raise ClearmapsError(f"legend: {len(colours)} colours for {len(names)} class names.")
     more = len(names) - MAX_LEGEND_ENTRIES
-    highlight = {label(h) for h in highlight}
     names, colours = [label(n) for n in names[:MAX_LEGEND_ENTRIES]], colours[:MAX_LEGEND_ENTRIES]
     sw = size + 2
     entries = []
@@ -196,8 +212,6 @@ def legend(colours, names, title: str = "CLEAR map colour = dominant class:", ma
         d = ImageDraw.Draw(e)
         d.rectangle((0, 2, sw - 1, 2 + sw - 1), fill=tuple(int(v) for v in rgb), outline=(90, 90, 90))
         d.text((sw + 5, 2), name, fill=BLACK, font=font(size))
-        if name in highlight:
-            d.line((sw + 5, e.height - 1, sw + 5 + tw, e.height - 1), fill=BLACK, width=1)
         entries.append(e)
     rows, row, width = [], [], 0
     for e in entries:
@@ -206,12 +220,13 @@ def legend(colours, names, title: str = "CLEAR map colour = dominant class:", ma
             row, width = [], 0
         row.append(e)
         width += e.width
-    rows.append(hstack(row, gap=0))
+    if row:
+        rows.append(hstack(row, gap=0))
     if more > 0:
         rows.append(text_block(f"... and {more:,} more classes (--top-k shows fewer)", size=size, align="left",
                                pad=1))
-    parts = ([text_block(title, size=size, align="left", pad=1)] if title else []) + rows
-    return vstack(parts, gap=2)
+    parts = ([text_block(wrap(title, max_width, size), size=size, align="left", pad=1)] if title else []) + rows
+    return vstack(parts, gap=2) if parts else Image.new("RGB", (1, 1), WHITE)
 
 
 # ---- files --------------------------------------------------------------------------------------------

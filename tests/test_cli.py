@@ -300,6 +300,10 @@ def run_without_torch(*argv, cwd):
     (["explain", "--std", "0"], 1, "clearmaps: error: --std 0.0; every std must be positive."),
     (["explain", "--classes", "3", "--top-k", "2"], 1, "clearmaps: error: give --classes or --top-k, not both."),
     (["explain", "--arch", "vgg16-fcn"], 1, "clearmaps: error: --arch and --class-names describe a --checkpoint"),
+    (["explain", "--palette", "rainbow"], 1, "clearmaps: error: --palette rainbow; expected hues"),
+    (["demo", "--palette", "0.2,1.5"], 1, "clearmaps: error: --palette 0.2,1.5; expected hues"),
+    (["explain", "--palette", "colorblind", "--outputs", "store"], 1, "clearmaps: error: --palette colours the "
+                                                                      "per-image pictures"),
 ])
 def test_bad_arguments_fail_before_torch_or_numba_is_imported(tmp_path, argv, rc, message):
     proc = run_without_torch(*argv, cwd=tmp_path)
@@ -457,3 +461,43 @@ def test_evaluate_every_method(tmp_path, capsys):
         assert 0 <= float(r["share_correct"]) <= 1 and -1 <= float(r["spearman_all_layers"]) <= 1
         assert r["method"] in stdout
     assert json.loads((out / "evidence.json").read_text())["rows"][0]["randomisation"]
+
+
+# ---- pictures a reader cannot misread (issue 19) ------------------------------------------------------------
+
+def test_class_colours_follow_the_class_and_the_palette_option(tmp_path, capsys, digits):
+    images, labels = digits
+    png = save_png(tmp_path / "four.png", images[int(np.flatnonzero(labels == 4)[0])])
+    out = tmp_path / "out"
+    rc, stdout, _ = run_main(capsys, "explain", str(png), "--top-k", "3", "--out", str(out), "--quiet", *REF)
+    assert rc == 0 and "palette=hues" in stdout
+    with np.load(out / "four" / "maps.npz") as m:
+        np.testing.assert_allclose(m["hues"], m["classes"] / 10)  # class c of 10 has hue c/10, whatever its rank
+    rc, stdout, _ = run_main(capsys, "explain", str(png), "--palette", "colorblind", "--out", str(out), "--quiet",
+                             *REF)
+    assert rc == 0 and "palette=colorblind" in stdout and "explained 1 image(s)" in stdout  # a new setting
+    legend = np.asarray(Image.open(out / "four" / "legend.png").convert("RGB")).reshape(-1, 3)
+    from clearmaps.palettes import COLORBLIND_720
+
+    for rgb in clearmaps.palette_rgb(np.array(COLORBLIND_720[10]) / 720):
+        assert (legend == rgb).all(axis=1).sum() >= 100, rgb  # a swatch of each class
+    rc, _, _ = run_main(capsys, "explain", str(png), "--classes", "4,9", "--palette", "0.3,0.8", "--out", str(out),
+                        "--quiet", *REF)
+    with np.load(out / "four" / "maps.npz") as m:
+        assert rc == 0 and m["hues"].tolist() == [0.3, 0.8]
+
+
+def test_the_overlay_is_drawn_on_the_users_image_at_its_own_size(tmp_path, capsys, digits):
+    images, labels = digits
+    big = Image.fromarray(255 - images[int(np.flatnonzero(labels == 6)[0])]).resize((150, 120))  # ink on paper
+    big.save(tmp_path / "six.png")
+    out = tmp_path / "out"
+    rc, stdout, _ = run_main(capsys, "explain", str(tmp_path / "six.png"), "--resize", "28", "--out", str(out), *REF)
+    assert rc == 0 and "hint: 1 of 1 image(s) (six) reach the model with a light background" in stdout
+    assert "add --invert" in stdout
+    overlay = np.asarray(Image.open(out / "six" / "overlay.png").convert("RGB"))
+    assert overlay.shape == (120, 150, 3)
+    assert overlay[0, 0].tolist() == [255, 255, 255] or overlay[0, 0].min() > 200  # the paper stays light
+    rc, stdout, _ = run_main(capsys, "explain", str(tmp_path / "six.png"), "--resize", "28", "--invert", "--out",
+                             str(out), *REF)
+    assert rc == 0 and "hint:" not in stdout

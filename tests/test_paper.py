@@ -9,10 +9,11 @@ tau = 0.6, {0, 1} / {2, 3} for tau = 0.3. Every expected value below follows fro
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import pytest
 
-from clearmaps import ClearmapsError, Conv, Network, heatmap, palette_rgb
+from clearmaps import ClearmapsError, Conv, Network, palette_rgb
 from clearmaps.images import Preprocess
 from clearmaps.paper import (TABLE1_COLUMNS, Figure3Example, classify, figure3, figure3_example, figure3_layout,
                              figure3_picks, table1)
@@ -165,8 +166,10 @@ def test_figure3_end_to_end_on_the_hand_worked_network(net):
     assert bad0.probability == pytest.approx(np.exp(1.0) / (np.exp(0.2) + np.exp(1.0)))
     a = np.asarray(fig.convert("RGB"))
     for ex in (good0, bad0, good1):  # each example's three pictures are in the figure at 4x
-        for picture in (ex.image, ex.heatmap, ex.clear):
+        assert ex.heatmap.shape[:2] == (4, 16)  # drawn at 4x already: its hatching needs the room
+        for picture in (ex.image, ex.clear):
             assert _contains(a, np.repeat(np.repeat(picture, 4, axis=0), 4, axis=1))
+        assert _contains(a, ex.heatmap)
     for rgb in palette_rgb(np.arange(2) / 2):  # the legend's swatches
         assert (a.reshape(-1, 3) == rgb).all(axis=1).any()
     assert (a.reshape(-1, 3) == (225, 225, 225)).all(axis=1).sum() > 100  # the grey box for class 1
@@ -189,7 +192,18 @@ def test_figure3_example_draws_the_heatmap_of_the_true_class_wherever_it_is(net)
     probs = np.array([0.1, 0.7, 0.2])
     ex = figure3_example(7, 2, np.full((1, 2, 5), 0.5), probs, np.array([1, 2, 0]), responses, rgb)
     assert isinstance(ex, Figure3Example) and (ex.index, ex.predicted, ex.probability) == (7, 1, 0.7)
-    np.testing.assert_array_equal(ex.heatmap, heatmap(responses[None], np.array([1]))[0])  # class 2 at position 1
+    # class 2 sits at position 1: its response against the strongest of the other two, in matplotlib's own bone
+    # colour map, each map pixel a 4x4 block: solid where class 2's response is the largest, hatched (the
+    # other's colour and black, both in the block) where another class beats it
+    true, other = responses[1], np.maximum(responses[0], responses[2])
+    level = np.maximum(true, other).max()
+    against = other > true
+    colour = matplotlib.colormaps["bone"](np.where(against, other, true) / level, bytes=True)[..., :3]
+    assert ex.heatmap.shape == (8, 20, 3) and against.any() and not against.all()
+    for (r, c), beaten in np.ndenumerate(against):
+        block = ex.heatmap[4 * r:4 * r + 4, 4 * c:4 * c + 4].reshape(-1, 3)
+        seen = {tuple(p) for p in block}
+        assert seen == ({tuple(colour[r, c]), (0, 0, 0)} if beaten else {tuple(colour[r, c])}), (r, c, seen)
     assert (ex.image == 128).all()  # 0.5 grey, round half up
     with pytest.raises(ClearmapsError, match=r"expected \(C, H, W\) and uint8 \(H, W, 3\) with \(H, W\) = \(2, 5\)"):
         figure3_example(7, 2, np.zeros((1, 5, 2)), probs, np.array([1, 2, 0]), responses, rgb)
