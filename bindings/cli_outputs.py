@@ -130,8 +130,8 @@ class CompileProgress:
             from tqdm import tqdm
         except ImportError:
             return
-        self.bar = tqdm(desc="compiling kernels", disable=None, file=sys.stderr, leave=False, dynamic_ncols=True,
-                        bar_format="{desc}: {n} done, {elapsed}{postfix}")
+        self.bar = tqdm(desc="compiling kernel", disable=None, file=sys.stderr, leave=False, dynamic_ncols=True,
+                        bar_format="{desc} {n}{postfix} [{elapsed}]")  # "compiling kernel 3, _gather_rows [00:09]"
         if self.bar.disable:  # not a terminal: the two lines say it all
             self.bar = None
             return

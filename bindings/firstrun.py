@@ -1,9 +1,9 @@
 """The first run on a machine: say that the CPU kernels are being compiled, and how far it has got.
 
 The CPU backend's kernels are Numba functions compiled on first use and cached on disk
-(``@njit(cache=True)``): the first :func:`clearmaps.explain` on a machine spends about a minute compiling them
-(57 s for the built-in model's ~20 kernels on this project's 2-core machine), later runs load them in about a
-second. Numba announces every compile that misses its cache as a ``numba:compile`` event, and never one that
+(``@njit(cache=True)``): the first :func:`clearmaps.explain` on a machine spends half a minute to a minute
+compiling them (the built-in model's 21 kernels: 26 s on this project's 2-core machine when quiet, 57 s under
+a load of 3), later runs load them in about a second. Numba announces every compile that misses its cache as a ``numba:compile`` event, and never one that
 hits it, so the notice below appears exactly when a kernel is compiled, before its compile starts, and never
 on a warm cache.
 
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 log = logging.getLogger("clearmaps")
 
-ESTIMATE = "about a minute on 2 cores"
+ESTIMATE = "30 to 60 s on 2 cores"
 _MODULES = ("clearmaps.kernels",)  # whose compiles are announced: the CPU kernels (not their CUDA siblings)
 
 
