@@ -63,7 +63,7 @@ def _palette(text: str | None):
         hues = ()
     if not hues or not all(0 <= h <= 1 for h in hues):
         raise ClearmapsError(f"--palette {text}; expected hues (class colours by class id), colorblind (at most "
-                             "10 classes, told apart in every common colour-vision deficiency) or hues in [0, 1] "
+                             "10 classes, chosen to stay apart in simulated protan-, deutan- and tritanopia) or hues in [0, 1] "
                              "separated by commas: one per class, or one per --classes entry.")
     return hues
 
