@@ -30,7 +30,8 @@ _EXPORTS = {
         "binary_map", "compose", "default_palette", "heatmap", "keep_strong", "palette_rgb", "remove_strong",
         "strong_feature_mask")},
 }
-_SUBMODULES = ("builtin", "paper", "reference", "kernels", "interop", "explanation", "capture", "torch_forward", "images", "render")
+_SUBMODULES = ("builtin", "paper", "reference", "kernels", "interop", "explanation", "capture", "torch_forward", "images",
+               "render", "evidence", "plot", "pictures", "palettes", "firstrun")
 
 __all__ = sorted(_EXPORTS)
 

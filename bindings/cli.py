@@ -342,10 +342,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _heavy_imports():
+    """Import the command's modules (torch, Numba and the backends load here) with SIGINT and SIGTERM held
+    back: torch's import aborts the process (SIGABRT, no message) when a KeyboardInterrupt unwinds through it.
+    A signal that arrives meanwhile is delivered when the imports are done, and ends the run as usual."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    blocked = hasattr(signal, "pthread_sigmask") and threading_main()
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        from . import cli_commands, firstrun
+        from .cli_outputs import CompileProgress
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    return cli_commands, firstrun, CompileProgress
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def _run(args) -> int:
     check_arguments(args)
-    from . import cli_commands, firstrun  # torch, Numba and the backends load from here on
-    from .cli_outputs import CompileProgress
+    cli_commands, firstrun, CompileProgress = _heavy_imports()
 
     previous = firstrun.set_reporter(CompileProgress(getattr(args, "quiet", False)))
     try:

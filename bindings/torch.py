@@ -156,7 +156,7 @@ def explain(module, x: torch.Tensor, classes=None, backend: str = "auto", rectif
         backend_trace = _backend_trace(net, x, caller)
         return explain_from_trace(net, backend_trace, impl, caller, classes=classes, rectify=rectify,
                                   reduce=reduce, palette=palette, vmax=vmax, keep_responses=keep_responses,
-                                  method=method)
+                                  method=method, images=x)
 
 
 # --- the custom op -------------------------------------------------------------------------------------------
