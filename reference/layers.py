@@ -16,38 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ClearmapsError, check_array, check_pair
-
-
-def _frozen(a, name, ndim=None, hint=""):
-    a = check_array(a, name, ndim, shape_hint=hint).copy()
-    a.flags.writeable = False
-    return a
-
-
-def _set(obj, **values):
-    for k, v in values.items():
-        object.__setattr__(obj, k, v)
-
-
-def _need_rank(shape, rank, what):
-    if len(shape) != rank:
-        raise ClearmapsError(f"{what} takes a tensor of rank {rank + 1} (batch first); it gets one of shape "
-                             f"(B, {', '.join(map(str, shape))}).")
-
-
-def window_output_size(n, kernel, stride, padding, dilation=1, ceil_mode=False, what="window"):
-    """torch's output size of a sliding window (conv or pool) along one axis, ``ceil_mode`` included: a
-    window that would start in the right padding is dropped."""
-    span = dilation * (kernel - 1) + 1
-    top = n + 2 * padding - span + ((stride - 1) if ceil_mode else 0)
-    out = top // stride + 1
-    if ceil_mode and (out - 1) * stride >= n + padding:
-        out -= 1
-    if out < 1:
-        raise ClearmapsError(f"{what} with kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}"
-                             f" has no output for an input of size {n}; the input is too small for this network.")
-    return out
+from .errors import ClearmapsError, check_pair
+from .layer_base import _frozen, _need_rank, _set, broadcast_shape, window_output_size  # noqa: F401
 
 
 @dataclass(frozen=True, eq=False)
@@ -298,14 +268,6 @@ class Activation:
         return f"{self.kind}({args})"
 
 
-def broadcast_shape(a, b, what):
-    try:
-        return tuple(np.broadcast_shapes(tuple(a), tuple(b)))
-    except ValueError:
-        raise ClearmapsError(f"{what}: shapes (B, {', '.join(map(str, a))}) and (B, {', '.join(map(str, b))}) "
-                             "do not broadcast.") from None
-
-
 @dataclass(frozen=True, eq=False)
 class Affine:
     """x · scale + shift with constant arrays broadcast over the per-image shape (no batch axis): an eval-mode
@@ -331,7 +293,7 @@ class Affine:
         return tuple(shape)
 
     def __repr__(self) -> str:
-        s = lambda a: "-" if a is None else (f"{float(a):g}" if a.size == 1 else str(a.shape))  # noqa: E731
+        s = lambda a: "-" if a is None else (f"{float(a.reshape(-1)[0]):g}" if a.size == 1 else str(a.shape))  # noqa: E731
         return f"Affine(scale={s(self.scale)}, shift={s(self.shift)})"
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ClearmapsError
-from .layers import _set, broadcast_shape
+from .layer_base import _set, broadcast_shape
 
 
 @dataclass(frozen=True)
