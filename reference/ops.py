@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ClearmapsError, check_array, check_pair
+from .layer_base import window_output_size
 
 
 def _out_size(n, k, s, p, d=1):
@@ -121,13 +122,7 @@ def _pool_args(x, kernel, stride, padding, what, dilation=1):
 def _pool_size(n, k, s, p, d, ceil_mode, what):
     """torch's pooled size along one axis (``ceil_mode`` keeps a last partial window that starts inside the
     input or its left padding)."""
-    out = (n + 2 * p - d * (k - 1) - 1 + ((s - 1) if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= n + p:
-        out -= 1
-    if out < 1:
-        raise ClearmapsError(f"input of size {n} is smaller than the {what}'s window {k} (dilation {d}, "
-                             f"padding {p}).")
-    return out
+    return window_output_size(n, k, s, p, d, ceil_mode, what)
 
 
 def max_pool_with_switches(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):

@@ -105,12 +105,15 @@ def adaptive_backward(op, ops, s, saved, rule, K, in_shapes):
     return (ops.adaptive_avg_pool2d_transpose(s, in_shapes[0][1:]),)
 
 
+def _scale_shift(x, scale, shift, ops):
+    """x · scale + shift, either of them absent (None)."""
+    if scale is not None:
+        x = x * ops.const(scale, x)
+    return x if shift is None else x + ops.const(shift, x)
+
+
 def affine_forward(op: L.Affine, ops, x):
-    if op.scale is not None:
-        x = x * ops.const(op.scale, x)
-    if op.shift is not None:
-        x = x + ops.const(op.shift, x)
-    return x, None
+    return _scale_shift(x, op.scale, op.shift, ops), None
 
 
 def affine_backward(op, ops, s, saved, rule, K, in_shapes):
@@ -326,11 +329,7 @@ def _layer_norm_parts(op: L.LayerNorm, x, xp):
 
 def layer_norm_forward(op: L.LayerNorm, ops, x):
     _, y, _ = _layer_norm_parts(op, x, ops.xp)
-    if op.weight is not None:
-        y = y * ops.const(op.weight, x)
-    if op.bias is not None:
-        y = y + ops.const(op.bias, x)
-    return y, x
+    return _scale_shift(y, op.weight, op.bias, ops), x
 
 
 def layer_norm_backward(op, ops, s, x, rule, K, in_shapes):
