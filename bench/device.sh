@@ -94,13 +94,15 @@ step preflight 30 python3 -m bench.device_preflight
 export CLEARMAPS_CACHE_DIR=/tmp/clearmaps-cache
 step warm 80 python3 -m bench.device_warm
 step bench 170 python3 -m bench.device_bench --out "$LOG" --repeats 5
-step gpu_tests 105 env CLEARMAPS_CUDA_CHECK=1 \
+# 165 s: the graph path's tests (every architecture and method, their kernels compiled on first use)
+# need ~150 s by the simulator's count; the variants, tuning experiments, give up the difference
+step gpu_tests 165 env CLEARMAPS_CUDA_CHECK=1 \
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py tests/test_interop_gpu.py
 step lab 60 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 \
     python3 -m pytest -q -p no:cacheprovider lab/tests --ignore lab/tests/test_tensor_cores_compile.py
-step variants 60 python3 -m bench.device_bench --out "$LOG/variants" --cases allcnn-mnist-b1024 \
+step variants 35 python3 -m bench.device_bench --out "$LOG/variants" --cases allcnn-mnist-b1024 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
-step variants_vgg 75 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
+step variants_vgg 40 python3 -m bench.device_bench --out "$LOG/variants-vgg" --cases vgg16-fcn-b8 \
     --methods "$(python3 -c 'from bench.device_bench import VARIANT_METHODS as m; print(m)')" --repeats 5
 step equivalence 20 env CLEARMAPS_CUDA_CHECK=1 CLEARMAPS_CUDA_REAL=1 CLEARMAPS_TEST_BACKENDS=cuda \
     python3 -m pytest -q -p no:cacheprovider tests/cuda_sim tests/test_backends.py
