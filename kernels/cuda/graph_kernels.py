@@ -41,6 +41,23 @@ from numba import cuda
 CHANNELS = 16
 
 
+@cuda.jit(device=True)
+def _unflatten(p, h, w):
+    """(n, y, x) of the flat index p = (n*h + y)*w + x."""
+    t = p // w
+    return t // h, t % h, p % w
+
+
+@cuda.jit(device=True)
+def _tap_output(i, pad, k, dil, stride, out_len):
+    """The output position o with o*stride - pad + k*dil == i, or -1 where no output reads input i through
+    tap k (a transposed conv's gather: the adjoint of the forward conv's index)."""
+    t = i + pad - k * dil
+    if t < 0 or t % stride != 0 or t // stride >= out_len:
+        return -1
+    return t // stride
+
+
 @cuda.jit
 def conv_columns(x, cols, j0, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw):
     """cols[(c*kh + ky)*kw + kx, j - j0] = x[n, c, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw] (0 outside the
@@ -50,10 +67,7 @@ def conv_columns(x, cols, j0, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw):
         return
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     j = j0 + jl
-    ox = j % ow
-    t = j // ow
-    oy = t % oh
-    n = t // oh
+    n, oy, ox = _unflatten(j, oh, ow)
     c0 = cuda.blockIdx.y * CHANNELS
     zero = np.float32(0.0)
     for c in range(c0, min(c0 + CHANNELS, C)):
@@ -78,23 +92,18 @@ def columns_to_image(cols, out, n0, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw):
     nb = cols.shape[1] // (oh * ow)
     if p >= nb * H * W:
         return
-    ix = p % W
-    t = p // W
-    iy = t % H
-    m = t // H
+    m, iy, ix = _unflatten(p, H, W)
     c0 = cuda.blockIdx.y * CHANNELS
     for c in range(c0, min(c0 + CHANNELS, C)):
         acc = np.float32(0.0)
         for ky in range(kh):
-            ty = iy + ph - ky * dh
-            if ty < 0 or ty % sh != 0 or ty // sh >= oh:
+            oy = _tap_output(iy, ph, ky, dh, sh, oh)
+            if oy < 0:
                 continue
-            oy = ty // sh
             for kx in range(kw):
-                tx = ix + pw - kx * dw
-                if tx < 0 or tx % sw != 0 or tx // sw >= ow:
-                    continue
-                acc += cols[(c * kh + ky) * kw + kx, (m * oh + oy) * ow + tx // sw]
+                ox = _tap_output(ix, pw, kx, dw, sw, ow)
+                if ox >= 0:
+                    acc += cols[(c * kh + ky) * kw + kx, (m * oh + oy) * ow + ox]
         out[n0 + m, c, iy, ix] = acc
 
 
@@ -109,10 +118,7 @@ def conv_direct(x, w, bias, out, groups, sh, sw, ph, pw, dh, dw):
     H, W = x.shape[2], x.shape[3]
     Ig, kh, kw = w.shape[1], w.shape[2], w.shape[3]
     Og = O // groups
-    ox = p % ow
-    t = p // ow
-    oy = t % oh
-    n = t // oh
+    n, oy, ox = _unflatten(p, oh, ow)
     o0 = cuda.blockIdx.y * CHANNELS
     for o in range(o0, min(o0 + CHANNELS, O)):
         c0 = (o // Og) * Ig
@@ -141,10 +147,7 @@ def conv_transpose_direct(y, w, out, groups, sh, sw, ph, pw, dh, dw):
     oh, ow = y.shape[2], y.shape[3]
     O, Ig, kh, kw = w.shape[0], w.shape[1], w.shape[2], w.shape[3]
     Og = O // groups
-    ix = p % W
-    t = p // W
-    iy = t % H
-    n = t // H
+    n, iy, ix = _unflatten(p, H, W)
     c0 = cuda.blockIdx.y * CHANNELS
     for c in range(c0, min(c0 + CHANNELS, I)):
         g = c // Ig
@@ -153,15 +156,13 @@ def conv_transpose_direct(y, w, out, groups, sh, sw, ph, pw, dh, dw):
         for oo in range(Og):
             o = g * Og + oo
             for ky in range(kh):
-                ty = iy + ph - ky * dh
-                if ty < 0 or ty % sh != 0 or ty // sh >= oh:
+                oy = _tap_output(iy, ph, ky, dh, sh, oh)
+                if oy < 0:
                     continue
-                oy = ty // sh
                 for kx in range(kw):
-                    tx = ix + pw - kx * dw
-                    if tx < 0 or tx % sw != 0 or tx // sw >= ow:
-                        continue
-                    acc += w[o, i, ky, kx] * y[n, o, oy, tx // sw]
+                    ox = _tap_output(ix, pw, kx, dw, sw, ow)
+                    if ox >= 0:
+                        acc += w[o, i, ky, kx] * y[n, o, oy, ox]
         out[n, c, iy, ix] = acc
 
 
@@ -176,10 +177,7 @@ def max_pool_switches(x, out, switches, kh, kw, sh, sw, ph, pw, dh, dw):
     if p >= N * oh * ow:
         return
     H, W = x.shape[2], x.shape[3]
-    ox = p % ow
-    t = p // ow
-    oy = t % oh
-    n = t // oh
+    n, oy, ox = _unflatten(p, oh, ow)
     c0 = cuda.blockIdx.y * CHANNELS
     for c in range(c0, min(c0 + CHANNELS, C)):
         best = np.float32(-math.inf)
@@ -225,10 +223,7 @@ def window_mean(x, out, rs, re, cs, ce, div):
     N, C, oh, ow = out.shape[0], out.shape[1], out.shape[2], out.shape[3]
     if p >= N * oh * ow:
         return
-    v = p % ow
-    t = p // ow
-    u = t % oh
-    n = t // oh
+    n, u, v = _unflatten(p, oh, ow)
     c0 = cuda.blockIdx.y * CHANNELS
     for c in range(c0, min(c0 + CHANNELS, C)):
         acc = np.float32(0.0)
@@ -246,10 +241,7 @@ def window_mean_transpose(y, out, rs, re, cs, ce, div, first_row, last_row, firs
     N, C, H, W = out.shape[0], out.shape[1], out.shape[2], out.shape[3]
     if p >= N * H * W:
         return
-    ix = p % W
-    t = p // W
-    iy = t % H
-    n = t // H
+    n, iy, ix = _unflatten(p, H, W)
     c0 = cuda.blockIdx.y * CHANNELS
     for c in range(c0, min(c0 + CHANNELS, C)):
         acc = np.float32(0.0)
